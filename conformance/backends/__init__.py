@@ -1,0 +1,26 @@
+"""The registry of backends. Each module exposes the same names:
+
+    NAME: str
+    available() -> str | None            None, or why it cannot run (framework not installed)
+    devices() -> list[str]               devices it can train on: "cpu", "cuda:0", "mps"
+    train(problem, device) -> Trajectory numpy in, numpy out
+
+Modules are imported on first use, and frameworks only inside them, so that the harness (and
+its own tests) work without TensorFlow or PyTorch installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from conformance.schema import BACKEND_NAMES
+
+MODULES = {name: f"conformance.backends.{name}" for name in BACKEND_NAMES}
+
+
+def load(name: str) -> ModuleType:
+    """The backend module called `name`; KeyError names the known ones."""
+    if name not in MODULES:
+        raise KeyError(f"unknown backend {name!r}; expected one of: {', '.join(MODULES)}")
+    return importlib.import_module(MODULES[name])

@@ -1,0 +1,51 @@
+"""Importing the frameworks once per process, with the numerics settings the suite relies on.
+
+Environment hygiene follows Keras's own test setup: torch is imported before TensorFlow,
+TensorFlow grows GPU memory instead of taking all of it (PyTorch shares the GPU in the same
+process), Keras runs on the TensorFlow backend, and TF32 is off in both frameworks.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import ModuleType
+from typing import Any
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@functools.cache
+def torch() -> ModuleType:
+    import torch as torch_module
+
+    torch_module.backends.cuda.matmul.allow_tf32 = False
+    torch_module.backends.cudnn.allow_tf32 = False
+    return torch_module
+
+
+@functools.cache
+def tensorflow() -> ModuleType:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if installed("torch"):
+        torch()
+    import tensorflow as tf
+
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    tf.get_logger().setLevel("ERROR")
+    return tf
+
+
+def torch_settings() -> dict[str, Any]:
+    """The torch switches that change numerics, as they are in this process."""
+    module = torch()
+    return {
+        "torch.backends.cuda.matmul.allow_tf32": module.backends.cuda.matmul.allow_tf32,
+        "torch.backends.cudnn.allow_tf32": module.backends.cudnn.allow_tf32,
+        "torch.num_threads": module.get_num_threads(),
+    }

@@ -1,0 +1,85 @@
+"""What the two TensorFlow backends share: devices, the Keras module, optimizers, dtype policy.
+
+The Keras 2 / Keras 3 difference is kept to `keras_version` and `keras_major`: TF <= 2.15
+ships Keras 2 as `tf.keras`, TF >= 2.16 routes `tf.keras` to Keras 3. Everything else here is
+written against the API the two share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import ModuleType
+from typing import Any, Iterator
+
+from conformance.backends import _frameworks
+from conformance.problem import Optimizer
+
+
+def available() -> str | None:
+    return None if _frameworks.installed("tensorflow") else "tensorflow is not installed"
+
+
+def devices() -> list[str]:
+    tf = _frameworks.tensorflow()
+    return ["cpu"] + [f"cuda:{index}" for index, _ in enumerate(tf.config.list_physical_devices("GPU"))]
+
+
+def tf_device(device: str) -> str:
+    """The suite's device name ('cpu', 'cuda:0') as a TensorFlow device string."""
+    return "/CPU:0" if device == "cpu" else f"/GPU:{device.split(':')[1]}"
+
+
+def keras() -> ModuleType:
+    return _frameworks.tensorflow().keras
+
+
+def keras_version() -> str:
+    module = keras()
+    version = getattr(module, "__version__", None)
+    return version if version else module.version()
+
+
+def keras_major() -> int:
+    return int(keras_version().split(".")[0])
+
+
+@contextlib.contextmanager
+def floatx(dtype: str) -> Iterator[None]:
+    """Keras keeps the learning rate in a floatx variable: float64 training needs floatx float64,
+    or the rate is rounded to float32 (0.01 -> 0.009999999776) before it reaches the update."""
+    backend = keras().backend
+    previous = backend.floatx()
+    backend.set_floatx(dtype)
+    try:
+        yield
+    finally:
+        backend.set_floatx(previous)
+
+
+def keras_optimizer(optimizer: Optimizer) -> Any:
+    """A Keras optimizer with every hyperparameter passed explicitly.
+
+    Weight decay is left out here: the case format's weight decay is added to the gradient
+    (coupled), while Keras's `weight_decay` is decoupled; each backend adds it its own way.
+    """
+    settings = optimizer.settings
+    if optimizer.name == "sgd":
+        return keras().optimizers.SGD(
+            learning_rate=settings["learning_rate"], momentum=settings["momentum"], nesterov=settings["nesterov"]
+        )
+    raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the TensorFlow backends")
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions and the framework's own view of the device, recorded with every result."""
+    import os
+
+    tf = _frameworks.tensorflow()
+    details: dict[str, Any] = {"tensorflow": tf.__version__, "keras": keras_version(),
+                               "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TF default)"),
+                               "tensor_float_32": tf.config.experimental.tensor_float_32_execution_enabled()}
+    if device != "cpu":
+        gpus = tf.config.list_physical_devices("GPU")
+        index = int(device.split(":")[1])
+        details["device_name"] = tf.config.experimental.get_device_details(gpus[index]).get("device_name", "GPU")
+    return details

@@ -1,0 +1,114 @@
+"""Keras: a `Sequential` model with one `Dense` unit, trained with `compile` + `fit`.
+
+`fit` on NumPy arrays rebuilds its data iterator every epoch (about 30 ms per epoch in Keras 3),
+so the suite feeds the same batches as one `tf.data` stream with `steps_per_epoch`: one
+iterator for the whole run, the same `train_function`, and bit-identical parameters to
+`fit(x, y, epochs=E, batch_size=B, shuffle=False)` (tests/test_keras_fast_path.py proves it).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from conformance.backends import _tensorflow
+from conformance.backends._frameworks import tensorflow
+from conformance.problem import Problem, Trajectory
+
+NAME = "keras"
+available = _tensorflow.available
+devices = _tensorflow.devices
+
+
+def train(problem: Problem, device: str) -> Trajectory:
+    """Train with the fast feeding path (one tf.data stream for all epochs)."""
+    return _train(problem, device, plain=False)
+
+
+def train_plain(problem: Problem, device: str) -> Trajectory:
+    """Train exactly as a user writes it: fit on NumPy arrays. Slow; only for unshuffled cases."""
+    if problem.orders is not None:
+        raise ValueError("plain fit cannot follow the harness's shuffle order")
+    return _train(problem, device, plain=True)
+
+
+def _train(problem: Problem, device: str, plain: bool) -> Trajectory:
+    tf = tensorflow()
+    with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
+        model = _model(problem)
+        recorder = _recorder_class()()
+        common: dict[str, Any] = {"epochs": problem.epochs, "verbose": 0, "shuffle": False, "callbacks": [recorder]}
+        if plain:
+            model.fit(problem.x, problem.y.reshape(-1, 1), batch_size=problem.batch_size, **common)
+        else:
+            model.fit(_stream(problem), steps_per_epoch=problem.steps_per_epoch, **common)
+        predictions = None
+        if problem.predict_x is not None:
+            predictions = np.asarray(model(problem.predict_x, training=False), dtype=np.float64)[:, 0]
+    info = _tensorflow.environment(device) | {"jit_compile": bool(getattr(model, "jit_compile", False)),
+                                              "feeding": "fit(x, y)" if plain else "fit(tf.data, steps_per_epoch)"}
+    if problem.optimizer.settings.get("weight_decay"):
+        info["loss_note"] = "Keras's loss includes the L2 term that carries weight decay"
+    return Trajectory(recorder.history_params, recorder.history_loss, predictions, info)
+
+
+def _model(problem: Problem) -> Any:
+    keras = _tensorflow.keras()
+    decay = problem.optimizer.settings.get("weight_decay", 0.0)
+    # Coupled weight decay (added to the gradient) is exactly an L2 penalty of decay / 2.
+    regularizer = keras.regularizers.L2(decay / 2) if decay else None
+    dense = keras.layers.Dense(1, use_bias=problem.has_bias, kernel_regularizer=regularizer,
+                               bias_regularizer=regularizer if problem.has_bias else None)
+    model = keras.Sequential([keras.Input(shape=(problem.features,)), dense])
+    initial = [problem.init_weights.reshape(-1, 1)]
+    if problem.has_bias:
+        initial.append(problem.init_bias.reshape(1))
+    dense.set_weights(initial)
+    loss = keras.losses.MeanSquaredError(reduction="sum" if problem.reduction == "sum" else "sum_over_batch_size")
+    model.compile(optimizer=_tensorflow.keras_optimizer(problem.optimizer), loss=loss)
+    return model
+
+
+def _stream(problem: Problem) -> Any:
+    """Every epoch's batches, in the harness's order, as one dataset (epoch boundaries kept)."""
+    tf = tensorflow()
+    y = problem.y.reshape(-1, 1)
+    if problem.orders is None:
+        return tf.data.Dataset.from_tensor_slices((problem.x, y)).batch(problem.batch_size).repeat(problem.epochs)
+    x_tensor, y_tensor = tf.constant(problem.x), tf.constant(y)
+
+    def one_epoch(order: Any) -> Any:
+        slices = (tf.gather(x_tensor, order), tf.gather(y_tensor, order))
+        return tf.data.Dataset.from_tensor_slices(slices).batch(problem.batch_size)
+
+    return tf.data.Dataset.from_tensor_slices(problem.orders).flat_map(one_epoch)
+
+
+@functools.cache
+def _recorder_class() -> type:
+    """The callback class, made on first use because Keras is imported lazily."""
+    keras = _tensorflow.keras()
+
+    class EpochRecorder(keras.callbacks.Callback):
+        """Parameters and Keras's own epoch loss after every epoch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[np.ndarray] = []
+            self.losses: list[float] = []
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            self.rows.append(np.concatenate([np.ravel(v.numpy()) for v in self.model.layers[-1].weights]))
+            self.losses.append(float((logs or {}).get("loss", np.nan)))
+
+        @property
+        def history_params(self) -> np.ndarray:
+            return np.asarray(self.rows, dtype=np.float64)
+
+        @property
+        def history_loss(self) -> np.ndarray:
+            return np.asarray(self.losses, dtype=np.float64)
+
+    return EpochRecorder

@@ -1,0 +1,77 @@
+"""PyTorch: `nn.Linear` + `nn.MSELoss` + `torch.optim`, the loop its tutorials write."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from conformance.backends import _frameworks
+from conformance.problem import Optimizer, Problem, Trajectory
+
+NAME = "torch"
+
+
+def available() -> str | None:
+    return None if _frameworks.installed("torch") else "torch is not installed"
+
+
+def devices() -> list[str]:
+    torch = _frameworks.torch()
+    found = ["cpu"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    return found + (["mps"] if mps is not None and mps.is_available() else [])
+
+
+def train(problem: Problem, device: str) -> Trajectory:
+    torch = _frameworks.torch()
+    dtype = getattr(torch, problem.dtype)
+    x = torch.as_tensor(problem.x, device=device)
+    y = torch.as_tensor(problem.y, device=device).reshape(-1, 1)
+    model = torch.nn.Linear(problem.features, 1, bias=problem.has_bias, device=device, dtype=dtype)
+    with torch.no_grad():
+        model.weight.copy_(torch.as_tensor(problem.init_weights.reshape(1, -1)))
+        if problem.has_bias:
+            model.bias.copy_(torch.as_tensor(problem.init_bias.reshape(1)))
+    optimizer = make_optimizer(torch, model.parameters(), problem.optimizer)
+    loss_function = torch.nn.MSELoss(reduction=problem.reduction)
+    orders = None if problem.orders is None else torch.as_tensor(problem.orders, device=device)
+    params = torch.empty((problem.epochs, problem.features + problem.has_bias), dtype=dtype, device=device)
+    losses = torch.empty(problem.epochs, dtype=dtype, device=device)
+    for epoch in range(problem.epochs):
+        total = torch.zeros((), dtype=dtype, device=device)
+        for start in range(0, problem.n, problem.batch_size):
+            stop = min(start + problem.batch_size, problem.n)
+            rows = slice(start, stop) if orders is None else orders[epoch, start:stop]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_function(model(x[rows]), y[rows])
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * (stop - start)
+        with torch.no_grad():
+            losses[epoch] = total / problem.n
+            params[epoch] = torch.cat([p.reshape(-1) for p in model.parameters()])
+    predictions = None
+    if problem.predict_x is not None:
+        with torch.no_grad():
+            predictions = model(torch.as_tensor(problem.predict_x, device=device))[:, 0].cpu().double().numpy()
+    return Trajectory(params.cpu().double().numpy(), losses.cpu().double().numpy(), predictions,
+                      _environment(torch, device))
+
+
+def make_optimizer(torch: Any, parameters: Any, optimizer: Optimizer) -> Any:
+    """A torch optimizer with every hyperparameter passed explicitly (foreach off: one code path)."""
+    settings = optimizer.settings
+    if optimizer.name == "sgd":
+        return torch.optim.SGD(parameters, lr=settings["learning_rate"], momentum=settings["momentum"],
+                               dampening=0.0, weight_decay=settings["weight_decay"],
+                               nesterov=settings["nesterov"], maximize=False, foreach=False)
+    raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the torch backend")
+
+
+def _environment(torch: Any, device: str) -> dict[str, Any]:
+    details: dict[str, Any] = {"torch": torch.__version__} | _frameworks.torch_settings()
+    if device.startswith("cuda"):
+        details["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        details["cuda"] = torch.version.cuda
+    return details

@@ -1,0 +1,128 @@
+"""Finding, reading and validating case files; every error names file, field and expectation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from conformance.schema import Case
+from conformance.yamlio import YamlError, read_yaml
+
+CASE_SUFFIXES = (".yaml", ".yml")
+
+
+class CaseError(ValueError):
+    """A case file that cannot be run; str() is the full message shown to the user."""
+
+
+@dataclass(frozen=True)
+class CaseFile:
+    """Where a case comes from: the file, and the root its data paths must stay inside."""
+
+    path: Path
+    root: Path
+
+    @property
+    def display(self) -> str:
+        try:
+            return str(self.path.relative_to(Path.cwd()))
+        except ValueError:
+            return str(self.path)
+
+
+@dataclass(frozen=True)
+class LoadedCase:
+    source: CaseFile
+    name: str
+    spec: Case
+
+
+def discover(locations: Iterable[Path]) -> list[CaseFile]:
+    """Case files under each location (a file or a folder, searched recursively), sorted."""
+    found: dict[Path, CaseFile] = {}
+    for location in locations:
+        location = location.absolute()
+        if location.is_file():
+            found.setdefault(location, CaseFile(location, location.parent))
+        elif location.is_dir():
+            for path in sorted(location.rglob("*")):
+                if path.suffix in CASE_SUFFIXES and path.is_file() and not _hidden(path, location):
+                    found.setdefault(path, CaseFile(path, location))
+        else:
+            raise CaseError(f"{location}: no such case file or folder")
+    return sorted(found.values(), key=lambda source: str(source.path))
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def load(source: CaseFile) -> LoadedCase:
+    """Read and validate one file; raises CaseError with every problem found in it."""
+    try:
+        data = read_yaml(source.path)
+    except (YamlError, OSError, UnicodeDecodeError) as error:
+        raise CaseError(f"{source.display}: {error}") from None
+    if not isinstance(data, dict):
+        raise CaseError(f"{source.display}: expected a mapping of case fields at the top level, got {_kind(data)}")
+    try:
+        spec = Case.model_validate(data)
+    except ValidationError as error:
+        raise CaseError(format_errors(source.display, error)) from None
+    return LoadedCase(source, spec.name or source.path.stem, spec)
+
+
+def format_errors(display: str, error: ValidationError) -> str:
+    lines = [f"{display}: {field_path(item['loc'])}: {_expectation(item)}" for item in error.errors()]
+    return "\n".join(lines) if len(lines) == 1 else f"{display}: {len(lines)} errors\n" + "\n".join(lines)
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """('training', 'optimizer', 'sgd', 'sgd', 'lr') -> 'training.optimizer.sgd.lr'."""
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif not parts or parts[-1] != f".{part}":
+            parts.append(f".{part}")
+    return "".join(parts).lstrip(".") or "(top level)"
+
+
+_EXPECTED = {
+    "missing": "required field is missing",
+    "float_type": "expected a number",
+    "int_type": "expected an integer",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "finite_number": "expected a finite number (no NaN or infinity)",
+    "literal_error": "expected {expected}",
+}
+
+
+def _expectation(item: dict[str, Any]) -> str:
+    template = _EXPECTED.get(item["type"])
+    if template is None:
+        message = item["msg"]
+        message = message[0].lower() + message[1:] if message else message
+    else:
+        message = template.format(**item.get("ctx", {}))
+    if item["type"] not in ("missing", "unknown_key", "one_of") and "input" in item:
+        message += f", got {_show(item['input'])}"
+    return message
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return (text if len(text) <= 60 else text[:57] + "...") + f" ({_kind(value)})"
+
+
+def _kind(value: Any) -> str:
+    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)

@@ -1,0 +1,273 @@
+"""The checks of one case, run inside a test item; results are cached once per process.
+
+A `CaseRun` holds a case's prepared problem, its references (replay, least squares) and the
+training results of its backends. Items of one case are scheduled onto one worker (see
+plugin.py), so each result is trained once; an item that needs a result its process has not
+trained (another item ran elsewhere, or was deselected) trains it itself, so pairwise
+comparisons are complete under any scheduling.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from conformance import backends, compare, reference
+from conformance.case import LoadedCase
+from conformance.problem import Prepared, Trajectory, prepare
+from conformance.schema import Expect
+
+CURVE_POINTS = 400
+
+
+@dataclass
+class Outcome:
+    """What a check found: passed or not, the message, and plain data for the report."""
+
+    passed: bool
+    message: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Trained:
+    """One backend's result on one device, parameters on the case's own features."""
+
+    backend: str
+    device: str
+    trajectory: Trajectory | None
+    seconds: float
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}, {self.device}"
+
+
+class TrainingCrashed(RuntimeError):
+    """A backend raised while training: an error with its traceback, not a mismatch."""
+
+
+class CaseRun:
+    """Everything one process knows about one case."""
+
+    def __init__(self, case: LoadedCase, prepared: Prepared, pairs: list[tuple[str, str]]) -> None:
+        self.case = case
+        self.prepared = prepared
+        self.pairs = pairs  # every (backend, device) of this case in this run
+        self.results: dict[tuple[str, str], Trained] = {}
+
+    @property
+    def where(self) -> str:
+        return f"case {self.case.name}, epoch {self.prepared.problem.epochs}"
+
+    @cached_property
+    def replay(self) -> Trajectory:
+        trajectory = reference.replay(self.prepared.problem)
+        trajectory.params = self.prepared.to_original(trajectory.params)
+        return trajectory
+
+    @cached_property
+    def least_squares(self) -> np.ndarray:
+        return reference.least_squares(self.prepared.x_design, self.prepared.y, self.prepared.problem.has_bias)
+
+    def train(self, backend: str, device: str) -> Trained:
+        key = (backend, device)
+        if key not in self.results:
+            started = time.perf_counter()
+            try:
+                trajectory = backends.load(backend).train(self.prepared.problem, device)
+            except Exception:  # noqa: BLE001 - kept with its traceback, reported as a crash
+                self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
+                                            traceback.format_exc())
+            else:
+                trajectory.params = self.prepared.to_original(trajectory.params)
+                self.results[key] = Trained(backend, device, trajectory, time.perf_counter() - started)
+        return self.results[key]
+
+    def trained_or_raise(self, backend: str, device: str) -> Trained:
+        result = self.train(backend, device)
+        if result.error is not None:
+            raise TrainingCrashed(f"{backend} on {device} raised while training [case {self.case.name}]:\n"
+                                  f"{result.error}")
+        return result
+
+    # ---- checks --------------------------------------------------------------------------
+
+    def check_parity(self, backend: str, device: str) -> Outcome:
+        result = self.trained_or_raise(backend, device)
+        trajectory = result.trajectory
+        record = self._result_record(result)
+        diverged = self._divergence(result)
+        if diverged:
+            return Outcome(False, diverged, record)
+        tol = self.case.spec.tolerance.parity
+        names = self.prepared.parameter_names
+        replay = self.replay
+        record |= {
+            "max_rel_diff": compare.max_relative_difference(trajectory.final, replay.final),
+            "first_epoch_outside": compare.first_epoch_outside(trajectory.params, replay.params, tol),
+            "tolerance": tol.model_dump(),
+        }
+        mismatch = compare.worst_mismatch(trajectory.final, replay.final, tol, names)
+        if mismatch is None and trajectory.predictions is not None:
+            labels = [f"predict[{index}]" for index in range(len(replay.predictions))]
+            mismatch = compare.worst_mismatch(trajectory.predictions, replay.predictions, tol, labels)
+        if mismatch is None:
+            return Outcome(True, f"within {_tol(tol)} of the float64 replay", record)
+        message = mismatch.describe(result.label, "float64 replay", self.where)
+        if record["first_epoch_outside"]:
+            message += f"; first outside the tolerance at epoch {record['first_epoch_outside']}"
+        return Outcome(False, message, record)
+
+    def check_lstsq(self, backend: str, device: str) -> Outcome:
+        result = self.trained_or_raise(backend, device)
+        tol = self.case.spec.tolerance.lstsq
+        record = {"kind": "lstsq", "backend": backend, "device": device, "tolerance": tol.model_dump(),
+                  "params": _floats(result.trajectory.final), "lstsq": _floats(self.least_squares)}
+        diverged = self._divergence(result)
+        if diverged:
+            return Outcome(False, diverged, record)
+        record["max_rel_diff"] = compare.max_relative_difference(result.trajectory.final, self.least_squares)
+        if self.case.spec.certified is not None:
+            record["lre_certified"] = float(reference.lre(result.trajectory.final, self.certified_params).min())
+        mismatch = compare.worst_mismatch(result.trajectory.final, self.least_squares, tol,
+                                          self.prepared.parameter_names)
+        if mismatch is None:
+            return Outcome(True, f"within {_tol(tol)} of the least-squares fit", record)
+        return Outcome(False, mismatch.describe(result.label, "scipy least squares", self.where), record)
+
+    def check_pairwise(self, deviant: set[tuple[str, str]]) -> Outcome:
+        """Every two results agree within the parity tolerance, in both directions.
+
+        Pairs with a result that is expected to deviate (an `expect` parity entry) are shown
+        in the report but do not fail the item.
+        """
+        tol = self.case.spec.tolerance.parity
+        results = [self.trained_or_raise(backend, device) for backend, device in self.pairs]
+        usable = [result for result in results if not self._divergence(result)]
+        rows, failures = [], []
+        for index, first in enumerate(usable):
+            for second in usable[index + 1:]:
+                enforced = not ({(first.backend, first.device), (second.backend, second.device)} & deviant)
+                row, problem = self._compare_pair(first, second, tol)
+                rows.append(row | {"enforced": enforced})
+                if problem and enforced:
+                    failures.append(problem)
+        record = {"kind": "pairwise", "pairs": rows, "tolerance": tol.model_dump(),
+                  "replay": _curve_record(self.replay), "lstsq": _floats(self.least_squares),
+                  "parameter_names": self.prepared.parameter_names,
+                  "diverged": [result.label for result in results if self._divergence(result)]}
+        if failures:
+            return Outcome(False, "\n".join(failures), record)
+        checked = sum(row["enforced"] for row in rows)
+        return Outcome(True, f"{checked} pair(s) within {_tol(tol)} of each other", record)
+
+    def check_certified(self) -> Outcome:
+        certified = self.case.spec.certified
+        digits = reference.lre(self.least_squares, self.certified_params)
+        record = {"kind": "certified", "certified": _floats(self.certified_params),
+                  "lstsq": _floats(self.least_squares), "lre": _floats(digits), "min_digits": certified.min_digits}
+        worst = int(np.argmin(digits))
+        name = self.prepared.parameter_names[worst]
+        if digits[worst] >= certified.min_digits:
+            return Outcome(True, f"least squares agrees with the certified values to {digits.min():.1f} digits", record)
+        return Outcome(False, f"{name}={self.least_squares[worst]:.15g} (scipy least squares), but should be "
+                              f"{self.certified_params[worst]:.15g} to {certified.min_digits:g} significant digits "
+                              f"(certified); agrees to {digits[worst]:.1f} [case {self.case.name}]", record)
+
+    @cached_property
+    def certified_params(self) -> np.ndarray:
+        certified = self.case.spec.certified
+        return np.asarray(certified.weights + ([certified.bias] if certified.bias is not None else []))
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _compare_pair(self, first: Trained, second: Trained, tol: Any) -> tuple[dict[str, Any], str | None]:
+        names = self.prepared.parameter_names
+        a, b = first.trajectory, second.trajectory
+        row = {"a": [first.backend, first.device], "b": [second.backend, second.device],
+               "max_rel_diff": compare.max_relative_difference(a.final, b.final)}
+        for got, ref, who, against in ((a, b, first, second), (b, a, second, first)):
+            mismatch = compare.worst_mismatch(got.final, ref.final, tol, names)
+            if mismatch is None and got.predictions is not None:
+                labels = [f"predict[{index}]" for index in range(len(ref.predictions))]
+                mismatch = compare.worst_mismatch(got.predictions, ref.predictions, tol, labels)
+            if mismatch is not None:
+                return row | {"passed": False}, mismatch.describe(who.label, against.label, self.where)
+        return row | {"passed": True}, None
+
+    def _divergence(self, result: Trained) -> str | None:
+        epoch = result.trajectory.first_nonfinite_epoch()
+        if epoch is None:
+            return None
+        trajectory = result.trajectory
+        finite = np.flatnonzero(np.isfinite(trajectory.loss[: epoch - 1]))
+        last = f"last finite loss {trajectory.loss[finite[-1]]:.6g} at epoch {finite[-1] + 1}" if finite.size \
+            else "no finite loss"
+        params = ", ".join(f"{value:.6g}" for value in trajectory.params[epoch - 1])
+        return (f"training diverged ({result.label}): loss or parameters became non-finite at epoch {epoch}; "
+                f"{last}; parameters then [{params}] [case {self.case.name}]")
+
+    def _result_record(self, result: Trained) -> dict[str, Any]:
+        trajectory = result.trajectory
+        return {"kind": "parity", "backend": result.backend, "device": result.device,
+                "seconds": result.seconds, "params": _floats(trajectory.final),
+                "replay": _floats(self.replay.final),
+                "predictions": None if trajectory.predictions is None else _floats(trajectory.predictions),
+                "replay_predictions": None if self.replay.predictions is None else _floats(self.replay.predictions),
+                "curve": _curve_record(trajectory),
+                "distance": _downsample(compare.distance_per_epoch(trajectory.params, self.replay.params)),
+                "info": {key: _plain(value) for key, value in trajectory.info.items()}}
+
+
+def make_run(case: LoadedCase, pairs: list[tuple[str, str]]) -> CaseRun:
+    return CaseRun(case, prepare(case), pairs)
+
+
+def applicable(expect: list[Expect], check: str, backend: str | None, device: str | None,
+               versions: dict[str, str | None]) -> Expect | None:
+    """The first `expect` entry that covers this check, backend, device and installed versions."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    for entry in expect:
+        if entry.check != check or (entry.backend and entry.backend != backend):
+            continue
+        if entry.device and entry.device != device:
+            continue
+        try:
+            if all(versions.get(package) is not None and SpecifierSet(spec).contains(Version(versions[package]),
+                                                                                     prereleases=True)
+                   for package, spec in entry.versions.items()):
+                return entry
+        except InvalidVersion:
+            continue
+    return None
+
+
+def _curve_record(trajectory: Trajectory) -> dict[str, Any]:
+    return {"loss": _downsample(trajectory.loss), "params": [_downsample(column) for column in trajectory.params.T]}
+
+
+def _downsample(values: np.ndarray) -> dict[str, list]:
+    """At most CURVE_POINTS (epoch, value) points, always keeping the first and last epoch."""
+    epochs = np.unique(np.linspace(0, len(values) - 1, min(len(values), CURVE_POINTS)).round().astype(int))
+    return {"epoch": [int(e) + 1 for e in epochs], "value": _floats(np.asarray(values)[epochs])}
+
+
+def _floats(values: Any) -> list[float | None]:
+    return [float(value) if np.isfinite(value) else None for value in np.asarray(values, dtype=np.float64).ravel()]
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def _tol(tol: Any) -> str:
+    return f"rtol {tol.rtol:.1e}, atol {tol.atol:.1e}"

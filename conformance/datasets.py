@@ -1,0 +1,161 @@
+"""Turning a case's `dataset` and `preprocess` into float64 arrays.
+
+All arrays here are float64: rounding to the training dtype happens once, in problem.py, so
+that the replay and every backend see the same numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from conformance.case import CaseError, LoadedCase
+from conformance.schema import Csv, Generate, Inline, Preprocess, choice
+
+
+def raw_data(case: LoadedCase) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) as given by the case, before preprocessing: x is (n, d), y is (n,)."""
+    kind, settings = choice(case.spec.dataset)
+    if kind == "inline":
+        x, y = _inline(case, settings)
+    elif kind == "generate":
+        x, y = _generate(settings)
+    else:
+        x, y = _csv(case, settings)
+    _check_data(case, kind, x, y)
+    return x, y
+
+
+def as_rows(values: list, where: str, case: LoadedCase, width: int | None = None) -> np.ndarray:
+    """A list of numbers (one feature) or of equal-length rows, as an (n, d) float64 array."""
+    if all(isinstance(value, list) for value in values):
+        lengths = {len(row) for row in values}
+        if len(lengths) > 1:
+            raise CaseError(f"{case.source.display}: {where}: rows have different lengths {sorted(lengths)}; "
+                            "expected every row to have the same number of features")
+        rows = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    elif any(isinstance(value, list) for value in values):
+        raise CaseError(f"{case.source.display}: {where}: expected all numbers or all rows, got a mix")
+    else:
+        rows = np.asarray(values, dtype=np.float64).reshape(-1, 1)
+    if width is not None and rows.shape[1] != width:
+        raise CaseError(f"{case.source.display}: {where}: rows have {rows.shape[1]} values; "
+                        f"expected {width} (the number of features of dataset x)")
+    return rows
+
+
+def _inline(case: LoadedCase, inline: Inline) -> tuple[np.ndarray, np.ndarray]:
+    return as_rows(inline.x, "dataset.inline.x", case), np.asarray(inline.y, dtype=np.float64)
+
+
+def _generate(spec: Generate) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic data, drawn in a documented order: x first, then noise, from one generator."""
+    rng = np.random.default_rng(spec.seed)
+    shape = (spec.n, spec.features)
+    kind, dist = choice(spec.x)
+    if kind == "uniform":
+        x = rng.uniform(dist.low, dist.high, size=shape)
+    elif kind == "normal":
+        x = rng.normal(dist.mean, dist.std, size=shape)
+    else:
+        x = np.repeat(np.linspace(dist.start, dist.stop, spec.n)[:, None], spec.features, axis=1)
+    y = x @ np.asarray(spec.weights, dtype=np.float64) + spec.bias
+    if spec.noise is not None:
+        _, noise = choice(spec.noise)
+        y = y + rng.normal(noise.mean, noise.std, size=spec.n)
+    return x, y
+
+
+def _csv(case: LoadedCase, spec: Csv) -> tuple[np.ndarray, np.ndarray]:
+    display = case.source.display
+    path = (case.source.path.parent / spec.path).resolve()
+    root = case.source.root.resolve()
+    if not path.is_relative_to(root):
+        raise CaseError(f"{display}: dataset.csv.path: {spec.path!r} resolves to {path}, outside the cases "
+                        f"root {root}; expected a file inside it")
+    if not path.is_file():
+        raise CaseError(f"{display}: dataset.csv.path: {spec.path!r}: no such file ({path})")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        missing = [column for column in [*spec.x, spec.y] if column not in header]
+        if missing:
+            raise CaseError(f"{display}: dataset.csv: column(s) {', '.join(missing)} not in {spec.path} "
+                            f"(columns: {', '.join(header) or 'none'})")
+        rows = [[_cell(display, spec.path, number, row, column) for column in [*spec.x, spec.y]]
+                for number, row in enumerate(reader, start=2)]
+    table = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(spec.x) + 1)
+    return table[:, :-1], table[:, -1]
+
+
+def _cell(display: str, name: str, line: int, row: dict, column: str) -> float:
+    text = (row.get(column) or "").strip()
+    try:
+        return float(text)
+    except ValueError:
+        raise CaseError(f"{display}: dataset.csv: {name} line {line}, column {column}: "
+                        f"expected a number, got {text!r}") from None
+
+
+def _check_data(case: LoadedCase, kind: str, x: np.ndarray, y: np.ndarray) -> None:
+    where = f"{case.source.display}: dataset.{kind}"
+    if len(y) != len(x):
+        raise CaseError(f"{where}: x has {len(x)} samples and y has {len(y)}; expected the same number")
+    if len(y) < 2:
+        raise CaseError(f"{where}: {len(y)} sample(s); expected at least 2")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise CaseError(f"{where}: data contains NaN or infinity; expected finite numbers")
+
+
+def polynomial(x: np.ndarray, degree: int | None) -> np.ndarray:
+    """x (n, 1) -> the columns x, x^2, ..., x^degree; unchanged when degree is None."""
+    if degree is None:
+        return x
+    return np.hstack([x ** power for power in range(1, degree + 1)])
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Column centring and scaling (population std), and the map of parameters back."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "Standardizer":
+        return cls(x.mean(axis=0), x.std(axis=0))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.scale
+
+    def to_original(self, params: np.ndarray) -> np.ndarray:
+        """[w_s..., b_s] learned on standardized x -> [w..., b] on the original x (any leading axes)."""
+        weights = params[..., :-1] / self.scale
+        bias = params[..., -1] - weights @ self.mean
+        return np.concatenate([weights, bias[..., None]], axis=-1)
+
+
+def preprocess(case: LoadedCase, x: np.ndarray, settings: Preprocess) -> tuple[np.ndarray, Standardizer | None]:
+    """Features as the model sees them: polynomial expansion, then optional standardization."""
+    display = case.source.display
+    if settings.polynomial is not None and x.shape[1] != 1:
+        raise CaseError(f"{display}: preprocess.polynomial: the data has {x.shape[1]} features; "
+                        "expected exactly 1 to expand")
+    features = polynomial(x, settings.polynomial)
+    if not np.isfinite(features).all():
+        raise CaseError(f"{display}: preprocess.polynomial: x^{settings.polynomial} overflows float64")
+    if not settings.standardize:
+        return features, None
+    if not case.spec.model.bias:
+        raise CaseError(f"{display}: preprocess.standardize: centring needs an intercept; "
+                        "expected model.bias: true")
+    standardizer = Standardizer.fit(features)
+    constant = [index for index, scale in enumerate(standardizer.scale) if not scale > 0 or math.isinf(scale)]
+    if constant:
+        raise CaseError(f"{display}: preprocess.standardize: feature column(s) {constant} are constant; "
+                        "expected a nonzero spread to scale by")
+    return standardizer.apply(features), standardizer

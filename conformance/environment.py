@@ -1,0 +1,61 @@
+"""What a run was made with: package versions, platform, and numerics switches.
+
+Framework versions are read from modules already imported (never importing a framework just to
+report it); packages not imported are looked up in the installed distributions.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+from typing import Any
+
+# Report key -> distributions that provide it (tensorflow-cpu and tensorflow are one package).
+DISTRIBUTIONS = {
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tf-nightly"),
+    "keras": ("keras", "tf-keras"),
+    "torch": ("torch",),
+    "numpy": ("numpy",),
+    "scipy": ("scipy",),
+    "pydantic": ("pydantic",),
+    "pytest": ("pytest",),
+}
+NUMERICS_VARIABLES = ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "CUBLAS_WORKSPACE_CONFIG",
+                      "OMP_NUM_THREADS", "TF_FORCE_GPU_ALLOW_GROWTH", "KERAS_BACKEND", "TF_USE_LEGACY_KERAS")
+
+
+def versions() -> dict[str, str | None]:
+    """Version of every package that can change a result (None: not installed)."""
+    found = {name: _distribution_version(names) for name, names in DISTRIBUTIONS.items()}
+    if "tensorflow" in sys.modules:
+        found["tensorflow"] = sys.modules["tensorflow"].__version__
+        from conformance.backends import _tensorflow
+
+        found["keras"] = _tensorflow.keras_version()
+    if "torch" in sys.modules:
+        found["torch"] = sys.modules["torch"].__version__
+    found["python"] = platform.python_version()
+    return found
+
+
+def host() -> dict[str, Any]:
+    """The machine and process, for the report's header."""
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "variables": {name: os.environ.get(name) for name in NUMERICS_VARIABLES if os.environ.get(name)},
+    }
+
+
+def _distribution_version(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None

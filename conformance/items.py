@@ -1,0 +1,182 @@
+"""From case files to planned test items, and what one item does when it runs.
+
+Item ids read `<case>-<backend>-<device>-<check>` for checks of one result (parity, lstsq),
+`<case>-pairwise` and `<case>-certified` for checks of the whole case, and `<case>-load` for a
+case file that cannot be run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conformance import backends, environment
+from conformance.case import CaseError, LoadedCase, discover, load
+from conformance.checks import CaseRun, Outcome, applicable, make_run
+
+RESULT_CHECKS = ("parity", "lstsq")
+CASE_CHECKS = ("pairwise", "certified", "load")
+_ID = re.compile(
+    r"^(?P<case>.+?)-(?:(?P<backend>%s)-(?P<device>[a-z]+(?::\d+)?)-(?:%s|unavailable)|%s)$"
+    % ("|".join(backends.MODULES), "|".join(RESULT_CHECKS), "|".join(CASE_CHECKS))
+)
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """One planned item: which case, which check, and for result checks which backend and device."""
+
+    case: str
+    check: str
+    source: str
+    backend: str | None = None
+    device: str | None = None
+    error: str | None = None
+    skip: str | None = None
+
+    @property
+    def id(self) -> str:
+        if self.backend is None:
+            return f"{self.case}-{self.check}"
+        return f"{self.case}-{self.backend}-{self.device}-{self.check}"
+
+
+def case_of(item_id: str) -> str:
+    """The case name inside an item id (used to keep one case's items on one xdist worker)."""
+    match = _ID.match(item_id)
+    return match.group("case") if match else item_id
+
+
+@dataclass
+class Plan:
+    items: list[ItemSpec]
+    runs: dict[str, CaseRun]
+    devices_seen: dict[str, Any]
+
+
+def plan(locations: list[Path], only_backends: list[str], only_devices: list[str]) -> Plan:
+    """Every item of a run, in a stable order; broken case files become `load` items that fail."""
+    items: list[ItemSpec] = []
+    runs: dict[str, CaseRun] = {}
+    loaded: list[LoadedCase] = []
+    for source in discover(locations):
+        try:
+            loaded.append(load(source))
+        except CaseError as error:
+            items.append(ItemSpec(source.path.stem, "load", source.display, error=str(error)))
+    first_file: dict[str, str] = {}
+    for case in loaded:
+        first_file.setdefault(case.name, case.source.display)
+    names = [case.name for case in loaded]
+    devices_seen = _discover_devices(only_backends)
+    for case in loaded:
+        if names.count(case.name) > 1:
+            others = sorted(c.source.display for c in loaded if c.name == case.name and c is not case)
+            items.append(ItemSpec(case.name, "load", case.source.display,
+                                  error=f"{case.source.display}: name: {case.name!r} is also the name of "
+                                        f"{', '.join(others)}; expected case names to be unique in a run"))
+            continue
+        items.extend(_plan_case(case, only_backends, only_devices, devices_seen, runs))
+    return Plan(items, runs, devices_seen)
+
+
+def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
+    """Per backend: the devices it can use, or why it cannot run at all."""
+    seen: dict[str, Any] = {}
+    for name in backends.MODULES:
+        if only_backends and name not in only_backends:
+            continue
+        module = backends.load(name)
+        reason = module.available()
+        seen[name] = {"unavailable": reason} if reason else {"devices": module.devices()}
+    return seen
+
+
+def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[str],
+               devices_seen: dict[str, Any], runs: dict[str, CaseRun]) -> list[ItemSpec]:
+    spec, source = case.spec, case.source.display
+    wanted_backends = [b for b in (spec.backends or list(backends.MODULES)) if not only_backends or b in only_backends]
+    items, pairs = [], []
+    for backend in wanted_backends:
+        found = devices_seen[backend]
+        wanted_devices = [d for d in (spec.devices or ["cpu"] + [d for d in found.get("devices", []) if d != "cpu"])
+                          if not only_devices or d in only_devices]
+        for device in wanted_devices:
+            if "unavailable" in found:
+                items.append(ItemSpec(case.name, "unavailable", source, backend, device, skip=found["unavailable"]))
+            elif device not in found["devices"]:
+                items.append(ItemSpec(case.name, "unavailable", source, backend, device,
+                                      skip=f"{device} is not available to {backend} "
+                                           f"(found: {', '.join(found['devices'])})"))
+            else:
+                pairs.append((backend, device))
+                items.append(ItemSpec(case.name, "parity", source, backend, device))
+                if spec.tolerance.lstsq is not None:
+                    items.append(ItemSpec(case.name, "lstsq", source, backend, device))
+    try:
+        runs[case.name] = make_run(case, pairs)
+    except CaseError as error:
+        return [ItemSpec(case.name, "load", source, error=str(error))]
+    if len(pairs) > 1:
+        items.append(ItemSpec(case.name, "pairwise", source))
+    if spec.certified is not None:
+        items.append(ItemSpec(case.name, "certified", source))
+    return items
+
+
+def run_item(spec: ItemSpec, runs: dict[str, CaseRun], user_properties: list) -> None:
+    """Run one planned item: record plain data for the report, then pass, fail, xfail or skip."""
+    record: dict[str, Any] = {"id": spec.id, "case": spec.case, "check": spec.check, "source": spec.source,
+                              "backend": spec.backend, "device": spec.device}
+    user_properties.append(("conformance", record))
+    if spec.error is not None:
+        record["message"] = spec.error
+        pytest.fail(spec.error, pytrace=False)
+    if spec.skip is not None:
+        record["message"] = spec.skip
+        pytest.skip(f"{spec.source}: {spec.skip}")
+    run = runs[spec.case]
+    outcome = _check(spec, run)
+    record.update(outcome.record, message=outcome.message, environment=environment.versions())
+    expected = _expectation(spec, run)
+    if expected is not None:
+        record["expected"] = expected.reason
+        reason = f"{spec.source}: expect {expected.backend or 'any backend'} {expected.check}: {expected.reason}"
+        if outcome.passed:
+            pytest.fail(f"expected deviation did not happen (strict): {reason}", pytrace=False)
+        pytest.xfail(f"{reason} -- {outcome.message}")
+    if not outcome.passed:
+        pytest.fail(outcome.message, pytrace=False)
+
+
+def _check(spec: ItemSpec, run: CaseRun) -> Outcome:
+    if spec.check == "parity":
+        return run.check_parity(spec.backend, spec.device)
+    if spec.check == "lstsq":
+        return run.check_lstsq(spec.backend, spec.device)
+    if spec.check == "pairwise":
+        return run.check_pairwise(_deviant(run))
+    return run.check_certified()
+
+
+def _expectation(spec: ItemSpec, run: CaseRun) -> Any:
+    expect = run.case.spec.expect
+    versions = environment.versions()
+    if spec.check == "pairwise":
+        deviant = _deviant(run)
+        if deviant and deviant >= set(run.pairs):
+            return applicable(expect, "parity", None, None, versions) or next(
+                e for e in expect if e.check == "parity")
+        return None
+    return applicable(expect, spec.check, spec.backend, spec.device, versions)
+
+
+def _deviant(run: CaseRun) -> set[tuple[str, str]]:
+    """Results of the case whose parity is expected to fail (so pairs with them are not enforced)."""
+    versions = environment.versions()
+    return {(backend, device) for backend, device in run.pairs
+            if applicable(run.case.spec.expect, "parity", backend, device, versions)}

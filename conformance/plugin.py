@@ -1,0 +1,95 @@
+"""pytest hooks only: options, collection of cases, xdist scheduling, the report writer.
+
+Configuration flows one way: options are read and validated in `pytest_configure` and kept
+in `config.stash`; items read them from there. Results reach the report as plain data on
+`report.user_properties`, which xdist carries from workers to the controller, where one
+`ReportCollector` renders them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conformance import backends
+from conformance.items import Plan, case_of, plan
+from conformance.schema import DEVICE_PATTERN
+
+OPTIONS = pytest.StashKey[dict]()
+PLAN = pytest.StashKey[Plan]()
+_PARAM = re.compile(r"\[(.*)\]$")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("conformance", "TensorFlow / PyTorch training conformance")
+    group.addoption("--cases", action="append", default=[], metavar="PATH",
+                    help="case file or folder of case files (repeatable); default: cases/ under the rootdir")
+    group.addoption("--backend", action="append", default=[], metavar="NAME",
+                    help=f"run only this backend (repeatable): {', '.join(backends.MODULES)}")
+    group.addoption("--device", action="append", default=[], metavar="NAME",
+                    help="run only on this device (repeatable): cpu, cuda:N, mps")
+    group.addoption("--report-label", default=None, metavar="LABEL",
+                    help="report folder name under the reports folder; default: $TOX_ENV_NAME or 'local'")
+    group.addoption("--reports-dir", default=None, metavar="DIR",
+                    help="where reports go; default: reports/ under the rootdir")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    unknown = [name for name in config.getoption("backend") if name not in backends.MODULES]
+    if unknown:
+        raise pytest.UsageError(f"--backend {', '.join(unknown)}: unknown; expected one of: "
+                                f"{', '.join(backends.MODULES)}")
+    bad_devices = [name for name in config.getoption("device") if not re.match(DEVICE_PATTERN, name)]
+    if bad_devices:
+        raise pytest.UsageError(f"--device {', '.join(bad_devices)}: expected cpu, cuda:N or mps")
+    label = config.getoption("report_label") or os.environ.get("TOX_ENV_NAME") or "local"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or label in (".", ".."):
+        raise pytest.UsageError(f"--report-label {label!r}: expected letters, digits, '_', '.' or '-'")
+    reports = Path(config.getoption("reports_dir") or config.rootpath / "reports")
+    cases = [Path(path) for path in config.getoption("cases")] or [config.rootpath / "cases"]
+    config.stash[OPTIONS] = {"cases": cases, "backends": config.getoption("backend"),
+                             "devices": config.getoption("device"), "label": label, "reports": reports}
+    if not hasattr(config, "workerinput"):
+        from conformance.report.collector import ReportCollector
+
+        config.pluginmanager.register(ReportCollector(config, reports / label, time.time()), "conformance-report")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "conformance_item" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    if PLAN not in config.stash:
+        options = config.stash[OPTIONS]
+        try:
+            config.stash[PLAN] = plan(options["cases"], options["backends"], options["devices"])
+        except Exception as error:  # a missing --cases path and the like: one clear sentence
+            raise pytest.UsageError(str(error)) from None
+    items = config.stash[PLAN].items
+    metafunc.parametrize("conformance_item", items, ids=[item.id for item in items])
+
+
+@pytest.fixture
+def case_runs(request: pytest.FixtureRequest) -> dict:
+    return request.config.stash[PLAN].runs
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under `-n`, keep every item of a case on one worker, so each result is trained once and
+    the pairwise check finds its results in-process (default `--dist load` only)."""
+    if config.getoption("dist", "load") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class CaseScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            match = _PARAM.search(nodeid)
+            return case_of(match.group(1)) if match and "test_parity.py" in nodeid else nodeid
+
+    return CaseScheduling(config, log)

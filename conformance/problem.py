@@ -1,0 +1,209 @@
+"""One training problem as plain NumPy: what every backend and the float64 replay receive.
+
+The harness decides every number here (data rounded to the training dtype, initial
+parameters, the order of samples in each epoch, every optimizer hyperparameter), so that
+backends differ only in how their framework does the arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from conformance.case import CaseError, LoadedCase
+from conformance.datasets import Standardizer, as_rows, polynomial, preprocess, raw_data
+from conformance.schema import choice
+
+SUPPORTED_OPTIMIZERS = ("sgd",)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer with every hyperparameter resolved (the case's value or the format's default)."""
+
+    name: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a backend needs, numpy in; arrays are already in the training dtype."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    init_weights: np.ndarray
+    init_bias: np.ndarray | None
+    epochs: int
+    batch_size: int
+    orders: np.ndarray | None
+    reduction: str
+    optimizer: Optimizer
+    dtype: str
+    predict_x: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def features(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def has_bias(self) -> bool:
+        return self.init_bias is not None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def batches(self, epoch: int) -> Iterator[np.ndarray | slice]:
+        """The samples of each step of an epoch: slices in file order, or index arrays when shuffled."""
+        for start in range(0, self.n, self.batch_size):
+            stop = min(start + self.batch_size, self.n)
+            yield slice(start, stop) if self.orders is None else self.orders[epoch, start:stop]
+
+    def initial_params(self) -> np.ndarray:
+        bias = [] if self.init_bias is None else [float(self.init_bias)]
+        return np.concatenate([self.init_weights.astype(np.float64), bias])
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A problem plus what the references need: the float64 design before standardization."""
+
+    problem: Problem
+    x_design: np.ndarray
+    y: np.ndarray
+    standardizer: Standardizer | None
+    parameter_names: list[str] = field(default_factory=list)
+
+    def to_original(self, params: np.ndarray) -> np.ndarray:
+        """Parameters learned on the trained features, expressed on the case's own features."""
+        return params if self.standardizer is None else self.standardizer.to_original(params)
+
+
+def prepare(case: LoadedCase) -> Prepared:
+    """Build the problem of a validated case; CaseError for rules that need the data."""
+    spec = case.spec
+    x_raw, y = raw_data(case)
+    x_trained, standardizer = preprocess(case, x_raw, spec.preprocess)
+    x_design = polynomial(x_raw, spec.preprocess.polynomial)
+    dtype = np.dtype(spec.training.dtype)
+    d = x_trained.shape[1]
+    weights, bias = initial_parameters(case, d)
+    batch_size = spec.training.batch_size or len(y)
+    if batch_size > len(y):
+        raise CaseError(f"{case.source.display}: training.batch_size: {batch_size} is larger than the "
+                        f"{len(y)} samples; expected at most {len(y)} (or null for full batch)")
+    problem = Problem(
+        name=case.name,
+        x=x_trained.astype(dtype),
+        y=y.astype(dtype),
+        init_weights=weights.astype(dtype),
+        init_bias=None if bias is None else np.asarray(bias, dtype=dtype),
+        epochs=spec.training.epochs,
+        batch_size=batch_size,
+        orders=_orders(spec.training.shuffle, spec.training.epochs, len(y)),
+        reduction=_reduction(spec.training.loss),
+        optimizer=_optimizer(case),
+        dtype=str(dtype),
+        predict_x=_predict(case, x_raw.shape[1], standardizer, dtype),
+    )
+    names = [f"weights[{index}]" for index in range(d)] + (["bias"] if bias is not None else [])
+    _check_certified(case, d)
+    return Prepared(problem, x_design, y, standardizer, names)
+
+
+def initial_parameters(case: LoadedCase, d: int) -> tuple[np.ndarray, float | None]:
+    """Initial weights (d,) and bias, drawn once by the harness: weights first, then the bias."""
+    has_bias = case.spec.model.bias
+    kind, init = choice(case.spec.model.init)
+    count = d + (1 if has_bias else 0)
+    if kind == "zeros":
+        values = np.zeros(count)
+    elif kind == "constant":
+        if len(init.weights) != d:
+            raise CaseError(f"{case.source.display}: model.init.constant.weights: {len(init.weights)} values; "
+                            f"expected {d} (one per feature after preprocessing)")
+        values = np.asarray([*init.weights, init.bias][:count], dtype=np.float64)
+    elif kind == "normal":
+        values = np.random.default_rng(init.seed).normal(init.mean, init.std, size=count)
+    else:
+        values = np.random.default_rng(init.seed).uniform(init.low, init.high, size=count)
+    return values[:d], (float(values[d]) if has_bias else None)
+
+
+def _orders(shuffle: Any, epochs: int, n: int) -> np.ndarray | None:
+    """One permutation per epoch from numpy.random.default_rng(seed), shared by every backend."""
+    kind, seed = choice(shuffle)
+    if kind == "false":
+        return None
+    rng = np.random.default_rng(seed)
+    orders = np.empty((epochs, n), dtype=np.int64)
+    for epoch in range(epochs):
+        orders[epoch] = rng.permutation(n)
+    return orders
+
+
+def _reduction(loss: Any) -> str:
+    _, settings = choice(loss)
+    return "mean" if settings is None else settings.reduction
+
+
+def _optimizer(case: LoadedCase) -> Optimizer:
+    name, settings = choice(case.spec.training.optimizer)
+    if name not in SUPPORTED_OPTIMIZERS:
+        raise CaseError(f"{case.source.display}: training.optimizer.{name}: not supported yet; "
+                        f"expected one of: {', '.join(SUPPORTED_OPTIMIZERS)}")
+    return Optimizer(name, settings.model_dump())
+
+
+def _predict(case: LoadedCase, width: int, standardizer: Standardizer | None, dtype: np.dtype) -> np.ndarray | None:
+    if case.spec.predict is None:
+        return None
+    rows = as_rows(case.spec.predict, "predict", case, width=width)
+    features = polynomial(rows, case.spec.preprocess.polynomial)
+    if standardizer is not None:
+        features = standardizer.apply(features)
+    return features.astype(dtype)
+
+
+def _check_certified(case: LoadedCase, d: int) -> None:
+    certified = case.spec.certified
+    if certified is None:
+        return
+    display = case.source.display
+    if len(certified.weights) != d:
+        raise CaseError(f"{display}: certified.weights: {len(certified.weights)} values; expected {d} "
+                        "(one per feature after preprocessing)")
+    if (certified.bias is None) == case.spec.model.bias:
+        want = "a bias (model.bias is true)" if case.spec.model.bias else "no bias (model.bias is false)"
+        raise CaseError(f"{display}: certified.bias: expected {want}")
+
+
+@dataclass
+class Trajectory:
+    """What a training run returns, numpy out: parameters and loss after every epoch.
+
+    params is (epochs, P) float64 with P = [weights..., bias]; loss[e] is the mean over the
+    epoch's samples of the framework's own batch losses (weighted by batch size, as Keras's
+    history reports it); predictions are the framework's own outputs for `predict`.
+    """
+
+    params: np.ndarray
+    loss: np.ndarray
+    predictions: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> np.ndarray:
+        return self.params[-1]
+
+    def first_nonfinite_epoch(self) -> int | None:
+        """1-based epoch at which loss or a parameter first became NaN or infinite."""
+        bad = ~(np.isfinite(self.loss) & np.isfinite(self.params).all(axis=1))
+        return int(np.argmax(bad)) + 1 if bad.any() else None

@@ -1,0 +1,304 @@
+"""The v1 case format as pydantic models: the single source of validation and JSON Schema.
+
+Every model forbids unknown keys and coerces nothing (a quoted "0.01" is not a number), so a
+typo or a wrong type is an error with a field path, never a silent default. Mappings with
+exactly one key (`optimizer: {sgd: ...}`, `init: {normal: ...}`) are tagged unions on that
+key, which keeps error messages about the branch the user meant.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+BACKEND_NAMES = ("keras", "gradient_tape", "torch")
+CHECK_NAMES = ("parity", "lstsq", "certified")
+DEVICE_PATTERN = r"^(cpu|cuda:[0-9]+|mps)$"
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+Number = Annotated[float, Field(allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Row = Union[list[Number], list[list[Number]]]
+
+
+class Strict(BaseModel):
+    """Base of every case model: unknown keys are errors that list the keys allowed."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [key for key in data if key not in cls.model_fields]
+            if unknown:
+                raise PydanticCustomError(
+                    "unknown_key",
+                    "unknown key {keys}; expected one of: {allowed}",
+                    {"keys": ", ".join(map(repr, map(str, unknown))), "allowed": ", ".join(cls.model_fields)},
+                )
+        return data
+
+
+def one_of(choices: dict[str, Any], *, bare: tuple[Any, ...] = ()) -> Any:
+    """A value that is a mapping with exactly one key from `choices` (or one of `bare`).
+
+    `bare` values stand for themselves (`init: zeros`, `shuffle: false`, `loss: mse`).
+    """
+
+    def tag(value: Any) -> str | None:
+        for word in bare:
+            if value is word or (isinstance(word, str) and value == word):
+                return str(word)
+        if isinstance(value, dict) and len(value) == 1:
+            return str(next(iter(value)))
+        if isinstance(value, BaseModel):
+            return next(iter(type(value).model_fields))
+        return None
+
+    shown = {False: "false", True: "true"}
+    expected = ", ".join([shown.get(word, str(word)) for word in bare] + [f"{{{key}: ...}}" for key in choices])
+    members = [Annotated[Literal[word], Tag(str(word))] for word in bare]  # type: ignore[valid-type]
+    for key, inner in choices.items():
+        wrapper = create_model(f"{key.title().replace('_', '')}Choice", __base__=Strict, **{key: (inner, ...)})
+        members.append(Annotated[wrapper, Tag(key)])
+    return Annotated[
+        Union[tuple(members)],  # type: ignore[valid-type]
+        Discriminator(
+            tag,
+            custom_error_type="one_of",
+            custom_error_message=f"expected exactly one of: {expected}",
+        ),
+    ]
+
+
+def choice(value: Any) -> tuple[str, Any]:
+    """(tag, settings) of a value validated by `one_of`; settings is None for bare values."""
+    if isinstance(value, BaseModel):
+        key = next(iter(type(value).model_fields))
+        return key, getattr(value, key)
+    return str(value).lower(), None
+
+
+# ---- dataset -------------------------------------------------------------------------------
+
+
+class Inline(Strict):
+    x: Row
+    y: list[Number]
+
+
+class Uniform(Strict):
+    low: Number
+    high: Number
+
+
+class Normal(Strict):
+    mean: Number = 0.0
+    std: NonNegative
+
+
+class Linspace(Strict):
+    start: Number
+    stop: Number
+
+
+class Noise(Strict):
+    std: NonNegative
+    mean: Number = 0.0
+
+
+class Generate(Strict):
+    n: Annotated[int, Field(ge=1, le=100_000_000)]
+    features: Annotated[int, Field(ge=1, le=10_000)] = 1
+    x: one_of({"uniform": Uniform, "normal": Normal, "linspace": Linspace})  # type: ignore[valid-type]
+    weights: list[Number]
+    bias: Number = 0.0
+    noise: Optional[one_of({"normal": Noise})] = None  # type: ignore[valid-type]
+    seed: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _seed_when_random(self) -> "Generate":
+        random_x = choice(self.x)[0] != "linspace"
+        if (random_x or self.noise is not None) and self.seed is None:
+            raise PydanticCustomError("seed_required", "seed is required when x or noise is random")
+        if len(self.weights) != self.features:
+            raise PydanticCustomError(
+                "weights_length", "weights has {got} values; expected features = {want}",
+                {"got": len(self.weights), "want": self.features},
+            )
+        return self
+
+
+class Csv(Strict):
+    path: Annotated[str, Field(min_length=1)]
+    x: Annotated[list[str], Field(min_length=1)]
+    y: str
+
+
+Dataset = one_of({"inline": Inline, "generate": Generate, "csv": Csv})
+
+
+class Preprocess(Strict):
+    polynomial: Optional[Annotated[int, Field(ge=1, le=30)]] = None
+    standardize: bool = False
+
+
+# ---- model ----------------------------------------------------------------------------------
+
+
+class ConstantInit(Strict):
+    weights: list[Number]
+    bias: Number = 0.0
+
+
+class NormalInit(Strict):
+    std: NonNegative
+    seed: int
+    mean: Number = 0.0
+
+
+class UniformInit(Strict):
+    low: Number
+    high: Number
+    seed: int
+
+
+Init = one_of({"constant": ConstantInit, "normal": NormalInit, "uniform": UniformInit}, bare=("zeros",))
+
+
+class Model(Strict):
+    bias: bool = True
+    init: Init = "zeros"  # type: ignore[assignment]
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+class SGD(Strict):
+    learning_rate: Positive
+    momentum: NonNegative = 0.0
+    nesterov: bool = False
+    weight_decay: NonNegative = 0.0
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "SGD":
+        if self.nesterov and self.momentum == 0:
+            raise PydanticCustomError("nesterov", "nesterov: true needs momentum > 0")
+        return self
+
+
+class Adam(Strict):
+    learning_rate: Positive
+    beta_1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta_2: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    epsilon: NonNegative = 1e-8
+    amsgrad: bool = False
+
+
+class RMSprop(Strict):
+    learning_rate: Positive
+    rho: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    epsilon: NonNegative = 1e-8
+    momentum: NonNegative = 0.0
+    centered: bool = False
+
+
+class Adagrad(Strict):
+    learning_rate: Positive
+    initial_accumulator_value: NonNegative = 0.0
+    epsilon: NonNegative = 1e-10
+
+
+Optimizer = one_of({"sgd": SGD, "adam": Adam, "rmsprop": RMSprop, "adagrad": Adagrad})
+
+
+class MseSettings(Strict):
+    reduction: Literal["mean", "sum"] = "mean"
+
+
+class Training(Strict):
+    epochs: Annotated[int, Field(ge=1, le=10_000_000)]
+    batch_size: Optional[Annotated[int, Field(ge=1)]] = None
+    shuffle: one_of({"seed": int}, bare=(False,)) = False  # type: ignore[valid-type]
+    loss: one_of({"mse": MseSettings}, bare=("mse",)) = "mse"  # type: ignore[valid-type]
+    optimizer: Optimizer  # type: ignore[valid-type]
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+
+class Tol(Strict):
+    rtol: NonNegative = 0.0
+    atol: NonNegative = 0.0
+
+
+DEFAULT_PARITY = Tol(rtol=1.0e-5, atol=1.0e-6)
+DEFAULT_LSTSQ = Tol(rtol=1.0e-3, atol=1.0e-3)
+
+
+class Tolerance(Strict):
+    parity: Tol = DEFAULT_PARITY
+    lstsq: Optional[Tol] = DEFAULT_LSTSQ
+
+
+class Certified(Strict):
+    weights: Annotated[list[Number], Field(min_length=1)]
+    bias: Optional[Number] = None
+    min_digits: Annotated[float, Field(gt=0, le=17, allow_inf_nan=False)]
+
+
+class Expect(Strict):
+    backend: Optional[Literal[BACKEND_NAMES]] = None  # type: ignore[valid-type]
+    device: Optional[Annotated[str, Field(pattern=DEVICE_PATTERN)]] = None
+    check: Literal[CHECK_NAMES]  # type: ignore[valid-type]
+    reason: Annotated[str, Field(min_length=1)]
+    versions: dict[str, str] = {}
+
+    @field_validator("versions")
+    @classmethod
+    def _specifiers(cls, versions: dict[str, str]) -> dict[str, str]:
+        from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+        for package, spec in versions.items():
+            try:
+                SpecifierSet(spec)
+            except InvalidSpecifier:
+                raise PydanticCustomError(
+                    "specifier", "{package}: {spec!r} is not a PEP 440 version specifier",
+                    {"package": package, "spec": spec},
+                ) from None
+        return versions
+
+
+class Case(Strict):
+    """One v1 case file, validated. Cross-field rules that need the data live in problem.py."""
+
+    model_config = ConfigDict(json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"})
+
+    name: Optional[Annotated[str, Field(pattern=NAME_PATTERN, max_length=120)]] = None
+    description: Optional[str] = None
+    dataset: Dataset  # type: ignore[valid-type]
+    preprocess: Preprocess = Preprocess()
+    model: Model = Model()
+    training: Training
+    predict: Optional[Row] = None
+    backends: Optional[Annotated[list[Literal[BACKEND_NAMES]], Field(min_length=1)]] = None  # type: ignore[valid-type]
+    devices: Optional[Annotated[list[Annotated[str, Field(pattern=DEVICE_PATTERN)]], Field(min_length=1)]] = None
+    tolerance: Tolerance = Tolerance()
+    certified: Optional[Certified] = None
+    expect: list[Expect] = []
