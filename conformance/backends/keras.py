@@ -48,7 +48,8 @@ def _train(problem: Problem, device: str, plain: bool) -> Trajectory:
         if problem.predict_x is not None:
             predictions = np.asarray(model(problem.predict_x, training=False), dtype=np.float64)[:, 0]
     info = _tensorflow.environment(device) | {"jit_compile": bool(getattr(model, "jit_compile", False)),
-                                              "feeding": "fit(x, y)" if plain else "fit(tf.data, steps_per_epoch)"}
+                                              "feeding": "fit(x, y)" if plain else "fit(tf.data, steps_per_epoch)",
+                                              "kernel_dtype": str(model.layers[-1].kernel.dtype)}
     if problem.optimizer.settings.get("weight_decay"):
         info["loss_note"] = "Keras's loss includes the L2 term that carries weight decay"
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info)
@@ -59,9 +60,11 @@ def _model(problem: Problem) -> Any:
     decay = problem.optimizer.settings.get("weight_decay", 0.0)
     # Coupled weight decay (added to the gradient) is exactly an L2 penalty of decay / 2.
     regularizer = keras.regularizers.L2(decay / 2) if decay else None
+    # dtype is explicit: Keras caches its global dtype policy from floatx on first use, so a
+    # later set_floatx alone would leave float64 cases with float32 layers (or the reverse).
     dense = keras.layers.Dense(1, use_bias=problem.has_bias, kernel_regularizer=regularizer,
-                               bias_regularizer=regularizer if problem.has_bias else None)
-    model = keras.Sequential([keras.Input(shape=(problem.features,)), dense])
+                               bias_regularizer=regularizer if problem.has_bias else None, dtype=problem.dtype)
+    model = keras.Sequential([keras.Input(shape=(problem.features,), dtype=problem.dtype), dense])
     initial = [problem.init_weights.reshape(-1, 1)]
     if problem.has_bias:
         initial.append(problem.init_bias.reshape(1))
