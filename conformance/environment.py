@@ -30,12 +30,12 @@ def versions() -> dict[str, str | None]:
     """Version of every package that can change a result (None: not installed)."""
     found = {name: _distribution_version(names) for name, names in DISTRIBUTIONS.items()}
     if "tensorflow" in sys.modules:
-        found["tensorflow"] = sys.modules["tensorflow"].__version__
+        found["tensorflow"] = str(sys.modules["tensorflow"].__version__)
         from conformance.backends import _tensorflow
 
         found["keras"] = _tensorflow.keras_version()
     if "torch" in sys.modules:
-        found["torch"] = sys.modules["torch"].__version__
+        found["torch"] = str(sys.modules["torch"].__version__)
     found["python"] = platform.python_version()
     return found
 

@@ -7,6 +7,7 @@ case file that cannot be run.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,15 @@ def run_item(spec: ItemSpec, runs: dict[str, CaseRun], user_properties: list) ->
     """Run one planned item: record plain data for the report, then pass, fail, xfail or skip."""
     record: dict[str, Any] = {"id": spec.id, "case": spec.case, "check": spec.check, "source": spec.source,
                               "backend": spec.backend, "device": spec.device}
-    user_properties.append(("conformance", record))
+    try:
+        _run(spec, runs, record)
+    finally:
+        # xdist carries user_properties to the controller with execnet, which takes only plain
+        # types (not numpy scalars, nor torch's TorchVersion str subclass).
+        user_properties.append(("conformance", json.loads(json.dumps(record, default=str))))
+
+
+def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> None:
     if spec.error is not None:
         record["message"] = spec.error
         pytest.fail(spec.error, pytrace=False)

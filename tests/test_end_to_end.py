@@ -1,0 +1,64 @@
+"""The plugin end to end on a small case folder written here, with real PyTorch, under -n 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytest.importorskip("torch")
+pytest.importorskip("xdist")
+
+GOOD = """\
+dataset: {inline: {x: [-1, 0, 1, 2, 3, 4], y: [-3, -1, 1, 3, 5, 7]}}
+training: {epochs: 50, batch_size: 4, optimizer: {sgd: {learning_rate: 0.05, momentum: 0.5}}}
+predict: [10.0]
+tolerance: {parity: {rtol: 1.0e-5, atol: 1.0e-6}, lstsq: null}
+"""
+
+
+@pytest.fixture
+def case_folder(tmp_path):
+    folder = tmp_path / "my_cases"
+    folder.mkdir()
+    (folder / "good.yaml").write_text(GOOD)
+    (folder / "too-tight.yaml").write_text(GOOD.replace("lstsq: null", "lstsq: {rtol: 0, atol: 1.0e-9}"))
+    (folder / "typo.yaml").write_text(GOOD.replace("learning_rate", "learning_rat"))
+    (folder / "gpu-only.yaml").write_text(GOOD + "devices: [cuda:0]\n")
+    return folder
+
+
+def run(pytester, case_folder, tmp_path, *extra):
+    return pytester.runpytest_subprocess(
+        str(ROOT / "conformance"), "--rootdir", str(ROOT), "--cases", str(case_folder), "--backend", "torch",
+        "--reports-dir", str(tmp_path / "reports"), "--report-label", "e2e", "-p", "no:cacheprovider", *extra)
+
+
+def test_a_strangers_cases_get_the_right_outcomes_under_xdist(pytester, case_folder, tmp_path):
+    result = run(pytester, case_folder, tmp_path, "-n", "2", "-rA")
+    result.assert_outcomes(passed=2, failed=2, skipped=1)
+    output = result.stdout.str()
+    assert "PASSED" in output and "good-torch-cpu-parity" in output
+    assert "too-tight-torch-cpu-lstsq" in output and "but should be" in output and "(scipy least squares)" in output
+    assert "typo.yaml: training.optimizer.sgd: unknown key 'learning_rat'" in output
+    assert "cuda:0 is not available to torch" in output
+    report = json.loads((tmp_path / "reports" / "e2e" / "results.json").read_text())
+    ids = sorted(item["id"] for item in report["items"])
+    assert ids == ["good-torch-cpu-parity", "gpu-only-torch-cuda:0-unavailable", "too-tight-torch-cpu-lstsq",
+                   "too-tight-torch-cpu-parity", "typo-load"]
+    assert report["meta"]["complete"] is True
+    assert (tmp_path / "reports" / "e2e" / "index.html").read_text().count("<svg") >= 2
+
+
+def test_pairwise_check_is_complete_when_items_spread_over_workers(pytester, case_folder, tmp_path):
+    """worksteal hands out single items, so the pairwise item may run where no result was trained:
+    it trains what it lacks, and still compares every pair."""
+    pytest.importorskip("tensorflow")
+    result = run(pytester, case_folder, tmp_path, "-n", "2", "--dist", "worksteal", "-k", "good",
+                 "--backend", "gradient_tape")
+    result.assert_outcomes(passed=3)
+    report = json.loads((tmp_path / "reports" / "e2e" / "results.json").read_text())
+    pairwise = next(item for item in report["items"] if item["id"] == "good-pairwise")
+    assert [pair["a"] + pair["b"] for pair in pairwise["pairs"]] == [["gradient_tape", "cpu", "torch", "cpu"]]
