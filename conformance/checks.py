@@ -107,17 +107,13 @@ class CaseRun:
         if diverged:
             return Outcome(False, diverged, record)
         tol = self.case.spec.tolerance.parity
-        names = self.prepared.parameter_names
         replay = self.replay
         record |= {
             "max_rel_diff": compare.max_relative_difference(trajectory.final, replay.final),
             "first_epoch_outside": compare.first_epoch_outside(trajectory.params, replay.params, tol),
             "tolerance": tol.model_dump(),
         }
-        mismatch = compare.worst_mismatch(trajectory.final, replay.final, tol, names)
-        if mismatch is None and trajectory.predictions is not None:
-            labels = [f"predict[{index}]" for index in range(len(replay.predictions))]
-            mismatch = compare.worst_mismatch(trajectory.predictions, replay.predictions, tol, labels)
+        mismatch = self._worst_mismatch(trajectory, replay, tol)
         if mismatch is None:
             return Outcome(True, f"within {_tol(tol)} of the float64 replay", record)
         message = mismatch.describe(result.label, "float64 replay", self.where)
@@ -188,16 +184,20 @@ class CaseRun:
 
     # ---- helpers -------------------------------------------------------------------------
 
+    def _worst_mismatch(self, got: Trajectory, reference_side: Trajectory, tol: Any) -> compare.Mismatch | None:
+        """Final parameters first, then `predict` outputs, against the reference side."""
+        mismatch = compare.worst_mismatch(got.final, reference_side.final, tol, self.prepared.parameter_names)
+        if mismatch is None and got.predictions is not None:
+            labels = [f"predict[{index}]" for index in range(len(reference_side.predictions))]
+            mismatch = compare.worst_mismatch(got.predictions, reference_side.predictions, tol, labels)
+        return mismatch
+
     def _compare_pair(self, first: Trained, second: Trained, tol: Any) -> tuple[dict[str, Any], str | None]:
-        names = self.prepared.parameter_names
         a, b = first.trajectory, second.trajectory
         row = {"a": [first.backend, first.device], "b": [second.backend, second.device],
                "max_rel_diff": compare.max_relative_difference(a.final, b.final)}
         for got, ref, who, against in ((a, b, first, second), (b, a, second, first)):
-            mismatch = compare.worst_mismatch(got.final, ref.final, tol, names)
-            if mismatch is None and got.predictions is not None:
-                labels = [f"predict[{index}]" for index in range(len(ref.predictions))]
-                mismatch = compare.worst_mismatch(got.predictions, ref.predictions, tol, labels)
+            mismatch = self._worst_mismatch(got, ref, tol)
             if mismatch is not None:
                 return row | {"passed": False}, mismatch.describe(who.label, against.label, self.where)
         return row | {"passed": True}, None

@@ -56,7 +56,6 @@ def case_of(item_id: str) -> str:
 class Plan:
     items: list[ItemSpec]
     runs: dict[str, CaseRun]
-    devices_seen: dict[str, Any]
 
 
 def plan(locations: list[Path], only_backends: list[str], only_devices: list[str]) -> Plan:
@@ -82,7 +81,7 @@ def plan(locations: list[Path], only_backends: list[str], only_devices: list[str
                                         f"{', '.join(others)}; expected case names to be unique in a run"))
             continue
         items.extend(_plan_case(case, only_backends, only_devices, devices_seen, runs))
-    return Plan(items, runs, devices_seen)
+    return Plan(items, runs)
 
 
 def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
@@ -149,9 +148,10 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
         record["message"] = spec.skip
         pytest.skip(f"{spec.source}: {spec.skip}")
     run = runs[spec.case]
-    outcome = _check(spec, run)
-    record.update(outcome.record, message=outcome.message, environment=environment.versions())
-    expected = _expectation(spec, run)
+    versions = environment.versions()
+    outcome = _check(spec, run, versions)
+    record.update(outcome.record, message=outcome.message, environment=versions)
+    expected = _expectation(spec, run, versions)
     if expected is not None:
         record["expected"] = expected.reason
         reason = f"{spec.source}: expect {expected.backend or 'any backend'} {expected.check}: {expected.reason}"
@@ -162,30 +162,29 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
         pytest.fail(outcome.message, pytrace=False)
 
 
-def _check(spec: ItemSpec, run: CaseRun) -> Outcome:
+def _check(spec: ItemSpec, run: CaseRun, versions: dict[str, str | None]) -> Outcome:
     if spec.check == "parity":
         return run.check_parity(spec.backend, spec.device)
     if spec.check == "lstsq":
         return run.check_lstsq(spec.backend, spec.device)
     if spec.check == "pairwise":
-        return run.check_pairwise(_deviant(run))
+        return run.check_pairwise(_deviant(run, versions))
     return run.check_certified()
 
 
-def _expectation(spec: ItemSpec, run: CaseRun) -> Any:
+def _expectation(spec: ItemSpec, run: CaseRun, versions: dict[str, str | None]) -> Any:
     """The `expect` entry covering this item; for pairwise, only when every result is expected to deviate."""
-    expect, versions = run.case.spec.expect, environment.versions()
+    expect = run.case.spec.expect
     if spec.check != "pairwise":
         return applicable(expect, spec.check, spec.backend, spec.device, versions)
-    deviant = _deviant(run)
+    deviant = _deviant(run, versions)
     if not deviant or deviant < set(run.pairs):
         return None
     backend, device = min(deviant)
     return applicable(expect, "parity", backend, device, versions)
 
 
-def _deviant(run: CaseRun) -> set[tuple[str, str]]:
+def _deviant(run: CaseRun, versions: dict[str, str | None]) -> set[tuple[str, str]]:
     """Results of the case whose parity is expected to fail (so pairs with them are not enforced)."""
-    versions = environment.versions()
     return {(backend, device) for backend, device in run.pairs
             if applicable(run.case.spec.expect, "parity", backend, device, versions)}
