@@ -126,3 +126,19 @@ def _show(value: Any) -> str:
 def _kind(value: Any) -> str:
     return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
             float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def seeds(case: LoadedCase) -> dict[str, int]:
+    """Every random seed the case sets, by field path (for the report: what makes a run repeatable)."""
+    found: dict[str, int] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if key == "seed" and isinstance(inner, int):
+                    found[path or "seed"] = inner
+                else:
+                    walk(inner, f"{path}.{key}" if path else str(key))
+
+    walk(case.spec.model_dump(warnings=False), "")
+    return found

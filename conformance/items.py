@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from conformance import backends, environment
-from conformance.case import CaseError, LoadedCase, discover, load
+from conformance.case import CaseError, LoadedCase, discover, load, seeds
 from conformance.checks import CaseRun, Outcome, applicable, make_run
 
 RESULT_CHECKS = ("parity", "lstsq")
@@ -56,6 +56,7 @@ def case_of(item_id: str) -> str:
 class Plan:
     items: list[ItemSpec]
     runs: dict[str, CaseRun]
+    devices: dict[str, Any]  # per backend: the device kinds looked for, those found, or why none
 
 
 def plan(locations: list[Path], only_backends: list[str], only_devices: list[str]) -> Plan:
@@ -81,7 +82,7 @@ def plan(locations: list[Path], only_backends: list[str], only_devices: list[str
                                         f"{', '.join(others)}; expected case names to be unique in a run"))
             continue
         items.extend(_plan_case(case, only_backends, only_devices, devices_seen, runs))
-    return Plan(items, runs)
+    return Plan(items, runs, devices_seen)
 
 
 def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
@@ -92,7 +93,14 @@ def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
             continue
         module = backends.load(name)
         reason = module.available()
-        seen[name] = {"unavailable": reason} if reason else {"devices": module.devices()}
+        seen[name] = {"looked_for": list(module.LOOKED_FOR)}
+        if reason:
+            seen[name]["unavailable"] = reason
+            continue
+        found = module.devices()
+        seen[name] |= {"devices": found,
+                       "not_found": [kind for kind in module.LOOKED_FOR
+                                     if not any(device.split(":")[0] == kind for device in found)]}
     return seen
 
 
@@ -148,6 +156,7 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
         record["message"] = spec.skip
         pytest.skip(f"{spec.source}: {spec.skip}")
     run = runs[spec.case]
+    record.update(description=run.case.spec.description, seeds=seeds(run.case))
     versions = environment.versions()
     outcome = _check(spec, run, versions)
     record.update(outcome.record, message=outcome.message, environment=versions)

@@ -18,6 +18,7 @@ import pytest
 
 from conformance import backends
 from conformance.items import Plan, case_of, plan
+from conformance.report.collector import DEVICES
 from conformance.schema import DEVICE_PATTERN
 
 OPTIONS = pytest.StashKey[dict]()
@@ -70,8 +71,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             config.stash[PLAN] = plan(options["cases"], options["backends"], options["devices"])
         except Exception as error:  # a missing --cases path and the like: one clear sentence
             raise pytest.UsageError(str(error)) from None
+        config.stash[DEVICES] = config.stash[PLAN].devices
     items = config.stash[PLAN].items
     metafunc.parametrize("conformance_item", items, ids=[item.id for item in items])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On an xdist worker: hand the devices it looked for to the controller's report."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None and DEVICES in session.config.stash:
+        workeroutput["conformance_devices"] = session.config.stash[DEVICES]
 
 
 @pytest.fixture

@@ -49,7 +49,14 @@ def test_a_strangers_cases_get_the_right_outcomes_under_xdist(pytester, case_fol
     assert ids == ["good-torch-cpu-parity", "gpu-only-torch-cuda:0-unavailable", "too-tight-torch-cpu-lstsq",
                    "too-tight-torch-cpu-parity", "typo-load"]
     assert report["meta"]["complete"] is True
-    assert (tmp_path / "reports" / "e2e" / "index.html").read_text().count("<svg") >= 2
+    assert report["meta"]["devices"]["torch"]["not_found"] == ["cuda", "mps"]  # from the workers
+    # One report for the whole run, written by the controller, with a page per case.
+    assert [path.name for path in (tmp_path / "reports").iterdir()] == ["e2e"]
+    folder = tmp_path / "reports" / "e2e"
+    assert sorted(path.name for path in (folder / "cases").iterdir()) == [
+        "good.html", "gpu-only.html", "too-tight.html", "typo.html"]
+    assert (folder / "cases" / "good.html").read_text().count("<svg") == 1
+    assert "unknown key &#39;learning_rat&#39;" in (folder / "cases" / "typo.html").read_text()
 
 
 def test_pairwise_check_is_complete_when_items_spread_over_workers(pytester, case_folder, tmp_path):

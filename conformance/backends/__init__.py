@@ -1,6 +1,7 @@
 """The registry of backends. Each module exposes the same names:
 
     NAME: str
+    LOOKED_FOR: tuple[str, ...]          device kinds it asks its framework for: "cpu", "cuda", "mps"
     available() -> str | None            None, or why it cannot run (framework not installed)
     devices() -> list[str]               devices it can train on: "cpu", "cuda:0", "mps"
     train(problem, device) -> Trajectory numpy in, numpy out

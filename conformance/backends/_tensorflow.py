@@ -15,6 +15,9 @@ from conformance.backends import _frameworks
 from conformance.problem import Optimizer
 
 
+LOOKED_FOR = ("cpu", "cuda")  # TensorFlow's GPU:N is named cuda:N in the suite's vocabulary
+
+
 def available() -> str | None:
     return None if _frameworks.installed("tensorflow") else "tensorflow is not installed"
 

@@ -18,6 +18,7 @@ from conformance.backends._frameworks import tensorflow
 from conformance.problem import Problem, Trajectory
 
 NAME = "keras"
+LOOKED_FOR = _tensorflow.LOOKED_FOR
 available = _tensorflow.available
 devices = _tensorflow.devices
 

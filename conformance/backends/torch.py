@@ -9,6 +9,7 @@ from conformance.backends import _frameworks
 from conformance.problem import Optimizer, Problem, Trajectory
 
 NAME = "torch"
+LOOKED_FOR = ("cpu", "cuda", "mps")  # device kinds asked of torch: cuda:N, mps
 
 
 def available() -> str | None:

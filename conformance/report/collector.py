@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from conformance import environment
-from conformance.report.writer import write_run
 
 ITEM_MARK = "test_parity.py::test_case["
+DEVICES = pytest.StashKey[dict]()  # per backend: device kinds looked for and found (set where items are planned)
 
 
 class ReportCollector:
@@ -24,6 +24,7 @@ class ReportCollector:
         self.started = started
         self.entries: dict[str, dict[str, Any]] = {}
         self.expected_ids: set[str] = set()
+        self.devices: dict[str, Any] = {}
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.expected_ids.update(item.nodeid for item in session.items if ITEM_MARK in item.nodeid)
@@ -31,6 +32,10 @@ class ReportCollector:
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
         self.expected_ids.update(nodeid for nodeid in ids if ITEM_MARK in nodeid)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        self.devices.update(getattr(node, "workeroutput", {}).get("conformance_devices") or {})
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if ITEM_MARK not in report.nodeid:
@@ -52,18 +57,23 @@ class ReportCollector:
         if not self.entries and not self.expected_ids:
             return
         missing = sorted(self.expected_ids - set(self.entries))
+        interrupted = int(exitstatus) == pytest.ExitCode.INTERRUPTED
         meta = {
             "label": self.folder.name,
             "command": " ".join(["pytest", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             "duration": round(time.time() - self.started, 3),
             "exit_status": int(exitstatus),
-            "complete": not missing and int(exitstatus) != pytest.ExitCode.INTERRUPTED,
+            "complete": not missing and not interrupted,
+            "interrupted": interrupted,
             "not_run": missing,
+            "devices": self.config.stash.get(DEVICES, None) or self.devices,
             "host": environment.host(),
             "versions": environment.versions(),
             "workers": getattr(self.config.option, "numprocesses", None) or 0,
         }
+        from conformance.report.writer import write_run  # matplotlib and jinja: controller only, at the end
+
         path = write_run(self.folder, list(self.entries.values()), meta)
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:

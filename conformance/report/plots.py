@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 plt.rcParams.update({"svg.fonttype": "none", "font.size": 9})
+# Backends often agree to the last bit: distinct dashes keep overlapping curves visible.
+LINE_STYLES = {"keras": "-", "gradient_tape": "--", "torch": ":"}
 
 
 def curves_svg(results: list[dict[str, Any]], replay: dict[str, Any] | None) -> str:
@@ -23,10 +25,12 @@ def curves_svg(results: list[dict[str, Any]], replay: dict[str, Any] | None) -> 
         name = f"{result['backend']}, {result['device']}"
         if result.get("curve"):
             curve = result["curve"]["loss"]
-            loss_axis.plot(curve["epoch"], _positive(curve["value"]), linewidth=1, label=name)
+            loss_axis.plot(curve["epoch"], _positive(curve["value"]), linewidth=1.2, label=name,
+                           linestyle=LINE_STYLES.get(result["backend"], "-."))
         if result.get("distance"):
             distance = result["distance"]
-            distance_axis.plot(distance["epoch"], _positive(distance["value"], floor=1e-17), linewidth=1, label=name)
+            distance_axis.plot(distance["epoch"], _positive(distance["value"], floor=1e-17), linewidth=1.2,
+                               label=name, linestyle=LINE_STYLES.get(result["backend"], "-."))
     _finish(loss_axis, "training loss per epoch", "loss")
     _finish(distance_axis, "distance from the float64 replay", "max |param - replay|")
     buffer = io.StringIO()

@@ -1,13 +1,17 @@
-"""The one report writer: plain records in, `results.json` and `index.html` out, atomically.
+"""The one report writer: plain records in; `results.json`, `index.html` and one page per case out.
 
-Every string from a case reaches HTML through Jinja2 with autoescaping on; the page renders
-fully on the server side (tables and SVG inline), so it works offline and without JavaScript.
+Every string from a case reaches HTML through Jinja2 with autoescaping on; pages render fully
+on the server side (tables and SVG inline), so a report folder works offline and without
+JavaScript. Every file is written beside its target and renamed over it, so an interrupted
+write never leaves half a page.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -18,25 +22,69 @@ import jinja2
 from conformance.report.plots import curves_svg
 
 STATUSES = ("passed", "failed", "xfailed", "skipped", "error", "crashed")
+SEVERITY = ("crashed", "error", "failed", "not run", "xfailed", "skipped", "passed")
+RESULTS_FORMAT = 2
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("conformance.report", "templates"),
     autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
+    extensions=["jinja2.ext.do"],
 )
+_TEMPLATES.filters["status_class"] = lambda status: (status or "not run").replace(" ", "-")
+_TEMPLATES.filters["number"] = lambda value, spec="%.10g": "non-finite" if value is None else spec % value
 
 
 def write_run(folder: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
-    """Write results.json and index.html for one run; returns the HTML path."""
+    """Write results.json, index.html and cases/<case>.html for one run; returns index.html."""
     entries = sorted(entries, key=lambda entry: entry.get("id", ""))
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / "results.json", json.dumps({"format": 1, "meta": meta, "items": entries},
-                                                       indent=1, allow_nan=False, default=str))
-    html = _TEMPLATES.get_template("run.html").render(meta=meta, **summarize(entries))
-    _atomic_write(folder / "index.html", html)
-    return folder / "index.html"
+    cases = case_files(entries)
+    _atomic_write(folder / "results.json", json.dumps(
+        {"format": RESULTS_FORMAT, "meta": meta, "cases": cases, "items": entries},
+        indent=1, allow_nan=False, default=str))
+    overview = summarize(entries)
+    for view in overview["cases"]:
+        view |= cases.get(view["name"], {})
+        page = render("case.html", meta=meta, case=view, columns=overview["columns"], root="../")
+        _atomic_write(folder / view["page"], page)
+    _remove_stale_pages(folder, {view["page"] for view in overview["cases"]})
+    return write_page(folder / "index.html", render("run.html", meta=meta, root="", **overview))
+
+
+def render(template: str, **context: Any) -> str:
+    return _TEMPLATES.get_template(template).render(statuses=STATUSES, **context)
+
+
+def write_page(path: Path, html: str) -> Path:
+    _atomic_write(path, html)
+    return path
+
+
+def case_files(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per case: its source path, description, seeds and YAML text, kept with the results so a
+    report (and a merge of reports) shows what was run even after the case file changes."""
+    found: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if entry["case"] in found:
+            continue
+        source = entry.get("source", "")
+        found[entry["case"]] = {"source": source, "yaml": _read_case(source),
+                                "description": entry.get("description"), "seeds": entry.get("seeds") or {}}
+    for entry in entries:  # a later item of the case may know what the first did not
+        known = found[entry["case"]]
+        known["description"] = known["description"] or entry.get("description")
+        known["seeds"] = known["seeds"] or entry.get("seeds") or {}
+    return found
+
+
+def page_name(case: str) -> str:
+    """A file name for a case's page: readable, safe on every file system, unique per name."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", case).strip(".-")[:80] or "case"
+    if readable != case:
+        readable += "-" + hashlib.sha1(case.encode("utf-8")).hexdigest()[:8]
+    return f"cases/{readable}.html"
 
 
 def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The numbers and groupings the page shows, computed once from the plain records."""
+    """The numbers and groupings the pages show, computed once from the plain records."""
     by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for entry in entries:
         by_case[entry["case"]].append(entry)
@@ -46,9 +94,17 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
     per_backend: dict[str, Counter] = defaultdict(Counter)
     for entry in entries:
         per_backend[entry.get("backend") or "(case checks)"][entry.get("status", "not run")] += 1
-    return {"cases": cases, "columns": columns, "statuses": STATUSES,
+    return {"cases": cases, "columns": columns,
             "totals": Counter(entry.get("status", "not run") for entry in entries),
             "per_backend": dict(sorted(per_backend.items())), "engines": _engines(entries)}
+
+
+def worst(statuses: list[str]) -> str:
+    """The most severe of several outcomes (a cell, a case, a case across runs)."""
+    for status in SEVERITY:
+        if status in statuses:
+            return status
+    return "passed"
 
 
 def _case_view(name: str, items: list[dict[str, Any]], columns: list[tuple[str, str]]) -> dict[str, Any]:
@@ -56,45 +112,49 @@ def _case_view(name: str, items: list[dict[str, Any]], columns: list[tuple[str, 
     for column in columns:
         found = {e["check"]: e for e in items if (e.get("backend"), e.get("device")) == column}
         if found:
-            cells[column] = {"checks": found, "status": _worst([e.get("status", "not run") for e in found.values()])}
+            cells[column] = {"checks": found, "status": worst([e.get("status", "not run") for e in found.values()])}
     case_checks = {e["check"]: e for e in items if not e.get("backend")}
-    results = [e for e in items if e.get("kind") == "parity"]
     pairwise = case_checks.get("pairwise", {})
-    source = items[0].get("source", "")
+    results = [_with_lstsq(e, items) for e in items if e.get("kind") == "parity"]
     return {
-        "name": name, "anchor": "case-" + "".join(c if c.isalnum() else "-" for c in name),
-        "source": source, "yaml": _read_case(source), "cells": cells, "case_checks": case_checks,
-        "status": _worst([e.get("status", "not run") for e in items]), "entries": items,
+        "name": name, "page": page_name(name), "cells": cells, "case_checks": case_checks,
+        "status": worst([e.get("status", "not run") for e in items]), "entries": items,
         "parameter_names": pairwise.get("parameter_names") or _names(results),
-        "results": results, "pairwise": pairwise,
-        "certified": case_checks.get("certified"),
+        "results": results, "pairwise": pairwise, "certified": case_checks.get("certified"),
         "plot": curves_svg(results, pairwise.get("replay")) if results else "",
         "expected": [e for e in items if e.get("expected")],
+        "failures": [e for e in items if e.get("status") in ("failed", "error", "crashed")],
     }
 
 
+def _with_lstsq(result: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A parity record with its least-squares sibling's numbers beside it (one table row)."""
+    sibling = next((e for e in items if e.get("kind") == "lstsq" and e.get("backend") == result["backend"]
+                    and e.get("device") == result["device"]), {})
+    return result | {"lstsq_rel_diff": sibling.get("max_rel_diff"), "lre_certified": sibling.get("lre_certified"),
+                     "lstsq_tolerance": sibling.get("tolerance"), "lstsq_status": sibling.get("status")}
+
+
 def _names(results: list[dict[str, Any]]) -> list[str]:
-    if not results:
-        return []
-    size = len(results[0].get("params") or [])
+    size = len(results[0].get("params") or []) if results else 0
     return [f"p[{index}]" for index in range(size)]
 
 
-def _worst(statuses: list[str]) -> str:
-    for status in ("crashed", "error", "failed", "not run", "xfailed", "skipped", "passed"):
-        if status in statuses:
-            return status
-    return "passed"
-
-
 def _engines(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Distinct (backend, device, framework details) seen in the run: versions, device names."""
+    """Distinct (backend, device) with the framework's own details: versions, device names, switches."""
     seen: dict[str, dict[str, Any]] = {}
     for entry in entries:
         if entry.get("info"):
             key = f"{entry['backend']}, {entry['device']}"
             seen.setdefault(key, {"name": key, "info": entry["info"]})
     return list(seen.values())
+
+
+def _remove_stale_pages(folder: Path, current: set[str]) -> None:
+    """Pages of cases that are not in this run (left by an earlier run with the same label)."""
+    for page in (folder / "cases").glob("*.html"):
+        if f"cases/{page.name}" not in current:
+            page.unlink(missing_ok=True)
 
 
 def _read_case(source: str) -> str:
@@ -106,6 +166,7 @@ def _read_case(source: str) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     """Write beside the target and rename over it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:

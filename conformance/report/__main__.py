@@ -1,0 +1,42 @@
+"""`python -m conformance.report`: merge runs into one comparison, or screenshot a report.
+
+    python -m conformance.report merge reports/tf215 reports/torch23 reports/local -o reports/compare
+    python -m conformance.report screenshot reports/local -o shots/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from conformance.report import merge, screenshot
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conformance.report", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    merging = commands.add_parser("merge", help="build one comparison report from several runs")
+    merging.add_argument("runs", nargs="+", type=Path, help="run folders holding results.json")
+    merging.add_argument("-o", "--output", type=Path, required=True, help="folder for the comparison report")
+    shooting = commands.add_parser("screenshot", help="render a report in headless Chromium to PNG files")
+    shooting.add_argument("report", type=Path, help="a run or comparison folder holding index.html")
+    shooting.add_argument("-o", "--output", type=Path, required=True, help="folder for the PNG files")
+    shooting.add_argument("--case", action="append", default=[], help="also shoot this case's page (repeatable)")
+    shooting.add_argument("--browser", default=None, help="browser executable (default: chromium on PATH)")
+    arguments = parser.parse_args(argv)
+    try:
+        if arguments.command == "merge":
+            runs = [run for run in arguments.runs if run.resolve() != arguments.output.resolve()]
+            print(merge.merge(runs, arguments.output))
+        else:
+            for path in screenshot.shoot(arguments.report, arguments.output, arguments.case, arguments.browser):
+                print(path)
+    except (merge.MergeError, screenshot.ScreenshotError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
