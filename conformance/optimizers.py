@@ -1,13 +1,38 @@
-"""Update rules of the float64 replay, one documented formula per optimizer.
+"""Update rules of the float64 replay: one documented formula per optimizer, PyTorch's.
 
-SGD follows `torch.optim.SGD` (PyTorch docs, "Algorithm" box), with dampening 0:
+Each rule is the "Algorithm" box of the `torch.optim` documentation (torch 2.x), with the
+case's hyperparameters; `t` counts steps from 1, all state starts at zero unless stated.
+
+SGD (`torch.optim.SGD`, dampening 0):
     g = grad + weight_decay * p
     b = g on the first step, else momentum * b + g
     g = g + momentum * b if nesterov else b          (when momentum > 0)
     p = p - learning_rate * g
-Keras's SGD keeps v = momentum * v - lr * g instead; for a constant learning rate the two give
-the same parameters (v = -lr * b). Weight decay applies to every parameter, bias included, as
-`torch.optim.SGD(model.parameters(), weight_decay=...)` does.
+  Keras keeps v = momentum * v - lr * g instead; for a constant learning rate the two give the
+  same parameters (v = -lr * b). Weight decay applies to every parameter, bias included.
+
+Adam (`torch.optim.Adam`):
+    m = beta_1 * m + (1 - beta_1) * g;   v = beta_2 * v + (1 - beta_2) * g^2
+    v_max = max(v_max, v) when amsgrad, and v_max stands for v below
+    p = p - (learning_rate / (1 - beta_1^t)) * m / (sqrt(v) / sqrt(1 - beta_2^t) + epsilon)
+  Keras adds epsilon after folding sqrt(1 - beta_2^t) into the step ("epsilon hat"): its
+  update equals this one with epsilon * sqrt(1 - beta_2^t), a different constant every step.
+
+RMSprop (`torch.optim.RMSprop`, alpha = rho):
+    v = rho * v + (1 - rho) * g^2
+    centered: a = rho * a + (1 - rho) * g, and v - a^2 stands for v below
+    d = g / (sqrt(v) + epsilon)
+    momentum > 0: b = momentum * b + d,  p = p - learning_rate * b;  else p = p - learning_rate * d
+  Keras divides by sqrt(v + epsilon) (epsilon inside the root) and accumulates
+  learning_rate * d in its momentum buffer (the same for a constant learning rate).
+
+Adagrad (`torch.optim.Adagrad`, lr_decay 0):
+    s = initial_accumulator_value at the start;  s = s + g^2
+    p = p - learning_rate * g / (sqrt(s) + epsilon)
+  Keras divides by sqrt(s + epsilon).
+
+With epsilon = 0 the Keras and PyTorch formulas above are the same; `cases/optimizers/` proves
+it in float64, and measures what epsilon changes where gradients are small.
 """
 
 from __future__ import annotations
@@ -23,7 +48,7 @@ Update = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def make_update(optimizer: Optimizer) -> Update:
     """A stateful function (params, grad) -> new params for one optimizer's settings."""
-    builders = {"sgd": _sgd}
+    builders = {"sgd": _sgd, "adam": _adam, "rmsprop": _rmsprop, "adagrad": _adagrad}
     return builders[optimizer.name](**optimizer.settings)
 
 
@@ -39,5 +64,50 @@ def _sgd(learning_rate: float, momentum: float, nesterov: bool, weight_decay: fl
                 buffer.append(grad.copy())
             grad = grad + momentum * buffer[0] if nesterov else buffer[0]
         return params - learning_rate * grad
+
+    return update
+
+
+def _adam(learning_rate: float, beta_1: float, beta_2: float, epsilon: float, amsgrad: bool) -> Update:
+    state = {"t": 0, "m": 0.0, "v": 0.0, "v_max": 0.0}
+
+    def update(params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        state["t"] += 1
+        t = state["t"]
+        state["m"] = beta_1 * state["m"] + (1 - beta_1) * grad
+        state["v"] = beta_2 * state["v"] + (1 - beta_2) * grad * grad
+        second = state["v"]
+        if amsgrad:
+            state["v_max"] = second = np.maximum(state["v_max"], state["v"])
+        step_size = learning_rate / (1 - beta_1**t)
+        return params - step_size * state["m"] / (np.sqrt(second) / np.sqrt(1 - beta_2**t) + epsilon)
+
+    return update
+
+
+def _rmsprop(learning_rate: float, rho: float, epsilon: float, momentum: float, centered: bool) -> Update:
+    state = {"v": 0.0, "a": 0.0, "b": 0.0}
+
+    def update(params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        state["v"] = rho * state["v"] + (1 - rho) * grad * grad
+        second = state["v"]
+        if centered:
+            state["a"] = rho * state["a"] + (1 - rho) * grad
+            second = second - state["a"] * state["a"]
+        direction = grad / (np.sqrt(second) + epsilon)
+        if momentum > 0:
+            state["b"] = momentum * state["b"] + direction
+            direction = state["b"]
+        return params - learning_rate * direction
+
+    return update
+
+
+def _adagrad(learning_rate: float, initial_accumulator_value: float, epsilon: float) -> Update:
+    state = {"s": initial_accumulator_value}
+
+    def update(params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        state["s"] = state["s"] + grad * grad
+        return params - learning_rate * grad / (np.sqrt(state["s"]) + epsilon)
 
     return update

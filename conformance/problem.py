@@ -16,7 +16,7 @@ from conformance.case import CaseError, LoadedCase
 from conformance.datasets import Standardizer, as_rows, polynomial, preprocess, raw_data
 from conformance.schema import choice
 
-SUPPORTED_OPTIMIZERS = ("sgd",)
+SUPPORTED_OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,56 @@ def test_least_squares_reaches_nist_certified_digits(name, degree, certified, di
 def test_lre_counts_digits_and_handles_zero():
     np.testing.assert_allclose(lre([1.0001, 1e-9], [1.0, 0.0]), [4.0, 9.0], atol=1e-6)
     assert lre([2.0], [2.0])[0] == 15.0
+
+
+# ---- adaptive optimizers: the replay's rules against steps written out by hand ----------------
+
+GRADIENTS = [np.array([3.0, -2.0]), np.array([-0.01, 0.01]), np.array([0.5, 4.0])]  # v falls at step 2
+
+
+def run_steps(name: str, **settings) -> np.ndarray:
+    from conformance.optimizers import make_update
+
+    update = make_update(Optimizer(name, settings))
+    params = np.array([1.0, -1.0])
+    for grad in GRADIENTS:
+        params = update(params, grad)
+    return params
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_follows_torch_with_epsilon_outside_the_corrected_root(amsgrad):
+    lr, b1, b2, eps = 0.1, 0.8, 0.9, 1e-3
+    params, m, v, v_max = np.array([1.0, -1.0]), 0.0, 0.0, 0.0
+    for t, g in enumerate(GRADIENTS, start=1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+        v_max = np.maximum(v_max, v)
+        second = v_max if amsgrad else v
+        params = params - lr / (1 - b1**t) * m / (np.sqrt(second / (1 - b2**t)) + eps)
+    got = run_steps("adam", learning_rate=lr, beta_1=b1, beta_2=b2, epsilon=eps, amsgrad=amsgrad)
+    np.testing.assert_allclose(got, params, rtol=1e-14)
+    if amsgrad:  # the second gradient is smaller, so the running maximum must have mattered
+        assert not np.allclose(got, run_steps("adam", learning_rate=lr, beta_1=b1, beta_2=b2, epsilon=eps,
+                                              amsgrad=False))
+
+
+@pytest.mark.parametrize("momentum,centered", [(0.0, False), (0.5, False), (0.0, True), (0.5, True)])
+def test_rmsprop_follows_torch(momentum, centered):
+    lr, rho, eps = 0.01, 0.9, 1e-3
+    params, v, a, b = np.array([1.0, -1.0]), 0.0, 0.0, 0.0
+    for g in GRADIENTS:
+        v = rho * v + (1 - rho) * g**2
+        a = rho * a + (1 - rho) * g
+        direction = g / (np.sqrt(v - a**2 if centered else v) + eps)
+        b = momentum * b + direction
+        params = params - lr * (b if momentum else direction)
+    got = run_steps("rmsprop", learning_rate=lr, rho=rho, epsilon=eps, momentum=momentum, centered=centered)
+    np.testing.assert_allclose(got, params, rtol=1e-14)
+
+
+def test_adagrad_follows_torch_from_its_initial_accumulator():
+    lr, start, eps = 0.5, 0.1, 1e-3
+    squares = np.cumsum([g**2 for g in GRADIENTS], axis=0) + start
+    expected = np.array([1.0, -1.0]) - sum(lr * g / (np.sqrt(s) + eps) for g, s in zip(GRADIENTS, squares))
+    got = run_steps("adagrad", learning_rate=lr, initial_accumulator_value=start, epsilon=eps)
+    np.testing.assert_allclose(got, expected, rtol=1e-14)

@@ -60,16 +60,27 @@ def floatx(dtype: str) -> Iterator[None]:
 
 
 def keras_optimizer(optimizer: Optimizer) -> Any:
-    """A Keras optimizer with every hyperparameter passed explicitly.
+    """A Keras optimizer with every hyperparameter passed explicitly (Keras 2 and 3 alike).
 
     Weight decay is left out here: the case format's weight decay is added to the gradient
     (coupled), while Keras's `weight_decay` is decoupled; each backend adds it its own way.
+    Keras's own defaults (Adam epsilon 1e-7, Adagrad initial accumulator 0.1) never apply.
     """
     settings = optimizer.settings
+    optimizers = keras().optimizers
+    common = {"learning_rate": settings["learning_rate"], "weight_decay": None, "clipnorm": None,
+              "clipvalue": None, "global_clipnorm": None, "use_ema": False}
     if optimizer.name == "sgd":
-        return keras().optimizers.SGD(
-            learning_rate=settings["learning_rate"], momentum=settings["momentum"], nesterov=settings["nesterov"]
-        )
+        return optimizers.SGD(momentum=settings["momentum"], nesterov=settings["nesterov"], **common)
+    if optimizer.name == "adam":
+        return optimizers.Adam(beta_1=settings["beta_1"], beta_2=settings["beta_2"], epsilon=settings["epsilon"],
+                               amsgrad=settings["amsgrad"], **common)
+    if optimizer.name == "rmsprop":
+        return optimizers.RMSprop(rho=settings["rho"], momentum=settings["momentum"], epsilon=settings["epsilon"],
+                                  centered=settings["centered"], **common)
+    if optimizer.name == "adagrad":
+        return optimizers.Adagrad(initial_accumulator_value=settings["initial_accumulator_value"],
+                                  epsilon=settings["epsilon"], **common)
     raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the TensorFlow backends")
 
 

@@ -60,12 +60,26 @@ def train(problem: Problem, device: str) -> Trajectory:
 
 
 def make_optimizer(torch: Any, parameters: Any, optimizer: Optimizer) -> Any:
-    """A torch optimizer with every hyperparameter passed explicitly (foreach off: one code path)."""
+    """A torch optimizer with every hyperparameter passed explicitly (foreach off: one code path).
+
+    torch's own defaults differ from the case format's (RMSprop alpha 0.99, not 0.9), so none
+    is left to torch. The formulas are in conformance/optimizers.py.
+    """
     settings = optimizer.settings
+    common = {"lr": settings["learning_rate"], "weight_decay": settings.get("weight_decay", 0.0),
+              "foreach": False, "maximize": False}
     if optimizer.name == "sgd":
-        return torch.optim.SGD(parameters, lr=settings["learning_rate"], momentum=settings["momentum"],
-                               dampening=0.0, weight_decay=settings["weight_decay"],
-                               nesterov=settings["nesterov"], maximize=False, foreach=False)
+        return torch.optim.SGD(parameters, momentum=settings["momentum"], dampening=0.0,
+                               nesterov=settings["nesterov"], **common)
+    if optimizer.name == "adam":
+        return torch.optim.Adam(parameters, betas=(settings["beta_1"], settings["beta_2"]), eps=settings["epsilon"],
+                                amsgrad=settings["amsgrad"], **common)
+    if optimizer.name == "rmsprop":
+        return torch.optim.RMSprop(parameters, alpha=settings["rho"], eps=settings["epsilon"],
+                                   momentum=settings["momentum"], centered=settings["centered"], **common)
+    if optimizer.name == "adagrad":
+        return torch.optim.Adagrad(parameters, lr_decay=0.0, eps=settings["epsilon"],
+                                   initial_accumulator_value=settings["initial_accumulator_value"], **common)
     raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the torch backend")
 
 
