@@ -113,7 +113,10 @@ def _expectation(item: dict[str, Any]) -> str:
         message = message[0].lower() + message[1:] if message else message
     else:
         message = template.format(**item.get("ctx", {}))
-    if item["type"] not in ("missing", "unknown_key", "one_of") and "input" in item:
+    if item["type"] == "one_of" and isinstance(item.get("input"), dict):
+        keys = ", ".join(str(key) for key in item["input"]) or "none"
+        message += f"; got {'key' if len(item['input']) == 1 else 'keys'}: {keys}"
+    elif item["type"] not in ("missing", "unknown_key", "one_of") and "input" in item:
         message += f", got {_show(item['input'])}"
     return message
 

@@ -31,6 +31,8 @@ def raw_data(case: LoadedCase) -> tuple[np.ndarray, np.ndarray]:
 
 def as_rows(values: list, where: str, case: LoadedCase, width: int | None = None) -> np.ndarray:
     """A list of numbers (one feature) or of equal-length rows, as an (n, d) float64 array."""
+    if not values:
+        raise CaseError(f"{case.source.display}: {where}: empty; expected at least one value")
     if all(isinstance(value, list) for value in values):
         lengths = {len(row) for row in values}
         if len(lengths) > 1:

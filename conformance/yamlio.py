@@ -50,6 +50,8 @@ def read_yaml(path: Path) -> Any:
         return yaml.load(text, Loader=CaseLoader)  # noqa: S506 - CaseLoader is a SafeLoader
     except yaml.YAMLError as error:
         raise YamlError(f"not valid YAML: {_one_line(error)}") from None
+    except RecursionError:  # PyYAML composes recursively: thousands of levels exhaust the stack
+        raise YamlError(f"not valid YAML: nesting deeper than {MAX_DEPTH} levels") from None
 
 
 def _check_depth(node: yaml.Node | None) -> None:
