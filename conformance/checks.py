@@ -43,6 +43,7 @@ class Trained:
     trajectory: Trajectory | None
     seconds: float
     error: str | None = None
+    repeat: dict[str, Any] | None = None  # with --determinism: how a second training compared
 
     @property
     def label(self) -> str:
@@ -56,10 +57,12 @@ class TrainingCrashed(RuntimeError):
 class CaseRun:
     """Everything one process knows about one case."""
 
-    def __init__(self, case: LoadedCase, prepared: Prepared, pairs: list[tuple[str, str]]) -> None:
+    def __init__(self, case: LoadedCase, prepared: Prepared, pairs: list[tuple[str, str]],
+                 repeat: bool = False) -> None:
         self.case = case
         self.prepared = prepared
         self.pairs = pairs  # every (backend, device) of this case in this run
+        self.repeat = repeat  # train every result twice and demand bit-identical results
         self.results: dict[tuple[str, str], Trained] = {}
 
     @property
@@ -86,8 +89,10 @@ class CaseRun:
                 self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
                                             traceback.format_exc())
             else:
+                seconds = time.perf_counter() - started
+                repeat = _second_training(backend, device, self.prepared.problem, trajectory) if self.repeat else None
                 trajectory.params = self.prepared.to_original(trajectory.params)
-                self.results[key] = Trained(backend, device, trajectory, time.perf_counter() - started)
+                self.results[key] = Trained(backend, device, trajectory, seconds, repeat=repeat)
         return self.results[key]
 
     def trained_or_raise(self, backend: str, device: str) -> Trained:
@@ -106,6 +111,10 @@ class CaseRun:
         diverged = self._divergence(result)
         if diverged:
             return Outcome(False, diverged, record)
+        if result.repeat is not None and not result.repeat["identical"]:
+            return Outcome(False, f"not deterministic ({result.label}): a second training on the same device "
+                                  f"differs by up to {result.repeat['max_abs_diff']:.3g}, first at epoch "
+                                  f"{result.repeat['first_epoch']} [case {self.case.name}]", record)
         tol = self.case.spec.tolerance.parity
         replay = self.replay
         record |= {
@@ -223,11 +232,24 @@ class CaseRun:
                 "replay_predictions": None if self.replay.predictions is None else _floats(self.replay.predictions),
                 "curve": _curve_record(trajectory),
                 "distance": _downsample(compare.distance_per_epoch(trajectory.params, self.replay.params)),
-                "info": {key: _plain(value) for key, value in trajectory.info.items()}}
+                "info": {key: _plain(value) for key, value in trajectory.info.items()},
+                "deterministic": None if result.repeat is None else result.repeat["identical"]}
 
 
-def make_run(case: LoadedCase, pairs: list[tuple[str, str]]) -> CaseRun:
-    return CaseRun(case, prepare(case), pairs)
+def make_run(case: LoadedCase, pairs: list[tuple[str, str]], repeat: bool = False) -> CaseRun:
+    return CaseRun(case, prepare(case), pairs, repeat)
+
+
+def _second_training(backend: str, device: str, problem: Any, first: Trajectory) -> dict[str, Any]:
+    """Train again on the same device and compare bit for bit (parameters, losses, predictions)."""
+    second = backends.load(backend).train(problem, device)
+    same_rows = [np.array_equal(a, b, equal_nan=True) for a, b in zip(first.params, second.params)]
+    identical = all(same_rows) and np.array_equal(first.loss, second.loss, equal_nan=True) and (
+        first.predictions is None or np.array_equal(first.predictions, second.predictions, equal_nan=True))
+    with np.errstate(invalid="ignore"):
+        difference = float(np.nanmax(np.abs(first.params - second.params), initial=0.0))
+    first_epoch = next((epoch + 1 for epoch, same in enumerate(same_rows) if not same), None)
+    return {"identical": bool(identical), "max_abs_diff": difference, "first_epoch": first_epoch}
 
 
 def applicable(expect: list[Expect], check: str, backend: str | None, device: str | None,

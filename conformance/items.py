@@ -59,7 +59,7 @@ class Plan:
     devices: dict[str, Any]  # per backend: the device kinds looked for, those found, or why none
 
 
-def plan(locations: list[Path], only_backends: list[str], only_devices: list[str]) -> Plan:
+def plan(locations: list[Path], only_backends: list[str], only_devices: list[str], repeat: bool = False) -> Plan:
     """Every item of a run, in a stable order; broken case files become `load` items that fail."""
     items: list[ItemSpec] = []
     runs: dict[str, CaseRun] = {}
@@ -81,7 +81,7 @@ def plan(locations: list[Path], only_backends: list[str], only_devices: list[str
                                   error=f"{case.source.display}: name: {case.name!r} is also the name of "
                                         f"{', '.join(others)}; expected case names to be unique in a run"))
             continue
-        items.extend(_plan_case(case, only_backends, only_devices, devices_seen, runs))
+        items.extend(_plan_case(case, only_backends, only_devices, devices_seen, runs, repeat))
     return Plan(items, runs, devices_seen)
 
 
@@ -105,7 +105,7 @@ def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
 
 
 def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[str],
-               devices_seen: dict[str, Any], runs: dict[str, CaseRun]) -> list[ItemSpec]:
+               devices_seen: dict[str, Any], runs: dict[str, CaseRun], repeat: bool) -> list[ItemSpec]:
     spec, source = case.spec, case.source.display
     wanted_backends = [b for b in (spec.backends or list(backends.MODULES)) if not only_backends or b in only_backends]
     items, pairs = [], []
@@ -126,7 +126,7 @@ def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[st
                 if spec.tolerance.lstsq is not None:
                     items.append(ItemSpec(case.name, "lstsq", source, backend, device))
     try:
-        runs[case.name] = make_run(case, pairs)
+        runs[case.name] = make_run(case, pairs, repeat)
     except CaseError as error:
         return [ItemSpec(case.name, "load", source, error=str(error))]
     if len(pairs) > 1:

@@ -34,6 +34,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"run only this backend (repeatable): {', '.join(backends.MODULES)}")
     group.addoption("--device", action="append", default=[], metavar="NAME",
                     help="run only on this device (repeatable): cpu, cuda:N, mps")
+    group.addoption("--determinism", action="store_true", default=False,
+                    help="train every result twice on the same device and fail unless the two are bit-identical "
+                         "(turns on torch.use_deterministic_algorithms and TF op determinism)")
     group.addoption("--report-label", default=None, metavar="LABEL",
                     help="report folder name under the reports folder; default: $TOX_ENV_NAME or 'local'")
     group.addoption("--reports-dir", default=None, metavar="DIR",
@@ -54,7 +57,12 @@ def pytest_configure(config: pytest.Config) -> None:
     reports = Path(config.getoption("reports_dir") or config.rootpath / "reports")
     cases = [Path(path) for path in config.getoption("cases")] or [config.rootpath / "cases"]
     config.stash[OPTIONS] = {"cases": cases, "backends": config.getoption("backend"),
-                             "devices": config.getoption("device"), "label": label, "reports": reports}
+                             "devices": config.getoption("device"), "label": label, "reports": reports,
+                             "determinism": config.getoption("determinism")}
+    if config.getoption("determinism"):
+        from conformance.backends import _frameworks
+
+        _frameworks.request_determinism()
     if not hasattr(config, "workerinput"):
         from conformance.report.collector import ReportCollector
 
@@ -68,7 +76,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if PLAN not in config.stash:
         options = config.stash[OPTIONS]
         try:
-            config.stash[PLAN] = plan(options["cases"], options["backends"], options["devices"])
+            config.stash[PLAN] = plan(options["cases"], options["backends"], options["devices"],
+                                      repeat=options["determinism"])
         except Exception as error:  # a missing --cases path and the like: one clear sentence
             raise pytest.UsageError(str(error)) from None
         config.stash[DEVICES] = config.stash[PLAN].devices

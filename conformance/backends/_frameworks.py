@@ -14,6 +14,18 @@ from types import ModuleType
 from typing import Any
 
 
+_DETERMINISM = {"requested": False}
+
+
+def request_determinism() -> None:
+    """Turn on the frameworks' own determinism switches (call before they are imported):
+    torch.use_deterministic_algorithms, tf.config.experimental.enable_op_determinism, and the
+    cuBLAS workspace setting that deterministic CUDA matmuls need."""
+    _DETERMINISM["requested"] = True
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
+
+
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -24,6 +36,8 @@ def torch() -> ModuleType:
 
     torch_module.backends.cuda.matmul.allow_tf32 = False
     torch_module.backends.cudnn.allow_tf32 = False
+    if _DETERMINISM["requested"]:
+        torch_module.use_deterministic_algorithms(True)
     return torch_module
 
 
@@ -37,8 +51,16 @@ def tensorflow() -> ModuleType:
     import tensorflow as tf
 
     tf.config.experimental.enable_tensor_float_32_execution(False)
+    if _DETERMINISM["requested"]:
+        tf.config.experimental.enable_op_determinism()
     tf.get_logger().setLevel("ERROR")
     return tf
+
+
+def tensorflow_determinism() -> bool | str:
+    """Whether TensorFlow's op determinism is on, as TensorFlow reports it."""
+    probe = getattr(tensorflow().config.experimental, "is_op_determinism_enabled", None)
+    return probe() if probe is not None else ("requested" if _DETERMINISM["requested"] else "off")
 
 
 def torch_settings() -> dict[str, Any]:
@@ -48,4 +70,5 @@ def torch_settings() -> dict[str, Any]:
         "torch.backends.cuda.matmul.allow_tf32": module.backends.cuda.matmul.allow_tf32,
         "torch.backends.cudnn.allow_tf32": module.backends.cudnn.allow_tf32,
         "torch.num_threads": module.get_num_threads(),
+        "torch.deterministic_algorithms": module.are_deterministic_algorithms_enabled(),
     }

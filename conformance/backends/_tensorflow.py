@@ -91,7 +91,8 @@ def environment(device: str) -> dict[str, Any]:
     tf = _frameworks.tensorflow()
     details: dict[str, Any] = {"tensorflow": tf.__version__, "keras": keras_version(),
                                "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TF default)"),
-                               "tensor_float_32": tf.config.experimental.tensor_float_32_execution_enabled()}
+                               "tensor_float_32": tf.config.experimental.tensor_float_32_execution_enabled(),
+                               "op_determinism": _frameworks.tensorflow_determinism()}
     if device != "cpu":
         gpus = tf.config.list_physical_devices("GPU")
         index = int(device.split(":")[1])

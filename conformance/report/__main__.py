@@ -2,6 +2,7 @@
 
     python -m conformance.report merge reports/tf215 reports/torch23 reports/local -o reports/compare
     python -m conformance.report screenshot reports/local -o shots/
+    python -m conformance.report recover reports/local/.journal-died-<time>.jsonl -o reports/local-recovered
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     shooting.add_argument("-o", "--output", type=Path, required=True, help="folder for the PNG files")
     shooting.add_argument("--case", action="append", default=[], help="also shoot this case's page (repeatable)")
     shooting.add_argument("--browser", default=None, help="browser executable (default: chromium on PATH)")
+    recovering = commands.add_parser("recover", help="build the report of a run whose process died, from its journal")
+    recovering.add_argument("journal", type=Path, help="the .journal-died-*.jsonl file the dead run left")
+    recovering.add_argument("-o", "--output", type=Path, required=True, help="folder for the recovered report")
     arguments = parser.parse_args(argv)
     try:
         if arguments.command == "merge":
             runs = [run for run in arguments.runs if run.resolve() != arguments.output.resolve()]
             print(merge.merge(runs, arguments.output))
+        elif arguments.command == "recover":
+            from conformance.report.collector import recover
+
+            if not arguments.journal.is_file():
+                raise merge.MergeError(f"{arguments.journal}: no such journal file")
+            print(recover(arguments.journal, arguments.output))
         else:
             for path in screenshot.shoot(arguments.report, arguments.output, arguments.case, arguments.browser):
                 print(path)

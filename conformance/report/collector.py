@@ -1,7 +1,16 @@
-"""Collects the items' plain-data records on the controller and writes the report at the end."""
+"""Collects the items' plain-data records on the controller and writes the report at the end.
+
+While the run goes on, every item's start and record are also appended to a journal
+(`<report folder>/.journal.jsonl`), deleted once the report is written. A run whose process
+dies outright (a backend that aborts without pytest-xdist to isolate it) leaves the journal
+behind; the next run in that folder keeps it as `.journal-died-<time>.jsonl` and says how to
+turn it into a report (`python -m conformance.report recover`), with the item that was running
+marked crashed.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -12,6 +21,7 @@ import pytest
 from conformance import environment
 
 ITEM_MARK = "test_parity.py::test_case["
+JOURNAL = ".journal.jsonl"
 DEVICES = pytest.StashKey[dict]()  # per backend: device kinds looked for and found (set where items are planned)
 
 
@@ -25,6 +35,30 @@ class ReportCollector:
         self.entries: dict[str, dict[str, Any]] = {}
         self.expected_ids: set[str] = set()
         self.devices: dict[str, Any] = {}
+        self.notice = self._keep_journal_of_a_dead_run()
+        self.journal = (folder / JOURNAL).open("w", encoding="utf-8")
+        self._log({"meta": self._meta(pytest.ExitCode.INTERRUPTED, [])})
+
+    def _keep_journal_of_a_dead_run(self) -> str | None:
+        stale = self.folder / JOURNAL
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not stale.exists():
+            return None
+        kept = stale.with_name(time.strftime(".journal-died-%Y%m%dT%H%M%S.jsonl", time.localtime(stale.stat().st_mtime)))
+        stale.rename(kept)
+        return (f"the previous run in {self.folder} died before writing its report; what it finished is in "
+                f"{kept}: python -m conformance.report recover {kept} -o {self.folder}-recovered")
+
+    def _log(self, line: dict[str, Any]) -> None:
+        self.journal.write(json.dumps(line, default=str) + "\n")
+        self.journal.flush()
+
+    def pytest_report_header(self) -> list[str]:
+        return [f"conformance: {self.notice}"] if self.notice else []
+
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        if ITEM_MARK in nodeid:
+            self._log({"running": nodeid})
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.expected_ids.update(item.nodeid for item in session.items if ITEM_MARK in item.nodeid)
@@ -52,13 +86,25 @@ class ReportCollector:
             entry["failure"] = report.longreprtext[-4000:]
         if status == "xfailed":
             entry["xfail_reason"] = getattr(report, "wasxfail", "")
+        self._log({"entry": entry})
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        self.journal.close()
         if not self.entries and not self.expected_ids:
+            (self.folder / JOURNAL).unlink(missing_ok=True)
             return
         missing = sorted(self.expected_ids - set(self.entries))
+        from conformance.report.writer import write_run  # matplotlib and jinja: controller only, at the end
+
+        path = write_run(self.folder, list(self.entries.values()), self._meta(exitstatus, missing))
+        (self.folder / JOURNAL).unlink(missing_ok=True)
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_sep("-", f"conformance report: {path}")
+
+    def _meta(self, exitstatus: int, missing: list[str]) -> dict[str, Any]:
         interrupted = int(exitstatus) == pytest.ExitCode.INTERRUPTED
-        meta = {
+        return {
             "label": self.folder.name,
             "command": " ".join(["pytest", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
@@ -71,21 +117,46 @@ class ReportCollector:
             "host": environment.host(),
             "versions": environment.versions(),
             "workers": getattr(self.config.option, "numprocesses", None) or 0,
+            "determinism": bool(self.config.getoption("determinism", False)),
         }
-        from conformance.report.writer import write_run  # matplotlib and jinja: controller only, at the end
 
-        path = write_run(self.folder, list(self.entries.values()), meta)
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_sep("-", f"conformance report: {path}")
+
+def recover(journal: Path, output: Path) -> Path:
+    """A report from the journal of a run that died: what finished, and the item that was
+    running when the process went down marked crashed."""
+    meta: dict[str, Any] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    running: list[str] = []
+    for line in journal.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the last line may be half-written
+        if "meta" in record:
+            meta = record["meta"]
+        elif "running" in record:
+            running.append(record["running"])
+        elif "entry" in record:
+            entries[record["entry"]["nodeid"]] = record["entry"]
+    for nodeid in running:
+        if nodeid not in entries or entries[nodeid].get("status") is None:
+            entries[nodeid] = {**_record_from_nodeid(nodeid), "nodeid": nodeid, "status": "crashed",
+                               "message": "the test process died while this item ran (no report came back); "
+                                          "run with pytest-xdist (-n 1 or more) so that a crash only loses its item"}
+    meta |= {"complete": False, "interrupted": False, "exit_status": -1, "recovered_from": str(journal),
+             "not_run": [nodeid for nodeid in running if nodeid not in entries]}
+    from conformance.report.writer import write_run
+
+    return write_run(output, list(entries.values()), meta)
 
 
 def _status(report: pytest.TestReport) -> str | None:
+    if report.failed and report.when not in ("setup", "call", "teardown") and "crashed while running" in \
+            report.longreprtext[:500]:
+        return "crashed"  # pytest-xdist's report for an item whose worker died (its phase is "???")
     if report.when == "call":
         if hasattr(report, "wasxfail"):
             return "xfailed" if report.skipped else "failed"
-        if report.failed and "crashed" in report.longreprtext[:300] and "worker" in report.longreprtext[:300]:
-            return "crashed"
         return report.outcome
     if report.failed:
         return "error"

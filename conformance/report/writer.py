@@ -96,7 +96,20 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
         per_backend[entry.get("backend") or "(case checks)"][entry.get("status", "not run")] += 1
     return {"cases": cases, "columns": columns,
             "totals": Counter(entry.get("status", "not run") for entry in entries),
-            "per_backend": dict(sorted(per_backend.items())), "engines": _engines(entries)}
+            "per_backend": dict(sorted(per_backend.items())), "engines": _engines(entries),
+            "determinism": _determinism(entries)}
+
+
+def _determinism(entries: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per backend and device (only with --determinism): results trained twice, and how many
+    of them were bit-identical."""
+    found: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        if entry.get("deterministic") is not None:
+            counts = found.setdefault(f"{entry['backend']}, {entry['device']}", {"checked": 0, "identical": 0})
+            counts["checked"] += 1
+            counts["identical"] += bool(entry["deterministic"])
+    return dict(sorted(found.items()))
 
 
 def worst(statuses: list[str]) -> str:

@@ -1,0 +1,145 @@
+"""When things go wrong: a backend that kills its process, a run interrupted with Ctrl-C, and
+training that is not bit-identical twice. Real pytest runs (pytester subprocesses) with real
+PyTorch; the misbehaviour comes from a small test plugin (`misbehave.py`) that wraps the torch
+backend, as the guide allows fakes for error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytest.importorskip("torch")
+pytest.importorskip("xdist")
+
+CASE = """\
+dataset: {inline: {x: [-1, 0, 1, 2, 3, 4], y: [-3, -1, 1, 3, 5, 7]}}
+training: {epochs: 20, optimizer: {sgd: {learning_rate: 0.05}}}
+tolerance: {lstsq: null}
+"""
+MISBEHAVE = '''
+import os
+import signal
+
+import numpy as np
+
+import conformance.backends.torch as backend
+
+_train = backend.train
+_finished = []
+
+
+def train(problem, device):
+    mode = os.environ.get("MISBEHAVE", "")
+    if mode == "abort" and problem.name == "crash":
+        os.abort()
+    result = _train(problem, device)
+    if mode == "noisy":  # a kernel that is not deterministic: the last bit moves between runs
+        result.params = result.params + np.random.default_rng().normal(scale=1e-9, size=result.params.shape)
+    return result
+
+
+backend.train = train
+
+
+def pytest_runtest_logfinish(nodeid):
+    """MISBEHAVE=interrupt: Ctrl-C (SIGINT to this process) after the second item."""
+    _finished.append(nodeid)
+    if os.environ.get("MISBEHAVE") == "interrupt" and len(_finished) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+'''
+
+
+@pytest.fixture
+def suite(pytester, tmp_path, monkeypatch):
+    """Run the conformance suite on a folder of small cases, with the misbehaving plugin loaded."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("alpha", "crash", "omega"):
+        (cases / f"{name}.yaml").write_text(CASE)
+    pytester.makepyfile(misbehave=MISBEHAVE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pytester.path), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    reports = tmp_path / "reports"
+
+    def run(mode: str, *extra: str):
+        monkeypatch.setenv("MISBEHAVE", mode)
+        result = pytester.runpytest_subprocess(
+            str(ROOT / "conformance"), "--rootdir", str(ROOT), "--cases", str(cases), "--backend", "torch",
+            "--reports-dir", str(reports), "--report-label", "run", "-p", "misbehave", "-p", "no:cacheprovider",
+            *extra)
+        results = reports / "run" / "results.json"
+        data = json.loads(results.read_text()) if results.exists() else None
+        return result, data
+
+    run.reports = reports
+    return run
+
+
+def statuses(data: dict) -> dict[str, str]:
+    return {item["id"]: item["status"] for item in data["items"]}
+
+
+def test_a_crashing_backend_under_xdist_loses_only_its_item(suite):
+    result, data = suite("abort", "-n", "2")
+    assert "crashed while running" in result.stdout.str()
+    assert statuses(data) == {"alpha-torch-cpu-parity": "passed", "crash-torch-cpu-parity": "crashed",
+                              "omega-torch-cpu-parity": "passed"}
+    crashed = next(item for item in data["items"] if item["status"] == "crashed")
+    assert "crashed while running" in crashed["failure"]
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_a_crash_without_xdist_is_recovered_from_the_journal(suite, tmp_path):
+    """Without xdist the process dies with the backend, and so does pytest's own reporting; the
+    journal keeps what finished, and the next run says how to turn it into a report."""
+    result, data = suite("abort")
+    assert (result.ret < 0 or result.ret == 134) and data is None  # SIGABRT took pytest down
+    journal = suite.reports / "run" / ".journal.jsonl"
+    assert journal.exists()
+    result, _ = suite("", "-k", "alpha")  # the next run in the same folder
+    kept = sorted((suite.reports / "run").glob(".journal-died-*.jsonl"))
+    assert len(kept) == 1 and "died before writing its report" in result.stdout.str()
+    from conformance.report.__main__ import main
+
+    assert main(["recover", str(kept[0]), "-o", str(tmp_path / "recovered")]) == 0
+    recovered = json.loads((tmp_path / "recovered" / "results.json").read_text())
+    assert statuses(recovered) == {"alpha-torch-cpu-parity": "passed", "crash-torch-cpu-parity": "crashed"}
+    assert recovered["meta"]["complete"] is False
+    crashed = next(item for item in recovered["items"] if item["status"] == "crashed")
+    assert "died while this item ran" in crashed["message"]
+    assert "recovered from" in (tmp_path / "recovered" / "index.html").read_text()
+
+
+def test_ctrl_c_keeps_what_finished_and_marks_the_report_incomplete(suite):
+    result, data = suite("interrupt")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert data["meta"]["interrupted"] is True and data["meta"]["complete"] is False
+    assert len(data["items"]) == 2 and set(statuses(data).values()) == {"passed"}
+    assert "Incomplete run" in (suite.reports / "run" / "index.html").read_text()
+    assert not (suite.reports / "run" / ".journal.jsonl").exists()  # the report was written, so no journal
+
+
+def test_determinism_option_passes_bit_identical_training(suite):
+    result, data = suite("", "--determinism", "-k", "alpha or omega")
+    result.assert_outcomes(passed=2)
+    assert {item["deterministic"] for item in data["items"]} == {True}
+    assert data["meta"]["determinism"] is True
+    assert all(item["info"]["torch.deterministic_algorithms"] for item in data["items"])
+    assert "bit-identical" in (suite.reports / "run" / "index.html").read_text()
+
+
+def test_determinism_option_fails_training_that_differs_on_a_second_run(suite):
+    result, data = suite("noisy", "--determinism", "-k", "alpha")
+    result.assert_outcomes(failed=1)
+    assert "not deterministic (torch, cpu): a second training on the same device differs by up to" in \
+        result.stdout.str()
+    assert data["items"][0]["deterministic"] is False
+
+
+def test_without_the_option_training_runs_once(suite):
+    _, data = suite("noisy", "-k", "alpha")
+    assert data["items"][0]["deterministic"] is None  # not checked, and noise of 1e-9 is inside tolerance
