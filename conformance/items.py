@@ -98,7 +98,7 @@ def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
             seen[name]["unavailable"] = reason
             continue
         found = module.devices()
-        seen[name] |= {"devices": found,
+        seen[name] |= {"devices": found, "names": {device: module.device_name(device) for device in found},
                        "not_found": [kind for kind in module.LOOKED_FOR
                                      if not any(device.split(":")[0] == kind for device in found)]}
     return seen
@@ -120,6 +120,9 @@ def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[st
                 items.append(ItemSpec(case.name, "unavailable", source, backend, device,
                                       skip=f"{device} is not available to {backend} "
                                            f"(found: {', '.join(found['devices'])})"))
+            elif device == "mps" and spec.training.dtype == "float64":
+                items.append(ItemSpec(case.name, "unavailable", source, backend, device,
+                                      skip="mps has no float64; this case trains in float64"))
             else:
                 pairs.append((backend, device))
                 items.append(ItemSpec(case.name, "parity", source, backend, device))

@@ -4,6 +4,7 @@
     LOOKED_FOR: tuple[str, ...]          device kinds it asks its framework for: "cpu", "cuda", "mps"
     available() -> str | None            None, or why it cannot run (framework not installed)
     devices() -> list[str]               devices it can train on: "cpu", "cuda:0", "mps"
+    device_name(device) -> str           what the device is (CPU or GPU model), for the report
     train(problem, device) -> Trajectory numpy in, numpy out
 
 Modules are imported on first use, and frameworks only inside them, so that the harness (and

@@ -63,6 +63,21 @@ def tensorflow_determinism() -> bool | str:
     return probe() if probe is not None else ("requested" if _DETERMINISM["requested"] else "off")
 
 
+@functools.cache
+def cpu_name() -> str:
+    """The CPU model (Linux: /proc/cpuinfo's model name), for the report's device names."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
 def torch_settings() -> dict[str, Any]:
     """The torch switches that change numerics, as they are in this process."""
     module = torch()

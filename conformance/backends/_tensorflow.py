@@ -27,6 +27,15 @@ def devices() -> list[str]:
     return ["cpu"] + [f"cuda:{index}" for index, _ in enumerate(tf.config.list_physical_devices("GPU"))]
 
 
+def device_name(device: str) -> str:
+    """What the device is, as TensorFlow names it (the GPU model for GPUs)."""
+    if device == "cpu":
+        return _frameworks.cpu_name()
+    tf = _frameworks.tensorflow()
+    gpu = tf.config.list_physical_devices("GPU")[int(device.split(":")[1])]
+    return str(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name))
+
+
 def tf_device(device: str) -> str:
     """The suite's device name ('cpu', 'cuda:0') as a TensorFlow device string."""
     return "/CPU:0" if device == "cpu" else f"/GPU:{device.split(':')[1]}"

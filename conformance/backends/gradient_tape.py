@@ -18,6 +18,7 @@ NAME = "gradient_tape"
 LOOKED_FOR = _tensorflow.LOOKED_FOR
 available = _tensorflow.available
 devices = _tensorflow.devices
+device_name = _tensorflow.device_name
 
 
 def train(problem: Problem, device: str) -> Trajectory:

@@ -21,6 +21,7 @@ NAME = "keras"
 LOOKED_FOR = _tensorflow.LOOKED_FOR
 available = _tensorflow.available
 devices = _tensorflow.devices
+device_name = _tensorflow.device_name
 
 
 def train(problem: Problem, device: str) -> Trajectory:

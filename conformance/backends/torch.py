@@ -23,6 +23,14 @@ def devices() -> list[str]:
     return found + (["mps"] if mps is not None and mps.is_available() else [])
 
 
+def device_name(device: str) -> str:
+    """What the device is, as torch names it (the GPU model for CUDA)."""
+    torch = _frameworks.torch()
+    if device.startswith("cuda"):
+        return str(torch.cuda.get_device_name(int(device.split(":")[1])))
+    return "Apple MPS" if device == "mps" else _frameworks.cpu_name()
+
+
 def train(problem: Problem, device: str) -> Trajectory:
     torch = _frameworks.torch()
     dtype = getattr(torch, problem.dtype)

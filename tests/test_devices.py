@@ -1,0 +1,111 @@
+"""Device discovery and selection without a GPU: the frameworks' device queries are faked here
+(the guide's allowance for discovery tests); training itself is never faked."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from conformance.backends import _frameworks, _tensorflow
+from conformance.backends import torch as torch_backend
+from conformance.items import plan
+
+CASE = """\
+dataset: {inline: {x: [1, 2, 3], y: [2, 4, 6]}}
+training: {epochs: 3, optimizer: {sgd: {learning_rate: 0.01}}, dtype: %s}
+"""
+
+
+def fake_torch(gpus: int, mps: bool | None):
+    backends = SimpleNamespace() if mps is None else SimpleNamespace(mps=SimpleNamespace(is_available=lambda: mps))
+    return SimpleNamespace(cuda=SimpleNamespace(device_count=lambda: gpus, get_device_name=lambda i: f"Fake GPU {i}"),
+                           backends=backends)
+
+
+def fake_tensorflow(gpus: int):
+    physical = [SimpleNamespace(name=f"/physical_device:GPU:{i}") for i in range(gpus)]
+    experimental = SimpleNamespace(get_device_details=lambda gpu: {"device_name": f"Fake TF {gpu.name[-1]}"})
+    return SimpleNamespace(config=SimpleNamespace(
+        list_physical_devices=lambda kind: physical if kind == "GPU" else [], experimental=experimental))
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """machine(torch_gpus, mps, tf_gpus): pretend the frameworks see these devices."""
+
+    def pretend(torch_gpus: int = 0, mps: bool | None = False, tf_gpus: int = 0) -> None:
+        monkeypatch.setattr(_frameworks, "installed", lambda module: True)
+        monkeypatch.setattr(_frameworks, "torch", lambda: fake_torch(torch_gpus, mps))
+        monkeypatch.setattr(_frameworks, "tensorflow", lambda: fake_tensorflow(tf_gpus))
+        monkeypatch.setattr(_frameworks, "cpu_name", lambda: "Fake CPU")
+
+    return pretend
+
+
+def test_torch_sees_cpu_every_cuda_device_and_mps(machine):
+    machine(torch_gpus=2, mps=True)
+    assert torch_backend.devices() == ["cpu", "cuda:0", "cuda:1", "mps"]
+    assert torch_backend.device_name("cuda:1") == "Fake GPU 1"
+
+
+def test_torch_without_an_mps_backend_module_has_no_mps(machine):
+    machine(torch_gpus=0, mps=None)
+    assert torch_backend.devices() == ["cpu"]
+
+
+def test_tensorflow_gpus_use_the_suites_cuda_names(machine):
+    machine(tf_gpus=1)
+    assert _tensorflow.devices() == ["cpu", "cuda:0"]
+    assert _tensorflow.tf_device("cuda:0") == "/GPU:0" and _tensorflow.tf_device("cpu") == "/CPU:0"
+    assert _tensorflow.device_name("cuda:0") == "Fake TF 0" and _tensorflow.device_name("cpu") == "Fake CPU"
+
+
+def ids(items):
+    return {item.id: item for item in items}
+
+
+def test_every_case_runs_on_every_device_each_backend_sees(machine, tmp_path):
+    machine(torch_gpus=1, mps=True, tf_gpus=1)
+    (tmp_path / "f32.yaml").write_text(CASE % "float32")
+    (tmp_path / "f64.yaml").write_text(CASE % "float64")
+    planned = plan([tmp_path], [], [])
+    items = ids(planned.items)
+    for backend in ("keras", "gradient_tape", "torch"):
+        assert f"f32-{backend}-cpu-parity" in items and f"f32-{backend}-cuda:0-parity" in items
+    assert "f32-torch-mps-parity" in items and "f32-keras-mps-parity" not in items
+    assert items["f64-torch-mps-unavailable"].skip == "mps has no float64; this case trains in float64"
+    assert planned.runs["f32"].pairs[:2] == [("keras", "cpu"), ("keras", "cuda:0")]  # compared across devices too
+    assert planned.devices["torch"] == {"looked_for": ["cpu", "cuda", "mps"], "devices": ["cpu", "cuda:0", "mps"],
+                                        "names": {"cpu": "Fake CPU", "cuda:0": "Fake GPU 0", "mps": "Apple MPS"},
+                                        "not_found": []}
+
+
+def test_cpu_only_machine_reports_what_was_looked_for_and_not_found(machine, tmp_path):
+    machine()
+    (tmp_path / "f32.yaml").write_text(CASE % "float32")
+    planned = plan([tmp_path], [], [])
+    assert planned.devices["torch"]["not_found"] == ["cuda", "mps"]
+    assert planned.devices["keras"]["not_found"] == ["cuda"]
+    assert {item.device for item in planned.items if item.device} == {"cpu"}
+
+
+def test_device_option_and_case_devices_select_and_explain(machine, tmp_path):
+    machine(torch_gpus=2, tf_gpus=1)
+    (tmp_path / "gpu1.yaml").write_text(CASE % "float32" + "devices: [cuda:1]\n")
+    items = ids(plan([tmp_path], [], ["cuda:1"]).items)
+    assert "gpu1-torch-cuda:1-parity" in items
+    assert items["gpu1-keras-cuda:1-unavailable"].skip == "cuda:1 is not available to keras (found: cpu, cuda:0)"
+    assert not any(item.device == "cpu" for item in items.values())
+
+
+def test_a_missing_framework_skips_its_backends_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(_frameworks, "installed", lambda module: module != "tensorflow")
+    monkeypatch.setattr(_frameworks, "torch", lambda: fake_torch(0, False))
+    monkeypatch.setattr(_frameworks, "cpu_name", lambda: "Fake CPU")
+    (tmp_path / "f32.yaml").write_text(CASE % "float32")
+    planned = plan([tmp_path], [], [])
+    items = ids(planned.items)
+    assert items["f32-keras-cpu-unavailable"].skip == "tensorflow is not installed"
+    assert planned.devices["keras"] == {"looked_for": ["cpu", "cuda"], "unavailable": "tensorflow is not installed"}
+    assert "f32-torch-cpu-parity" in items
