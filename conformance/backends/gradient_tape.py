@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from conformance.backends import _tensorflow
-from conformance.backends._frameworks import tensorflow
+from conformance.backends import _frameworks
 from conformance.problem import Problem, Trajectory
 
 NAME = "gradient_tape"
@@ -22,7 +22,7 @@ device_name = _tensorflow.device_name
 
 
 def train(problem: Problem, device: str) -> Trajectory:
-    tf = tensorflow()
+    tf = _frameworks.tensorflow()
     with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
         weights = tf.Variable(problem.init_weights.reshape(-1, 1), name="weights")
         variables = [weights]
@@ -51,7 +51,7 @@ def _forward(tf: Any, x: Any, variables: list[Any]) -> Any:
 
 def _epoch_function(problem: Problem, variables: list[Any], optimizer: Any) -> Any:
     """A tf.function(order) that trains one epoch and returns the batch-size-weighted loss sum."""
-    tf = tensorflow()
+    tf = _frameworks.tensorflow()
     x = tf.constant(problem.x)
     y = tf.constant(problem.y.reshape(-1, 1))
     decay = problem.optimizer.settings.get("weight_decay", 0.0)

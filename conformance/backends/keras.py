@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from conformance.backends import _tensorflow
-from conformance.backends._frameworks import tensorflow
+from conformance.backends import _frameworks
 from conformance.problem import Problem, Trajectory
 
 NAME = "keras"
@@ -37,7 +37,7 @@ def train_plain(problem: Problem, device: str) -> Trajectory:
 
 
 def _train(problem: Problem, device: str, plain: bool) -> Trajectory:
-    tf = tensorflow()
+    tf = _frameworks.tensorflow()
     with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
         model = _model(problem)
         recorder = _recorder_class()()
@@ -78,7 +78,7 @@ def _model(problem: Problem) -> Any:
 
 def _stream(problem: Problem) -> Any:
     """Every epoch's batches, in the harness's order, as one dataset (epoch boundaries kept)."""
-    tf = tensorflow()
+    tf = _frameworks.tensorflow()
     y = problem.y.reshape(-1, 1)
     if problem.orders is None:
         return tf.data.Dataset.from_tensor_slices((problem.x, y)).batch(problem.batch_size).repeat(problem.epochs)
