@@ -39,25 +39,26 @@ def train_plain(problem: Problem, device: str) -> Trajectory:
 def _train(problem: Problem, device: str, plain: bool) -> Trajectory:
     tf = _frameworks.tensorflow()
     with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
-        model = _model(problem)
-        recorder = _recorder_class()()
-        common: dict[str, Any] = {"epochs": problem.epochs, "verbose": 0, "shuffle": False, "callbacks": [recorder]}
+        model = _model(problem, steps_per_execution=1 if plain else problem.steps_per_epoch)
+        recorder = _recorder_class()(per_execution=not plain)
         if plain:
-            model.fit(problem.x, problem.y.reshape(-1, 1), batch_size=problem.batch_size, **common)
-        else:
-            model.fit(_stream(problem), steps_per_epoch=problem.steps_per_epoch, **common)
+            model.fit(problem.x, problem.y.reshape(-1, 1), batch_size=problem.batch_size, epochs=problem.epochs,
+                      verbose=0, shuffle=False, callbacks=[recorder])
+        else:  # one long Keras epoch; one execution (a compiled loop of steps) per case epoch
+            model.fit(_stream(problem), epochs=1, steps_per_epoch=problem.epochs * problem.steps_per_epoch,
+                      verbose=0, shuffle=False, callbacks=[recorder])
         predictions = None
         if problem.predict_x is not None:
             predictions = np.asarray(model(problem.predict_x, training=False), dtype=np.float64)[:, 0]
     info = _tensorflow.environment(device) | {"jit_compile": bool(getattr(model, "jit_compile", False)),
-                                              "feeding": "fit(x, y)" if plain else "fit(tf.data, steps_per_epoch)",
+                                              "feeding": "fit(x, y)" if plain else "fit(tf.data, steps_per_execution=one epoch)",
                                               "kernel_dtype": str(model.layers[-1].kernel.dtype)}
     if problem.optimizer.settings.get("weight_decay"):
         info["loss_note"] = "Keras's loss includes the L2 term that carries weight decay"
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info)
 
 
-def _model(problem: Problem) -> Any:
+def _model(problem: Problem, steps_per_execution: int) -> Any:
     keras = _tensorflow.keras()
     decay = problem.optimizer.settings.get("weight_decay", 0.0)
     # Coupled weight decay (added to the gradient) is exactly an L2 penalty of decay / 2.
@@ -72,7 +73,8 @@ def _model(problem: Problem) -> Any:
         initial.append(problem.init_bias.reshape(1))
     dense.set_weights(initial)
     loss = keras.losses.MeanSquaredError(reduction="sum" if problem.reduction == "sum" else "sum_over_batch_size")
-    model.compile(optimizer=_tensorflow.keras_optimizer(problem.optimizer), loss=loss)
+    model.compile(optimizer=_tensorflow.keras_optimizer(problem.optimizer), loss=loss,
+                  steps_per_execution=steps_per_execution)
     return model
 
 
@@ -97,14 +99,28 @@ def _recorder_class() -> type:
     keras = _tensorflow.keras()
 
     class EpochRecorder(keras.callbacks.Callback):
-        """Parameters and Keras's own epoch loss after every epoch."""
+        """Parameters and Keras's own epoch loss after every epoch.
 
-        def __init__(self) -> None:
+        per_execution: the whole training is one Keras epoch whose executions are the case's
+        epochs; the loss tracker is reset after each, so its mean is the epoch's, as in `fit`.
+        """
+
+        def __init__(self, per_execution: bool) -> None:
             super().__init__()
+            self.per_execution = per_execution
             self.rows: list[np.ndarray] = []
             self.losses: list[float] = []
 
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if self.per_execution:
+                self._record(logs)
+                self.model.reset_metrics()
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if not self.per_execution:
+                self._record(logs)
+
+        def _record(self, logs: dict | None) -> None:
             self.rows.append(np.concatenate([np.ravel(v.numpy()) for v in self.model.layers[-1].weights]))
             self.losses.append(float((logs or {}).get("loss", np.nan)))
 

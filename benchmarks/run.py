@@ -1,0 +1,213 @@
+"""Benchmark: the harness's cost next to each framework's bare loop, measured side by side.
+
+    python benchmarks/run.py            # everything (about 5 minutes on 2 cores)
+    python benchmarks/run.py --quick    # per-step ratios and memory only
+
+Prints ratios (harness / floor), not just absolute times: the training arithmetic here is tiny,
+so nearly all time is framework overhead, and the question is whether the suite adds its own.
+Each backend is measured in its own process (imports paid once there, peak memory its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from conformance.problem import Optimizer, Problem  # noqa: E402
+
+SIZES = {  # name: (n, features, batch_size, epochs)
+    "small": (6, 1, 6, 500),
+    "medium": (100, 1, 8, 40),
+    "large": (1_000_000, 10, 1024, 1),
+}
+BACKENDS = ("keras", "gradient_tape", "torch")
+
+
+def make_problem(n: int, features: int, batch_size: int, epochs: int, seed: int = 0) -> Problem:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    y = (x @ np.linspace(1, 2, features) + 0.5 + 0.01 * rng.normal(size=n)).astype(np.float32)
+    sgd = Optimizer("sgd", {"learning_rate": 0.01, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0})
+    return Problem("bench", x, y, np.zeros(features, np.float32), np.zeros((), np.float32), epochs, batch_size,
+                   None, "mean", sgd, "float32")
+
+
+def steps(problem: Problem) -> int:
+    return problem.epochs * problem.steps_per_epoch
+
+
+# ---- floors: the bare framework loops, nothing recorded -------------------------------------
+
+def floor_torch(problem: Problem) -> None:
+    from conformance.backends._frameworks import torch as load_torch
+
+    torch = load_torch()
+    x, y = torch.as_tensor(problem.x), torch.as_tensor(problem.y).reshape(-1, 1)
+    model = torch.nn.Linear(problem.features, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, foreach=False)
+    loss_function = torch.nn.MSELoss()
+    for _ in range(problem.epochs):
+        for start in range(0, problem.n, problem.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            loss_function(model(x[start:start + problem.batch_size]), y[start:start + problem.batch_size]).backward()
+            optimizer.step()
+
+
+def floor_keras(problem: Problem) -> None:
+    """Keras's fast feeding path: one tf.data stream, one long epoch, one execution per epoch."""
+    from conformance.backends import _frameworks, _tensorflow
+
+    tf, keras = _frameworks.tensorflow(), _tensorflow.keras()
+    model = keras.Sequential([keras.Input(shape=(problem.features,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", steps_per_execution=problem.steps_per_epoch)
+    data = tf.data.Dataset.from_tensor_slices((problem.x, problem.y.reshape(-1, 1)))
+    model.fit(data.batch(problem.batch_size).repeat(problem.epochs), epochs=1, steps_per_epoch=steps(problem),
+              verbose=0)
+
+
+def floor_gradient_tape(problem: Problem) -> None:
+    """The same loop, each epoch one tf.function (the shape a hand-written loop takes)."""
+    from conformance.backends import _frameworks, _tensorflow
+
+    tf = _frameworks.tensorflow()
+    w = tf.Variable(tf.zeros((problem.features, 1)))
+    b = tf.Variable(tf.zeros(1))
+    optimizer = _tensorflow.keras().optimizers.SGD(0.01)
+    x, y = tf.constant(problem.x), tf.constant(problem.y.reshape(-1, 1))
+
+    @tf.function
+    def epoch() -> None:
+        for start in tf.range(0, problem.n, problem.batch_size):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(x[start:start + problem.batch_size] @ w + b
+                                                - y[start:start + problem.batch_size]))
+            optimizer.apply_gradients(zip(tape.gradient(loss, [w, b]), [w, b]))
+
+    for _ in range(problem.epochs):
+        epoch()
+
+
+FLOORS = {"torch": floor_torch, "keras": floor_keras, "gradient_tape": floor_gradient_tape}
+
+
+def timed(function, *args) -> float:
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_backend(backend: str) -> dict:
+    """In this process: import cost, per-size harness and floor times, references, peak memory."""
+    from conformance import backends
+    from conformance.backends import _frameworks
+    from conformance.reference import least_squares, replay
+
+    started = time.perf_counter()
+    _frameworks.torch() if backend == "torch" else _frameworks.tensorflow()
+    module = backends.load(backend)
+    result = {"backend": backend, "import_s": time.perf_counter() - started, "sizes": {}}
+    warm = make_problem(6, 1, 6, 3)
+    module.train(warm, "cpu"), FLOORS[backend](warm)  # first-use costs (tracing caches, thread pools)
+    before_large = rss_mb()
+    for size, shape in SIZES.items():
+        problem = make_problem(*shape)
+        harness = min(timed(module.train, problem, "cpu") for _ in range(2 if size != "large" else 1))
+        floor = min(timed(FLOORS[backend], problem) for _ in range(2 if size != "large" else 1))
+        references = timed(replay, problem) + timed(least_squares, problem.x.astype(np.float64),
+                                                    problem.y.astype(np.float64), True)
+        result["sizes"][size] = {"steps": steps(problem), "harness_s": harness, "floor_s": floor,
+                                 "references_s": references}
+        if size == "large":
+            result["peak_rss_above_frameworks_mb"] = rss_mb() - before_large
+            result["data_mb"] = (problem.x.nbytes + problem.y.nbytes) / 2**20
+    return result
+
+
+def growth() -> list[dict]:
+    """Harness time against n (one epoch, batch 1024) and against epochs (6 points), torch and references."""
+    from conformance.backends import torch as backend
+    from conformance.reference import replay
+
+    rows = []
+    for n in (10**3, 10**4, 10**5, 10**6):
+        problem = make_problem(n, 10, 1024, 1)
+        rows.append({"vary": "n", "value": n, "torch_s": timed(backend.train, problem, "cpu"),
+                     "replay_s": timed(replay, problem)})
+    for epochs in (100, 500, 2000):
+        problem = make_problem(6, 1, 6, epochs)
+        rows.append({"vary": "epochs", "value": epochs, "torch_s": timed(backend.train, problem, "cpu"),
+                     "replay_s": timed(replay, problem)})
+    return rows
+
+
+def suite_wall(workers: str) -> dict:
+    """The default suite's wall time, and how much of it was training (from its results.json)."""
+    label = f"bench-n{workers}"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pytest", "conformance", "-q", "-p", "no:cacheprovider", "-n", workers,
+                    "--report-label", label], cwd=ROOT, capture_output=True, check=False)
+    wall = time.perf_counter() - started
+    items = json.loads((ROOT / "reports" / label / "results.json").read_text())["items"]
+    training = sum(item.get("seconds", 0.0) for item in items if item.get("kind") == "parity")
+    return {"workers": workers, "wall_s": wall, "training_s": training}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="per-step ratios and memory only")
+    parser.add_argument("--one", choices=BACKENDS, help=argparse.SUPPRESS)  # internal: measure in this process
+    parser.add_argument("--growth", action="store_true", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.one:
+        print(json.dumps(measure_backend(arguments.one)))
+        return
+    if arguments.growth:
+        print(json.dumps(growth()))
+        return
+    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"}
+    here = [sys.executable, str(Path(__file__).resolve())]
+    results = [json.loads(subprocess.run(here + ["--one", backend], capture_output=True, text=True, env=env,
+                                         check=True).stdout.splitlines()[-1]) for backend in BACKENDS]
+    print("Per step: harness (conformance backend, recording every epoch) vs the bare framework loop, same process")
+    print(f"{'backend':14} {'size':7} {'steps':>6} {'harness ms/step':>16} {'floor ms/step':>14} {'ratio':>6} "
+          f"{'refs/harness':>12}")
+    for result in results:
+        for size, row in result["sizes"].items():
+            print(f"{result['backend']:14} {size:7} {row['steps']:6d} {1e3 * row['harness_s'] / row['steps']:16.3f} "
+                  f"{1e3 * row['floor_s'] / row['steps']:14.3f} {row['harness_s'] / row['floor_s']:6.2f} "
+                  f"{row['references_s'] / row['harness_s']:12.1%}")
+    print("\nImport and memory per process (large case: 10^6 x 10 float32, data "
+          f"{results[0]['data_mb']:.0f} MB)")
+    for result in results:
+        print(f"{result['backend']:14} import {result['import_s']:5.1f} s   peak RSS above frameworks "
+              f"{result['peak_rss_above_frameworks_mb']:7.0f} MB")
+    if arguments.quick:
+        return
+    print("\nCost growth (torch backend and float64 replay)")
+    for row in json.loads(subprocess.run(here + ["--growth"], capture_output=True, text=True, env=env,
+                                         check=True).stdout.splitlines()[-1]):
+        print(f"  {row['vary']:6} {row['value']:>8}: torch {row['torch_s']:7.3f} s   replay {row['replay_s']:7.3f} s")
+    print("\nThe default suite (pytest conformance)")
+    for workers in ("0", "auto"):
+        row = suite_wall(workers)
+        print(f"  -n {workers:4}: wall {row['wall_s']:6.1f} s, training {row['training_s']:6.1f} s "
+              f"(summed over workers)")
+
+
+if __name__ == "__main__":
+    main()
