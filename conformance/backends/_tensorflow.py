@@ -46,9 +46,20 @@ def keras() -> ModuleType:
 
 
 def keras_version() -> str:
+    """Keras 3 has keras.version(); Keras 2's tf.keras (TF <= 2.15) has neither that nor
+    __version__, so the installed distribution answers."""
     module = keras()
-    version = getattr(module, "__version__", None)
-    return version if version else module.version()
+    version = getattr(module, "__version__", None) or (module.version() if hasattr(module, "version") else None)
+    if version:
+        return str(version)
+    import importlib.metadata
+
+    for distribution in ("keras", "tf-keras"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def keras_major() -> int:

@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.report", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     merging = commands.add_parser("merge", help="build one comparison report from several runs")
-    merging.add_argument("runs", nargs="+", type=Path, help="run folders holding results.json")
+    merging.add_argument("runs", nargs="*", type=Path, help="run folders holding results.json")
+    merging.add_argument("--all", type=Path, metavar="FOLDER", dest="all_under",
+                         help="also every run folder directly under FOLDER (e.g. reports)")
     merging.add_argument("-o", "--output", type=Path, required=True, help="folder for the comparison report")
     shooting = commands.add_parser("screenshot", help="render a report in headless Chromium to PNG files")
     shooting.add_argument("report", type=Path, help="a run or comparison folder holding index.html")
@@ -31,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     try:
         if arguments.command == "merge":
-            runs = [run for run in arguments.runs if run.resolve() != arguments.output.resolve()]
+            found = sorted(path.parent for path in arguments.all_under.glob("*/results.json")) \
+                if arguments.all_under else []
+            runs = [run for run in [*arguments.runs, *found] if run.resolve() != arguments.output.resolve()]
+            if not runs:
+                raise merge.MergeError("no run folders to merge (give folders, or --all reports)")
             print(merge.merge(runs, arguments.output))
         elif arguments.command == "recover":
             from conformance.report.collector import recover
