@@ -56,13 +56,52 @@ def predict(params: np.ndarray, x: np.ndarray, has_bias: bool) -> np.ndarray:
     return x @ weights + (params[-1] if has_bias else 0.0)
 
 
+TALL_ROWS = 100_000  # from here on, well-conditioned problems are solved via the Gram matrix
+GRAM_CONDITION_LIMIT = 1e8  # of the column-scaled Gram matrix, i.e. 1e4 for the scaled design
+
+
 def least_squares(x: np.ndarray, y: np.ndarray, has_bias: bool) -> np.ndarray:
-    """[weights..., bias] minimising ||X w + b - y||, solved on unit-norm columns."""
-    design = np.hstack([x, np.ones((len(y), 1))]) if has_bias else x
+    """[weights..., bias] minimising ||X w + b - y||, solved on unit-norm columns.
+
+    Small or ill-conditioned problems (NIST's among them) go through scipy's SVD solver. Tall,
+    well-conditioned ones are solved from the Gram matrix with one step of iterative refinement:
+    no copy of the data, two passes over it, and agreement with the SVD solution to ~1e-13
+    (tests/test_reference.py), where the SVD path costs more than training one epoch.
+    """
+    if len(y) >= TALL_ROWS:
+        solution = _tall_least_squares(x, y, has_bias)
+        if solution is not None:
+            return solution
+    design = np.empty((len(y), x.shape[1] + has_bias))  # one working copy, scaled in place
+    design[:, : x.shape[1]] = x
+    if has_bias:
+        design[:, -1] = 1.0
     norms = np.linalg.norm(design, axis=0)
     norms[norms == 0] = 1.0
-    solution, *_ = scipy.linalg.lstsq(design / norms, y)
+    design /= norms
+    solution, *_ = scipy.linalg.lstsq(design, y, overwrite_a=True, check_finite=False)
     return solution / norms
+
+
+def _tall_least_squares(x: np.ndarray, y: np.ndarray, has_bias: bool) -> np.ndarray | None:
+    """Normal equations on unit-norm columns plus one refinement step; None if ill-conditioned."""
+
+    def transposed_times(vector: np.ndarray) -> np.ndarray:  # X^T v for the design [x, 1]
+        return np.append(x.T @ vector, vector.sum()) if has_bias else x.T @ vector
+
+    gram = x.T @ x
+    if has_bias:
+        sums = x.sum(axis=0)
+        gram = np.block([[gram, sums[:, None]], [sums[None, :], np.array([[float(len(y))]])]])
+    norms = np.sqrt(np.diag(gram))
+    norms[norms == 0] = 1.0
+    scaled = gram / np.outer(norms, norms)
+    if not np.isfinite(scaled).all() or np.linalg.cond(scaled) > GRAM_CONDITION_LIMIT:
+        return None
+    factor = scipy.linalg.cho_factor(scaled)
+    solution = scipy.linalg.cho_solve(factor, transposed_times(y) / norms) / norms
+    residual = y - predict(solution, x, has_bias)
+    return solution + scipy.linalg.cho_solve(factor, transposed_times(residual) / norms) / norms
 
 
 def lre(estimate: np.ndarray, certified: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import scipy.linalg
 import pytest
 
 from conformance.datasets import Standardizer
@@ -133,3 +134,17 @@ def test_adagrad_follows_torch_from_its_initial_accumulator():
     expected = np.array([1.0, -1.0]) - sum(lr * g / (np.sqrt(s) + eps) for g, s in zip(GRADIENTS, squares))
     got = run_steps("adagrad", learning_rate=lr, initial_accumulator_value=start, epsilon=eps)
     np.testing.assert_allclose(got, expected, rtol=1e-14)
+
+
+def test_tall_problems_solved_via_the_gram_matrix_agree_with_the_svd_path():
+    from conformance import reference
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(loc=3.0, scale=[1, 10, 0.1], size=(reference.TALL_ROWS, 3))
+    y = x @ [1.5, -2.0, 30.0] + 7.0 + rng.normal(size=len(x))
+    tall = reference.least_squares(x, y, True)
+    design = np.hstack([x, np.ones((len(x), 1))])
+    svd = scipy.linalg.lstsq(design, y)[0]
+    np.testing.assert_allclose(tall, svd, rtol=1e-12)
+    collinear = np.hstack([x[:, :1], x[:, :1] * (1 + 1e-12)])  # ill-conditioned: falls back to the SVD path
+    assert reference._tall_least_squares(collinear, y, True) is None
