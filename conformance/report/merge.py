@@ -42,12 +42,12 @@ def merge(folders: list[Path], output: Path) -> Path:
     runs = [load_run(folder) for folder in folders]
     labels = _unique_labels(runs)
     comparison = compare(runs, labels)
-    writer._atomic_write(output / "results.json", json.dumps(
+    writer.atomic_write(output / "results.json", json.dumps(
         {"format": writer.RESULTS_FORMAT, "kind": "comparison", "runs": comparison["runs"],
          "cases": comparison["cases"]}, indent=1, allow_nan=False, default=str))
     for case in comparison["cases"]:
         page = writer.render("compare_case.html", case=case, runs=comparison["runs"], root="../")
-        writer._atomic_write(output / case["page"], page)
+        writer.atomic_write(output / case["page"], page)
     for run, data in zip(comparison["runs"], runs):
         run["link"] = os.path.relpath(Path(data["folder"]) / "index.html", output)
     return writer.write_page(output / "index.html", writer.render("compare.html", root="", **comparison))

@@ -37,14 +37,14 @@ def write_run(folder: Path, entries: list[dict[str, Any]], meta: dict[str, Any])
     """Write results.json, index.html and cases/<case>.html for one run; returns index.html."""
     entries = sorted(entries, key=lambda entry: entry.get("id", ""))
     cases = case_files(entries)
-    _atomic_write(folder / "results.json", json.dumps(
+    atomic_write(folder / "results.json", json.dumps(
         {"format": RESULTS_FORMAT, "meta": meta, "cases": cases, "items": entries},
         indent=1, allow_nan=False, default=str))
     overview = summarize(entries)
     for view in overview["cases"]:
         view |= cases.get(view["name"], {})
         page = render("case.html", meta=meta, case=view, columns=overview["columns"], root="../")
-        _atomic_write(folder / view["page"], page)
+        atomic_write(folder / view["page"], page)
     _remove_stale_pages(folder, {view["page"] for view in overview["cases"]})
     return write_page(folder / "index.html", render("run.html", meta=meta, root="", **overview))
 
@@ -54,7 +54,7 @@ def render(template: str, **context: Any) -> str:
 
 
 def write_page(path: Path, html: str) -> Path:
-    _atomic_write(path, html)
+    atomic_write(path, html)
     return path
 
 
@@ -177,7 +177,7 @@ def _read_case(source: str) -> str:
         return "(case file not readable)"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     """Write beside the target and rename over it: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
