@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 
 from conformance.backends import _frameworks
 from conformance.problem import Optimizer, Problem, Trajectory
@@ -44,27 +45,55 @@ def train(problem: Problem, device: str) -> Trajectory:
     optimizer = make_optimizer(torch, model.parameters(), problem.optimizer)
     loss_function = torch.nn.MSELoss(reduction=problem.reduction)
     orders = None if problem.orders is None else torch.as_tensor(problem.orders, device=device)
-    params = torch.empty((problem.epochs, problem.features + problem.has_bias), dtype=dtype, device=device)
-    losses = torch.empty(problem.epochs, dtype=dtype, device=device)
+    parameters = list(model.parameters())
+    params, step_losses = _Stacked(torch), _Stacked(torch)
     for epoch in range(problem.epochs):
-        total = torch.zeros((), dtype=dtype, device=device)
         for start in range(0, problem.n, problem.batch_size):
-            stop = min(start + problem.batch_size, problem.n)
-            rows = slice(start, stop) if orders is None else orders[epoch, start:stop]
+            rows = slice(start, start + problem.batch_size) if orders is None \
+                else orders[epoch, start:start + problem.batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss = loss_function(model(x[rows]), y[rows])
             loss.backward()
             optimizer.step()
-            total += loss.detach() * (stop - start)
-        with torch.no_grad():
-            losses[epoch] = total / problem.n
-            params[epoch] = torch.cat([p.reshape(-1) for p in model.parameters()])
+            step_losses.add(loss.detach())
+        params.add(torch.cat([p.detach().reshape(-1) for p in parameters]))
     predictions = None
     if problem.predict_x is not None:
         with torch.no_grad():
             predictions = model(torch.as_tensor(problem.predict_x, device=device))[:, 0].cpu().double().numpy()
-    return Trajectory(params.cpu().double().numpy(), losses.cpu().double().numpy(), predictions,
+    return Trajectory(params.numpy(), _epoch_losses(problem, step_losses.numpy()), predictions,
                       _environment(torch, device))
+
+
+class _Stacked:
+    """Tensors recorded during training, kept on the device and stacked in chunks.
+
+    Appending a detached tensor costs far less than writing into a preallocated one (no
+    indexing op per step), and chunking bounds the number of live tensor objects.
+    """
+
+    CHUNK = 1024
+
+    def __init__(self, torch: Any) -> None:
+        self.torch, self.pending, self.chunks = torch, [], []
+
+    def add(self, tensor: Any) -> None:
+        self.pending.append(tensor)
+        if len(self.pending) == self.CHUNK:
+            self.chunks.append(self.torch.stack(self.pending))
+            self.pending = []
+
+    def numpy(self) -> np.ndarray:
+        if self.pending:
+            self.chunks.append(self.torch.stack(self.pending))
+            self.pending = []
+        return self.torch.cat(self.chunks).cpu().double().numpy()
+
+
+def _epoch_losses(problem: Problem, step_losses: np.ndarray) -> np.ndarray:
+    """Each epoch's loss: its batch losses weighted by batch size, over n (Keras's history)."""
+    sizes = np.diff(np.append(np.arange(0, problem.n, problem.batch_size), problem.n))
+    return step_losses.reshape(problem.epochs, len(sizes)) @ sizes / problem.n
 
 
 def make_optimizer(torch: Any, parameters: Any, optimizer: Optimizer) -> Any:
