@@ -63,7 +63,8 @@ def pytest_configure(config: pytest.Config) -> None:
         from conformance.backends import _frameworks
 
         _frameworks.request_determinism()
-    if not hasattr(config, "workerinput"):
+    # Only a run that runs items writes a report: `--collect-only` must not replace the last one.
+    if not hasattr(config, "workerinput") and not config.option.collectonly:
         from conformance.report.collector import ReportCollector
 
         config.pluginmanager.register(ReportCollector(config, reports / label, time.time()), "conformance-report")

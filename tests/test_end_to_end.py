@@ -69,3 +69,12 @@ def test_pairwise_check_is_complete_when_items_spread_over_workers(pytester, cas
     report = json.loads((tmp_path / "reports" / "e2e" / "results.json").read_text())
     pairwise = next(item for item in report["items"] if item["id"] == "good-pairwise")
     assert [pair["a"] + pair["b"] for pair in pairwise["pairs"]] == [["gradient_tape", "cpu", "torch", "cpu"]]
+
+
+def test_collect_only_leaves_the_last_report_alone(pytester, case_folder, tmp_path):
+    run(pytester, case_folder, tmp_path, "-k", "good").assert_outcomes(passed=1)
+    results = tmp_path / "reports" / "e2e" / "results.json"
+    before = results.read_bytes()
+    collected = run(pytester, case_folder, tmp_path, "--collect-only", "-q")
+    assert collected.ret == 0 and "good-torch-cpu-parity" in collected.stdout.str()
+    assert results.read_bytes() == before

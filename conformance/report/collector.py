@@ -94,7 +94,7 @@ class ReportCollector:
             (self.folder / JOURNAL).unlink(missing_ok=True)
             return
         missing = sorted(self.expected_ids - set(self.entries))
-        from conformance.report.writer import write_run  # matplotlib and jinja: controller only, at the end
+        from conformance.report.writer import write_run  # jinja: controller only, at the end
 
         path = write_run(self.folder, list(self.entries.values()), self._meta(exitstatus, missing))
         (self.folder / JOURNAL).unlink(missing_ok=True)
