@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import backends, compare, reference
+from conformance import backends, compare, reference, timing
 from conformance.case import LoadedCase
 from conformance.problem import Prepared, Trajectory, prepare
 from conformance.schema import Expect
@@ -71,26 +71,30 @@ class CaseRun:
 
     @cached_property
     def replay(self) -> Trajectory:
-        trajectory = reference.replay(self.prepared.problem)
-        trajectory.params = self.prepared.to_original(trajectory.params)
+        with timing.phase("references"):
+            trajectory = reference.replay(self.prepared.problem)
+            trajectory.params = self.prepared.to_original(trajectory.params)
         return trajectory
 
     @cached_property
     def least_squares(self) -> np.ndarray:
-        return reference.least_squares(self.prepared.x_design, self.prepared.y, self.prepared.problem.has_bias)
+        with timing.phase("references"):
+            return reference.least_squares(self.prepared.x_design, self.prepared.y, self.prepared.problem.has_bias)
 
     def train(self, backend: str, device: str) -> Trained:
         key = (backend, device)
         if key not in self.results:
             started = time.perf_counter()
             try:
-                trajectory = backends.load(backend).train(self.prepared.problem, device)
+                with timing.phase("training"):
+                    trajectory = backends.load(backend).train(self.prepared.problem, device)
             except Exception:  # noqa: BLE001 - kept with its traceback, reported as a crash
                 self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
                                             traceback.format_exc())
             else:
                 seconds = time.perf_counter() - started
-                repeat = _second_training(backend, device, self.prepared.problem, trajectory) if self.repeat else None
+                with timing.phase("training"):
+                    repeat = _second_training(backend, device, self.prepared.problem, trajectory) if self.repeat else None
                 trajectory.params = self.prepared.to_original(trajectory.params)
                 self.results[key] = Trained(backend, device, trajectory, seconds, repeat=repeat)
         return self.results[key]

@@ -50,6 +50,8 @@ def test_a_strangers_cases_get_the_right_outcomes_under_xdist(pytester, case_fol
                    "too-tight-torch-cpu-parity", "typo-load"]
     assert report["meta"]["complete"] is True
     assert report["meta"]["devices"]["torch"]["not_found"] == ["cuda", "mps"]  # from the workers
+    assert sorted(report["meta"]["time"]) == ["gw0", "gw1"]  # where each worker's time went
+    assert sum(worker["training"] for worker in report["meta"]["time"].values()) > 0
     # One report for the whole run, written by the controller, with a page per case.
     assert [path.name for path in (tmp_path / "reports").iterdir()] == ["e2e"]
     folder = tmp_path / "reports" / "e2e"

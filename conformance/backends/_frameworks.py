@@ -13,6 +13,8 @@ import os
 from types import ModuleType
 from typing import Any
 
+from conformance import timing
+
 
 _DETERMINISM = {"requested": False}
 
@@ -32,7 +34,8 @@ def installed(module: str) -> bool:
 
 @functools.cache
 def torch() -> ModuleType:
-    import torch as torch_module
+    with timing.phase("imports"):
+        import torch as torch_module
 
     torch_module.backends.cuda.matmul.allow_tf32 = False
     torch_module.backends.cudnn.allow_tf32 = False
@@ -48,7 +51,8 @@ def tensorflow() -> ModuleType:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if installed("torch"):
         torch()
-    import tensorflow as tf
+    with timing.phase("imports"):
+        import tensorflow as tf
 
     tf.config.experimental.enable_tensor_float_32_execution(False)
     if _DETERMINISM["requested"]:

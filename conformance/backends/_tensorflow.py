@@ -8,9 +8,11 @@ written against the API the two share.
 from __future__ import annotations
 
 import contextlib
+import functools
 from types import ModuleType
 from typing import Any, Iterator
 
+from conformance import timing
 from conformance.backends import _frameworks
 from conformance.problem import Optimizer
 
@@ -41,8 +43,13 @@ def tf_device(device: str) -> str:
     return "/CPU:0" if device == "cpu" else f"/GPU:{device.split(':')[1]}"
 
 
+@functools.cache
 def keras() -> ModuleType:
-    return _frameworks.tensorflow().keras
+    tf = _frameworks.tensorflow()
+    with timing.phase("imports"):
+        module = tf.keras
+        module.optimizers  # tf.keras loads lazily: touch it, so that Keras's import counts as one
+    return module
 
 
 def keras_version() -> str:

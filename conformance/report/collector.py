@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conformance import environment
+from conformance import environment, timing
 
 ITEM_MARK = "test_parity.py::test_case["
 JOURNAL = ".journal.jsonl"
@@ -35,6 +35,7 @@ class ReportCollector:
         self.entries: dict[str, dict[str, Any]] = {}
         self.expected_ids: set[str] = set()
         self.devices: dict[str, Any] = {}
+        self.worker_time: dict[str, dict[str, float]] = {}  # per xdist worker: timing.summary()
         self.notice = self._keep_journal_of_a_dead_run()
         self.journal = (folder / JOURNAL).open("w", encoding="utf-8")
         self._log({"meta": self._meta(pytest.ExitCode.INTERRUPTED, [])})
@@ -69,7 +70,11 @@ class ReportCollector:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        self.devices.update(getattr(node, "workeroutput", {}).get("conformance_devices") or {})
+        output = getattr(node, "workeroutput", {})
+        self.devices.update(output.get("conformance_devices") or {})
+        if output.get("conformance_time"):
+            worker = getattr(getattr(node, "gateway", None), "id", None) or f"worker {len(self.worker_time)}"
+            self.worker_time[str(worker)] = output["conformance_time"]
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if ITEM_MARK not in report.nodeid:
@@ -118,6 +123,7 @@ class ReportCollector:
             "versions": environment.versions(),
             "workers": getattr(self.config.option, "numprocesses", None) or 0,
             "determinism": bool(self.config.getoption("determinism", False)),
+            "time": dict(sorted(self.worker_time.items())) or {"main": timing.summary()},
         }
 
 
