@@ -88,13 +88,14 @@ class CaseRun:
             try:
                 with timing.phase("training"):
                     trajectory = backends.load(backend).train(self.prepared.problem, device)
-            except Exception:  # noqa: BLE001 - kept with its traceback, reported as a crash
+            except Exception:
                 self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
                                             traceback.format_exc())
             else:
                 seconds = time.perf_counter() - started
                 with timing.phase("training"):
-                    repeat = _second_training(backend, device, self.prepared.problem, trajectory) if self.repeat else None
+                    repeat = (_second_training(backend, device, self.prepared.problem, trajectory)
+                              if self.repeat else None)
                 trajectory.params = self.prepared.to_original(trajectory.params)
                 self.results[key] = Trained(backend, device, trajectory, seconds, repeat=repeat)
         return self.results[key]

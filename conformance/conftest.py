@@ -1,3 +1,3 @@
 """Loads the conformance plugin for `pytest conformance`."""
 
-from conformance.plugin import *  # noqa: F401,F403 - pytest hooks and fixtures
+from conformance.plugin import *  # noqa: F403 - pytest hooks and fixtures

@@ -127,7 +127,7 @@ class Standardizer:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> "Standardizer":
+    def fit(cls, x: np.ndarray) -> Standardizer:
         return cls(x.mean(axis=0), x.std(axis=0))
 
     def apply(self, x: np.ndarray) -> np.ndarray:

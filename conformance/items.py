@@ -22,8 +22,8 @@ from conformance.checks import CaseRun, Outcome, applicable, make_run
 RESULT_CHECKS = ("parity", "lstsq")
 CASE_CHECKS = ("pairwise", "certified", "load")
 _ID = re.compile(
-    r"^(?P<case>.+?)-(?:(?P<backend>%s)-(?P<device>[a-z]+(?::\d+)?)-(?:%s|unavailable)|%s)$"
-    % ("|".join(backends.MODULES), "|".join(RESULT_CHECKS), "|".join(CASE_CHECKS))
+    r"^(?P<case>.+?)-(?:(?P<backend>{})-(?P<device>[a-z]+(?::\d+)?)-(?:{}|unavailable)|{})$".format(
+        "|".join(backends.MODULES), "|".join(RESULT_CHECKS), "|".join(CASE_CHECKS))
 )
 
 

@@ -37,7 +37,7 @@ it in float64, and measures what epsilon changes where gradients are small.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

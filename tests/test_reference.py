@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-import scipy.linalg
 import pytest
+import scipy.linalg
 
 from conformance.datasets import Standardizer
 from conformance.problem import Optimizer, Problem

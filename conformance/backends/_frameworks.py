@@ -15,7 +15,6 @@ from typing import Any
 
 from conformance import timing
 
-
 _DETERMINISM = {"requested": False}
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 from conformance import timing
 from conformance.backends import _frameworks
 from conformance.problem import Optimizer
-
 
 LOOKED_FOR = ("cpu", "cuda")  # TensorFlow's GPU:N is named cuda:N in the suite's vocabulary
 
@@ -48,7 +48,7 @@ def keras() -> ModuleType:
     tf = _frameworks.tensorflow()
     with timing.phase("imports"):
         module = tf.keras
-        module.optimizers  # tf.keras loads lazily: touch it, so that Keras's import counts as one
+        _ = module.optimizers  # tf.keras loads lazily: touch it, so that Keras's import counts as one
     return module
 
 

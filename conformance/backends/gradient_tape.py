@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import _tensorflow
-from conformance.backends import _frameworks
+from conformance.backends import _frameworks, _tensorflow
 from conformance.problem import Problem, Trajectory
 
 NAME = "gradient_tape"

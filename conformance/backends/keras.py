@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import _tensorflow
-from conformance.backends import _frameworks
+from conformance.backends import _frameworks, _tensorflow
 from conformance.problem import Problem, Trajectory
 
 NAME = "keras"
@@ -51,7 +50,8 @@ def _train(problem: Problem, device: str, plain: bool) -> Trajectory:
         if problem.predict_x is not None:
             predictions = np.asarray(model(problem.predict_x, training=False), dtype=np.float64)[:, 0]
     info = _tensorflow.environment(device) | {"jit_compile": bool(getattr(model, "jit_compile", False)),
-                                              "feeding": "fit(x, y)" if plain else "fit(tf.data, steps_per_execution=one epoch)",
+                                              "feeding": "fit(x, y)" if plain
+                                              else "fit(tf.data, steps_per_execution=one epoch)",
                                               "kernel_dtype": str(model.layers[-1].kernel.dtype)}
     if problem.optimizer.settings.get("weight_decay"):
         info["loss_note"] = "Keras's loss includes the L2 term that carries weight decay"

@@ -45,7 +45,8 @@ class ReportCollector:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not stale.exists():
             return None
-        kept = stale.with_name(time.strftime(".journal-died-%Y%m%dT%H%M%S.jsonl", time.localtime(stale.stat().st_mtime)))
+        died = time.localtime(stale.stat().st_mtime)
+        kept = stale.with_name(time.strftime(".journal-died-%Y%m%dT%H%M%S.jsonl", died))
         stale.rename(kept)
         return (f"the previous run in {self.folder} died before writing its report; what it finished is in "
                 f"{kept}: python -m conformance.report recover {kept} -o {self.folder}-recovered")

@@ -9,8 +9,9 @@ worker has finished (that time is pure wall time).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from html import escape
-from typing import Any, Iterable
+from typing import Any
 
 WIDTH, HEIGHT = 500, 300  # one panel without its legend, in SVG user units
 LEFT, RIGHT, TOP, BOTTOM = 62, 12, 26, 40  # margins around the plotting area

@@ -26,7 +26,8 @@ SEVERITY = ("crashed", "error", "failed", "not run", "xfailed", "skipped", "pass
 RESULTS_FORMAT = 2
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("conformance.report", "templates"),
-    autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined,  # a record missing a field must not cost the report
+    # ChainableUndefined: a record missing a field must not cost the report.
+    autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined,
     extensions=["jinja2.ext.do"],
 )
 _TEMPLATES.filters["status_class"] = lambda status: (status or "not run").replace(" ", "-")
