@@ -109,3 +109,20 @@ def test_a_missing_framework_skips_its_backends_with_the_reason(monkeypatch, tmp
     assert items["f32-keras-cpu-unavailable"].skip == "tensorflow is not installed"
     assert planned.devices["keras"] == {"looked_for": ["cpu", "cuda"], "unavailable": "tensorflow is not installed"}
     assert "f32-torch-cpu-parity" in items
+
+
+@pytest.mark.parametrize("backend", ["keras", "gradient_tape", "torch"])
+def test_each_result_records_where_the_framework_placed_the_weights(backend):
+    """Real training on the CPU: the framework's own placement of the trained weights is recorded."""
+    pytest.importorskip("torch" if backend == "torch" else "tensorflow")
+    import numpy as np
+
+    from conformance import backends
+    from conformance.problem import Optimizer, Problem
+
+    x = np.arange(4.0, dtype=np.float32).reshape(-1, 1)
+    problem = Problem("placement", x, 2 * x[:, 0], np.zeros(1, np.float32), np.zeros((), np.float32), 2, 4,
+                      None, "mean", Optimizer("sgd", {"learning_rate": 0.1, "momentum": 0.0, "nesterov": False,
+                                                      "weight_decay": 0.0}), "float32")
+    placed_on = backends.load(backend).train(problem, "cpu").info["placed_on"]
+    assert placed_on == "cpu" if backend == "torch" else placed_on.endswith("device:CPU:0")

@@ -111,12 +111,15 @@ def keras_optimizer(optimizer: Optimizer) -> Any:
     raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the TensorFlow backends")
 
 
-def environment(device: str) -> dict[str, Any]:
-    """Versions and the framework's own view of the device, recorded with every result."""
+def environment(device: str, variable: Any) -> dict[str, Any]:
+    """Versions, and TensorFlow's own view of where the trained `variable` lives, recorded with
+    every result."""
     import os
 
     tf = _frameworks.tensorflow()
-    details: dict[str, Any] = {"tensorflow": tf.__version__, "keras": keras_version(),
+    # Keras 3 wraps the tf.Variable (its .value); Keras 2 and plain TensorFlow hand it out.
+    placed_on = getattr(variable, "device", None) or getattr(getattr(variable, "value", None), "device", None)
+    details: dict[str, Any] = {"tensorflow": tf.__version__, "keras": keras_version(), "placed_on": placed_on,
                                "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TF default)"),
                                "tensor_float_32": tf.config.experimental.tensor_float_32_execution_enabled(),
                                "op_determinism": _frameworks.tensorflow_determinism()}

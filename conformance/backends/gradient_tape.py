@@ -39,7 +39,7 @@ def train(problem: Problem, device: str) -> Trajectory:
         predictions = None
         if problem.predict_x is not None:
             predictions = _forward(tf, tf.constant(problem.predict_x), variables).numpy()[:, 0].astype(np.float64)
-    return Trajectory(params, losses, predictions, _tensorflow.environment(device))
+    return Trajectory(params, losses, predictions, _tensorflow.environment(device, weights))
 
 
 def _forward(tf: Any, x: Any, variables: list[Any]) -> Any:

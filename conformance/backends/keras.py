@@ -49,10 +49,10 @@ def _train(problem: Problem, device: str, plain: bool) -> Trajectory:
         predictions = None
         if problem.predict_x is not None:
             predictions = np.asarray(model(problem.predict_x, training=False), dtype=np.float64)[:, 0]
-    info = _tensorflow.environment(device) | {"jit_compile": bool(getattr(model, "jit_compile", False)),
-                                              "feeding": "fit(x, y)" if plain
-                                              else "fit(tf.data, steps_per_execution=one epoch)",
-                                              "kernel_dtype": str(model.layers[-1].kernel.dtype)}
+    kernel = model.layers[-1].kernel
+    feeding = "fit(x, y)" if plain else "fit(tf.data, steps_per_execution=one epoch)"
+    info = _tensorflow.environment(device, kernel) | {"jit_compile": bool(getattr(model, "jit_compile", False)),
+                                                      "feeding": feeding, "kernel_dtype": str(kernel.dtype)}
     if problem.optimizer.settings.get("weight_decay"):
         info["loss_note"] = "Keras's loss includes the L2 term that carries weight decay"
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info)

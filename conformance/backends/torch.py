@@ -62,7 +62,7 @@ def train(problem: Problem, device: str) -> Trajectory:
         with torch.no_grad():
             predictions = model(torch.as_tensor(problem.predict_x, device=device))[:, 0].cpu().double().numpy()
     return Trajectory(params.numpy(), _epoch_losses(problem, step_losses.numpy()), predictions,
-                      _environment(torch, device))
+                      _environment(torch, device, model.weight))
 
 
 class _Stacked:
@@ -120,8 +120,10 @@ def make_optimizer(torch: Any, parameters: Any, optimizer: Optimizer) -> Any:
     raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the torch backend")
 
 
-def _environment(torch: Any, device: str) -> dict[str, Any]:
-    details: dict[str, Any] = {"torch": torch.__version__} | _frameworks.torch_settings()
+def _environment(torch: Any, device: str, weight: Any) -> dict[str, Any]:
+    """Versions and numerics settings, and where torch says the trained weight lives."""
+    details: dict[str, Any] = {"torch": torch.__version__, "placed_on": str(weight.device)}
+    details |= _frameworks.torch_settings()
     if device.startswith("cuda"):
         details["device_name"] = torch.cuda.get_device_name(torch.device(device))
         details["cuda"] = torch.version.cuda
