@@ -88,7 +88,7 @@ class CaseRun:
             try:
                 with timing.phase("training"):
                     trajectory = backends.load(backend).train(self.prepared.problem, device)
-            except Exception:
+            except Exception:  # any backend error is kept with its traceback and reported as a crash
                 self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
                                             traceback.format_exc())
             else:

@@ -47,7 +47,7 @@ def read_yaml(path: Path) -> Any:
     text = path.read_text(encoding="utf-8")
     try:
         _check_depth(yaml.compose(text, Loader=CaseLoader))
-        return yaml.load(text, Loader=CaseLoader)
+        return yaml.load(text, Loader=CaseLoader)  # CaseLoader is a SafeLoader
     except yaml.YAMLError as error:
         raise YamlError(f"not valid YAML: {_one_line(error)}") from None
     except RecursionError:  # PyYAML composes recursively: thousands of levels exhaust the stack
