@@ -30,6 +30,12 @@ class Series:
         self.label, self.color, self.dash, self.width, self.opacity = label, color, dash, width, opacity
         self.points = [(epoch, value) for epoch, value in zip(epochs, values)]
 
+    @property
+    def stroke(self) -> str:
+        """The SVG stroke attributes shared by the line and its legend sample."""
+        dash = f' stroke-dasharray="{self.dash}"' if self.dash else ""
+        return f'stroke="{self.color}" stroke-width="{self.width}" stroke-opacity="{self.opacity}"{dash}'
+
 
 def curves_svg(results: list[dict[str, Any]], replay: dict[str, Any] | None) -> str:
     """Two panels: every backend's loss with the replay's, and each backend's distance to the replay."""
@@ -94,9 +100,7 @@ def _panel(series: list[Series], title: str, ylabel: str, x_offset: int, legend:
                              f'fill="{line.color}" fill-opacity="{line.opacity}"/>')
                 continue
             points = " ".join(f"{x(epoch):.1f},{y(value):.1f}" for epoch, value in segment)
-            dash = f' stroke-dasharray="{line.dash}"' if line.dash else ""
-            parts.append(f'<polyline points="{points}" fill="none" stroke="{line.color}" '
-                         f'stroke-width="{line.width}" stroke-opacity="{line.opacity}"{dash}/>')
+            parts.append(f'<polyline points="{points}" fill="none" {line.stroke}/>')
     parts.append("</g>")
     return "".join(parts)
 
@@ -116,9 +120,7 @@ def _legend(series: list[Series], y_top: float) -> tuple[str, float]:
         width = 36 + 6.2 * len(line.label) + 14
         if x + width > WIDTH - RIGHT and x > LEFT:
             x, y = float(LEFT), y + 15
-        dash = f' stroke-dasharray="{line.dash}"' if line.dash else ""
-        parts.append(f'<line x1="{x:.1f}" x2="{x + 28:.1f}" y1="{y - 4}" y2="{y - 4}" stroke="{line.color}" '
-                     f'stroke-width="{line.width}" stroke-opacity="{line.opacity}"{dash}/>'
+        parts.append(f'<line x1="{x:.1f}" x2="{x + 28:.1f}" y1="{y - 4}" y2="{y - 4}" {line.stroke}/>'
                      f'<text x="{x + 34:.1f}" y="{y}" font-size="10">{escape(line.label)}</text>')
         x += width
     return "".join(parts), y + 6 - y_top
