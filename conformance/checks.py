@@ -81,6 +81,11 @@ class CaseRun:
         with timing.phase("references"):
             return reference.least_squares(self.prepared.x_design, self.prepared.y, self.prepared.problem.has_bias)
 
+    @property
+    def least_squares_name(self) -> str:
+        """How the least-squares reference was computed, as messages and the report name it."""
+        return reference.least_squares_method(len(self.prepared.y), self.least_squares.size)
+
     def train(self, backend: str, device: str) -> Trained:
         key = (backend, device)
         if key not in self.results:
@@ -139,7 +144,8 @@ class CaseRun:
         result = self.trained_or_raise(backend, device)
         tol = self.case.spec.tolerance.lstsq
         record = {"kind": "lstsq", "backend": backend, "device": device, "tolerance": tol.model_dump(),
-                  "params": _floats(result.trajectory.final), "lstsq": _floats(self.least_squares)}
+                  "params": _floats(result.trajectory.final), "lstsq": _floats(self.least_squares),
+                  "reference": self.least_squares_name}
         diverged = self._divergence(result)
         if diverged:
             return Outcome(False, diverged, record)
@@ -150,7 +156,7 @@ class CaseRun:
                                           self.prepared.parameter_names)
         if mismatch is None:
             return Outcome(True, f"within {_tol(tol)} of the least-squares fit", record)
-        return Outcome(False, mismatch.describe(result.label, "scipy least squares", self.where), record)
+        return Outcome(False, mismatch.describe(result.label, self.least_squares_name, self.where), record)
 
     def check_pairwise(self, deviant: set[tuple[str, str]]) -> Outcome:
         """Every two results agree within the parity tolerance, in both directions.
@@ -171,6 +177,7 @@ class CaseRun:
                     failures.append(problem)
         record = {"kind": "pairwise", "pairs": rows, "tolerance": tol.model_dump(),
                   "replay": _curve_record(self.replay), "lstsq": _floats(self.least_squares),
+                  "reference": self.least_squares_name,
                   "parameter_names": self.prepared.parameter_names,
                   "diverged": [result.label for result in results if self._divergence(result)]}
         if failures:
@@ -184,12 +191,13 @@ class CaseRun:
         certified = self.case.spec.certified
         digits = reference.lre(self.least_squares, self.certified_params)
         record = {"kind": "certified", "certified": _floats(self.certified_params),
-                  "lstsq": _floats(self.least_squares), "lre": _floats(digits), "min_digits": certified.min_digits}
+                  "lstsq": _floats(self.least_squares), "reference": self.least_squares_name, "lre": _floats(digits),
+                  "min_digits": certified.min_digits}
         worst = int(np.argmin(digits))
         name = self.prepared.parameter_names[worst]
         if digits[worst] >= certified.min_digits:
             return Outcome(True, f"least squares agrees with the certified values to {digits.min():.1f} digits", record)
-        return Outcome(False, f"{name}={self.least_squares[worst]:.15g} (scipy least squares), but should be "
+        return Outcome(False, f"{name}={self.least_squares[worst]:.15g} ({self.least_squares_name}), but should be "
                               f"{self.certified_params[worst]:.15g} to {certified.min_digits:g} significant digits "
                               f"(certified); agrees to {digits[worst]:.1f} [case {self.case.name}]", record)
 

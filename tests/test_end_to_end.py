@@ -41,7 +41,7 @@ def test_a_strangers_cases_get_the_right_outcomes_under_xdist(pytester, case_fol
     result.assert_outcomes(passed=2, failed=2, skipped=1)
     output = result.stdout.str()
     assert "PASSED" in output and "good-torch-cpu-parity" in output
-    assert "too-tight-torch-cpu-lstsq" in output and "but should be" in output and "(scipy least squares)" in output
+    assert "too-tight-torch-cpu-lstsq" in output and "but should be" in output and "(exact least squares)" in output
     assert "typo.yaml: training.optimizer.sgd: unknown key 'learning_rat'" in output
     assert "cuda:0 is not available to torch" in output
     report = json.loads((tmp_path / "reports" / "e2e" / "results.json").read_text())

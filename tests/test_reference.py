@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from conformance import reference
 from conformance.datasets import Standardizer
 from conformance.problem import Optimizer, Problem
 from conformance.reference import least_squares, lre, replay
@@ -137,8 +138,6 @@ def test_adagrad_follows_torch_from_its_initial_accumulator():
 
 
 def test_tall_problems_solved_via_the_gram_matrix_agree_with_the_svd_path():
-    from conformance import reference
-
     rng = np.random.default_rng(5)
     x = rng.normal(loc=3.0, scale=[1, 10, 0.1], size=(reference.TALL_ROWS, 3))
     y = x @ [1.5, -2.0, 30.0] + 7.0 + rng.normal(size=len(x))
@@ -148,3 +147,25 @@ def test_tall_problems_solved_via_the_gram_matrix_agree_with_the_svd_path():
     np.testing.assert_allclose(tall, svd, rtol=1e-12)
     collinear = np.hstack([x[:, :1], x[:, :1] * (1 + 1e-12)])  # ill-conditioned: falls back to the SVD path
     assert reference._tall_least_squares(collinear, y, True) is None
+
+
+def test_exact_least_squares_matches_scipy_where_scipy_is_accurate_and_beats_it_on_wampler5():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, size=(40, 3))
+    y = x @ [1.5, -2.0, 0.25] + 0.5 + rng.normal(0, 0.1, size=40)
+    design = np.hstack([x, np.ones((40, 1))])
+    scipy_solution = scipy.linalg.lstsq(design, y)[0]
+    np.testing.assert_allclose(reference.exact_least_squares(x, y, True), scipy_solution, rtol=1e-13)
+    with open(ROOT / "cases" / "nist" / "data" / "wampler5.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    raw = np.array([float(row["x"]) for row in rows])
+    target = np.array([float(row["y"]) for row in rows])
+    powers = np.hstack([raw[:, None] ** power for power in range(1, 6)])
+    assert lre(reference.exact_least_squares(powers, target, True), np.ones(6)).min() >= 14.5
+
+
+def test_exact_least_squares_declines_rank_deficient_data_and_scipy_gives_a_minimiser():
+    x = np.array([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])
+    y = np.array([1.0, 2.0, 3.0])
+    assert reference.exact_least_squares(x, y, False) is None
+    np.testing.assert_allclose(x @ least_squares(x, y, False), y, rtol=1e-12)
