@@ -44,6 +44,7 @@ class Trained:
     seconds: float
     error: str | None = None
     repeat: dict[str, Any] | None = None  # with --determinism: how a second training compared
+    unavailable: str | None = None  # the backend could not run here after all (backends.Unavailable)
 
     @property
     def label(self) -> str:
@@ -93,6 +94,9 @@ class CaseRun:
             try:
                 with timing.phase("training"):
                     trajectory = backends.load(backend).train(self.prepared.problem, device)
+            except backends.Unavailable as reason:
+                self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
+                                            unavailable=str(reason))
             except Exception:  # any backend error is kept with its traceback and reported as a crash
                 self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
                                             traceback.format_exc())
@@ -106,7 +110,10 @@ class CaseRun:
         return self.results[key]
 
     def trained_or_raise(self, backend: str, device: str) -> Trained:
+        """The result; backends.Unavailable (a skip) or TrainingCrashed (an error) when there is none."""
         result = self.train(backend, device)
+        if result.unavailable is not None:
+            raise backends.Unavailable(result.unavailable)
         if result.error is not None:
             raise TrainingCrashed(f"{backend} on {device} raised while training [case {self.case.name}]:\n"
                                   f"{result.error}")
@@ -165,7 +172,8 @@ class CaseRun:
         in the report but do not fail the item.
         """
         tol = self.case.spec.tolerance.parity
-        results = [self.trained_or_raise(backend, device) for backend, device in self.pairs]
+        results = [self.trained_or_raise(backend, device) for backend, device in self.pairs
+                   if self.train(backend, device).unavailable is None]
         usable = [result for result in results if not self._divergence(result)]
         rows, failures = [], []
         for index, first in enumerate(usable):
@@ -274,7 +282,7 @@ def applicable(expect: list[Expect], check: str, backend: str | None, device: st
     from packaging.version import InvalidVersion, Version
 
     for entry in expect:
-        if entry.check != check or (entry.backend and entry.backend != backend):
+        if entry.check != check or (entry.backend_names and backend not in entry.backend_names):
             continue
         if entry.device and entry.device != device:
             continue

@@ -85,15 +85,22 @@ def plan(locations: list[Path], only_backends: list[str], only_devices: list[str
     return Plan(items, runs, devices_seen)
 
 
+def default_backends(devices_seen: dict[str, Any]) -> list[str]:
+    """The backends a case without `backends:` runs on when no --backend is given."""
+    return [name for name, seen in devices_seen.items() if seen["selected"]]
+
+
 def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
-    """Per backend: the devices it can use, or why it cannot run at all."""
+    """Per backend: the devices it can use, or why it cannot run at all, and whether a run
+    without --backend selects it (the report lists the others as available, not selected)."""
     seen: dict[str, Any] = {}
     for name in backends.MODULES:
         if only_backends and name not in only_backends:
             continue
         module = backends.load(name)
         reason = module.available()
-        seen[name] = {"looked_for": list(module.LOOKED_FOR)}
+        seen[name] = {"looked_for": list(module.LOOKED_FOR),
+                      "selected": bool(only_backends) or backends.selected_by_default(name)}
         if reason:
             seen[name]["unavailable"] = reason
             continue
@@ -107,7 +114,8 @@ def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
 def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[str],
                devices_seen: dict[str, Any], runs: dict[str, CaseRun], repeat: bool) -> list[ItemSpec]:
     spec, source = case.spec, case.source.display
-    wanted_backends = [b for b in (spec.backends or list(backends.MODULES)) if not only_backends or b in only_backends]
+    wanted_backends = [b for b in (spec.backends or only_backends or default_backends(devices_seen))
+                       if not only_backends or b in only_backends]
     items, pairs = [], []
     for backend in wanted_backends:
         found = devices_seen[backend]
@@ -161,12 +169,17 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
     run = runs[spec.case]
     record.update(description=run.case.spec.description, seeds=seeds(run.case))
     versions = environment.versions()
-    outcome = _check(spec, run, versions)
+    try:
+        outcome = _check(spec, run, versions)
+    except backends.Unavailable as reason:
+        record["message"] = str(reason)
+        pytest.skip(f"{spec.source}: {spec.backend} cannot run here: {reason}")
     record.update(outcome.record, message=outcome.message, environment=versions)
     expected = _expectation(spec, run, versions)
     if expected is not None:
         record["expected"] = expected.reason
-        reason = f"{spec.source}: expect {expected.backend or 'any backend'} {expected.check}: {expected.reason}"
+        covered = ", ".join(expected.backend_names) or "any backend"
+        reason = f"{spec.source}: expect {covered} {expected.check}: {expected.reason}"
         if outcome.passed:
             pytest.fail(f"expected deviation did not happen (strict): {reason}", pytrace=False)
         pytest.xfail(f"{reason} -- {outcome.message}")

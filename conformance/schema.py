@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-BACKEND_NAMES = ("keras", "gradient_tape", "torch")
+BACKEND_NAMES = ("keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "torch_compile")
 CHECK_NAMES = ("parity", "lstsq", "certified")
 DEVICE_PATTERN = r"^(cpu|cuda:[0-9]+|mps)$"
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -262,8 +262,12 @@ class Certified(Strict):
     min_digits: Annotated[float, Field(gt=0, le=17, allow_inf_nan=False)]
 
 
+BackendName = Literal[BACKEND_NAMES]  # type: ignore[valid-type]
+
+
 class Expect(Strict):
-    backend: Optional[Literal[BACKEND_NAMES]] = None  # type: ignore[valid-type]
+    # One backend, or (v1.1, additive) a list of them that share the deviation and its reason.
+    backend: Optional[Union[BackendName, Annotated[list[BackendName], Field(min_length=1)]]] = None
     device: Optional[Annotated[str, Field(pattern=DEVICE_PATTERN)]] = None
     check: Literal[CHECK_NAMES]  # type: ignore[valid-type]
     reason: Annotated[str, Field(min_length=1)]
@@ -283,6 +287,13 @@ class Expect(Strict):
                     {"package": package, "spec": spec},
                 ) from None
         return versions
+
+    @property
+    def backend_names(self) -> list[str]:
+        """The backends this entry covers; empty for every backend."""
+        if self.backend is None:
+            return []
+        return [self.backend] if isinstance(self.backend, str) else list(self.backend)
 
 
 class Case(Strict):

@@ -5,7 +5,10 @@
     available() -> str | None            None, or why it cannot run (framework not installed)
     devices() -> list[str]               devices it can train on: "cpu", "cuda:0", "mps"
     device_name(device) -> str           what the device is (CPU or GPU model), for the report
-    train(problem, device) -> Trajectory numpy in, numpy out
+    train(problem, device) -> Trajectory numpy in, numpy out; raises Unavailable when the
+                                         backend turns out not to work here (a broken compiler)
+    SELECTED_BY_DEFAULT: bool            optional (default True): False leaves it out of a run unless
+                                         --backend or a case's `backends:` names it
 
 Modules are imported on first use, and frameworks only inside them, so that the harness (and
 its own tests) work without TensorFlow or PyTorch installed.
@@ -19,6 +22,15 @@ from types import ModuleType
 from conformance.schema import BACKEND_NAMES
 
 MODULES = {name: f"conformance.backends.{name}" for name in BACKEND_NAMES}
+
+
+class Unavailable(Exception):
+    """Raised by `train` when the backend cannot run here after all (its compiler is missing or
+    broken): the item is skipped with this reason, never passed or failed."""
+
+
+def selected_by_default(name: str) -> bool:
+    return getattr(load(name), "SELECTED_BY_DEFAULT", True)
 
 
 def load(name: str) -> ModuleType:

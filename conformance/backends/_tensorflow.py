@@ -24,6 +24,14 @@ def available() -> str | None:
     return None if _frameworks.installed("tensorflow") else "tensorflow is not installed"
 
 
+def xla_available() -> str | None:
+    """None, or why XLA cannot compile here (TensorFlow missing, or built without XLA)."""
+    reason = available()
+    if reason is None and not _frameworks.tensorflow().test.is_built_with_xla():
+        reason = "this TensorFlow build has no XLA (tf.test.is_built_with_xla() is False)"
+    return reason
+
+
 def devices() -> list[str]:
     tf = _frameworks.tensorflow()
     return ["cpu"] + [f"cuda:{index}" for index, _ in enumerate(tf.config.list_physical_devices("GPU"))]
@@ -109,6 +117,50 @@ def keras_optimizer(optimizer: Optimizer) -> Any:
         return optimizers.Adagrad(initial_accumulator_value=settings["initial_accumulator_value"],
                                   epsilon=settings["epsilon"], **common)
     raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the TensorFlow backends")
+
+
+def xla_evidence(function: Any, *args: Any) -> dict[str, Any]:
+    """What TensorFlow says about a `tf.function` that was asked to compile with XLA: whether
+    the traced function carries the must-compile attribute (TensorFlow then either runs the
+    XLA program or raises; there is no silent fallback), and how often it was traced."""
+    concrete = function.get_concrete_function(*args)
+    attribute = concrete.function_def.attr.get("_XlaMustCompile")
+    return {"must_compile": bool(attribute is not None and attribute.b),
+            "traces": int(function.experimental_get_tracing_count())}
+
+
+def keras_xla_evidence(model: Any, problem: Any) -> dict[str, Any]:
+    """Whether Keras really compiled its train step with XLA: Keras's resolved `jit_compile`
+    (it turns the flag off for models it deems unsupported), and the must-compile attribute of
+    the jitted step function that its `train_function` calls, with that function's traces."""
+    found = {id(function): function for function in _tf_functions(model.train_function)}
+    jitted = [function for function in found.values() if getattr(function, "_jit_compile", None)]
+    concrete = [c for function in jitted for c in function._list_all_concrete_functions()]
+    attributes = [c.function_def.attr.get("_XlaMustCompile") for c in concrete]
+    batch_sizes = {problem.batch_size, problem.n % problem.batch_size} - {0}
+    return {"keras_jit_compile": bool(getattr(model, "jit_compile", getattr(model, "_jit_compile", False))),
+            # None: the jitted step was not reachable to look at (Keras 2 makes it inside the trace)
+            "must_compile": all(a is not None and a.b for a in attributes) if attributes else None,
+            "traces": sum(int(function.experimental_get_tracing_count()) for function in jitted),
+            "batch_shapes": len(batch_sizes)}
+
+
+def _tf_functions(function: Any, depth: int = 0) -> list[Any]:
+    """The tf.functions reachable from `function` through closures (Keras builds its train
+    function as nested closures; Keras 2 and 3 nest them differently)."""
+    if depth > 4:
+        return []
+    found = [function] if hasattr(function, "experimental_get_tracing_count") else []
+    inner = getattr(function, "python_function", function)
+    for cell in getattr(inner, "__closure__", None) or ():
+        try:
+            contents = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(contents) and contents is not function:
+            found += _tf_functions(contents, depth + 1)
+    wrapped = getattr(inner, "__wrapped__", None)
+    return found + (_tf_functions(wrapped, depth + 1) if wrapped is not None else [])
 
 
 def environment(device: str, variable: Any) -> dict[str, Any]:

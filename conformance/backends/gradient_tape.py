@@ -2,11 +2,14 @@
 
 The whole training runs as one `tf.function` (a graph loop over epochs and batches that also
 records each epoch's parameters and loss) instead of eager steps: the same ops in the same
-order, without ~1 ms of Python per step or a round trip to Python per epoch.
+order, without ~1 ms of Python per step or a round trip to Python per epoch. Batches are cut
+with static sizes (the full batches, then the smaller last one), which XLA requires; the
+`gradient_tape_xla` backend runs this same function with `jit_compile=True`.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -22,6 +25,16 @@ device_name = _tensorflow.device_name
 
 
 def train(problem: Problem, device: str) -> Trajectory:
+    return train_loop(problem, device, jit_compile=False)
+
+
+def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
+    """The training loop as one tf.function, compiled by XLA when `jit_compile`.
+
+    Under XLA the function is first called for zero epochs: that call compiles (and trains
+    nothing), so the compile time is measured apart from the training, which reuses the
+    compiled program.
+    """
     tf = _frameworks.tensorflow()
     with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
         weights = tf.Variable(problem.init_weights.reshape(-1, 1), name="weights")
@@ -30,16 +43,23 @@ def train(problem: Problem, device: str) -> Trajectory:
             variables.append(tf.Variable(problem.init_bias.reshape(1), name="bias"))
         optimizer = _tensorflow.keras_optimizer(problem.optimizer)
         optimizer.build(variables)
-        run_training = _training_function(problem, variables, optimizer)
+        run_training = _training_function(problem, variables, optimizer, jit_compile)
         orders = tf.range(problem.n, dtype=tf.int64)[tf.newaxis] if problem.orders is None \
             else tf.constant(problem.orders, dtype=tf.int64)
-        params, totals = run_training(orders)
+        info: dict[str, Any] = {}
+        if jit_compile:
+            started = time.perf_counter()
+            run_training(orders, tf.constant(0))
+            info["compile_seconds"] = time.perf_counter() - started
+        params, totals = run_training(orders, tf.constant(problem.epochs))
+        if jit_compile:
+            info["xla"] = _tensorflow.xla_evidence(run_training, orders, tf.constant(problem.epochs))
         params = params.numpy().astype(np.float64)
         losses = totals.numpy().astype(np.float64) / problem.n
         predictions = None
         if problem.predict_x is not None:
             predictions = _forward(tf, tf.constant(problem.predict_x), variables).numpy()[:, 0].astype(np.float64)
-    return Trajectory(params, losses, predictions, _tensorflow.environment(device, weights))
+    return Trajectory(params, losses, predictions, _tensorflow.environment(device, weights) | info)
 
 
 def _forward(tf: Any, x: Any, variables: list[Any]) -> Any:
@@ -47,37 +67,46 @@ def _forward(tf: Any, x: Any, variables: list[Any]) -> Any:
     return output + variables[1] if len(variables) > 1 else output
 
 
-def _training_function(problem: Problem, variables: list[Any], optimizer: Any) -> Any:
-    """A tf.function(orders) that trains every epoch; returns per-epoch parameters and loss sums.
+def _training_function(problem: Problem, variables: list[Any], optimizer: Any, jit_compile: bool) -> Any:
+    """A tf.function(orders, epochs) that trains; returns per-epoch parameters and loss sums.
 
     `orders` holds each epoch's row order, or one row (0..n-1) used by every epoch when the
-    case does not shuffle. Loss sums are batch-size-weighted, in the case's dtype.
+    case does not shuffle. `epochs` (a tensor, so that XLA compiles one program for any count)
+    is how many of the case's epochs to train. Loss sums are batch-size-weighted, in the
+    case's dtype.
     """
     tf = _frameworks.tensorflow()
     x = tf.constant(problem.x)
     y = tf.constant(problem.y.reshape(-1, 1))
     decay = problem.optimizer.settings.get("weight_decay", 0.0)
     reduce = tf.reduce_mean if problem.reduction == "mean" else tf.reduce_sum
-    batch, n, epochs = problem.batch_size, problem.n, problem.epochs
+    batch = problem.batch_size
+    full_batches, last_batch = divmod(problem.n, batch)
     shuffled = problem.orders is not None
 
-    @tf.function
-    def run_training(orders: Any) -> Any:
-        params = tf.TensorArray(x.dtype, size=epochs, element_shape=[problem.features + problem.has_bias])
-        totals = tf.TensorArray(x.dtype, size=epochs, element_shape=[])
+    def step(order: Any, start: Any, size: int) -> Any:
+        """One optimizer step on `size` rows of `order` from `start`; the loss times the size."""
+        indices = tf.slice(order, tf.reshape(start, [1]), [size])
+        x_batch, y_batch = tf.gather(x, indices), tf.gather(y, indices)
+        with tf.GradientTape() as tape:
+            loss = reduce(tf.square(_forward(tf, x_batch, variables) - y_batch))
+        gradients = tape.gradient(loss, variables)
+        if decay:
+            gradients = [g + decay * v for g, v in zip(gradients, variables)]
+        optimizer.apply_gradients(zip(gradients, variables))
+        return loss * tf.constant(size, dtype=x.dtype)
+
+    @tf.function(jit_compile=jit_compile)
+    def run_training(orders: Any, epochs: Any) -> Any:
+        params = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[problem.features + problem.has_bias])
+        totals = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[])
         for epoch in tf.range(epochs):
             order = orders[epoch] if shuffled else orders[0]
             total = tf.constant(0.0, dtype=x.dtype)
-            for start in tf.range(0, n, batch, dtype=tf.int64):
-                indices = order[start:start + batch]
-                x_batch, y_batch = tf.gather(x, indices), tf.gather(y, indices)
-                with tf.GradientTape() as tape:
-                    loss = reduce(tf.square(_forward(tf, x_batch, variables) - y_batch))
-                gradients = tape.gradient(loss, variables)
-                if decay:
-                    gradients = [g + decay * v for g, v in zip(gradients, variables)]
-                optimizer.apply_gradients(zip(gradients, variables))
-                total += loss * tf.cast(tf.shape(indices)[0], x.dtype)
+            for index in tf.range(full_batches, dtype=tf.int64):
+                total += step(order, index * batch, batch)
+            if last_batch:
+                total += step(order, tf.constant(full_batches * batch, dtype=tf.int64), last_batch)
             totals = totals.write(epoch, total)
             params = params.write(epoch, tf.concat([tf.reshape(v, [-1]) for v in variables], axis=0))
         return params.stack(), totals.stack()

@@ -9,11 +9,12 @@ iterator for the whole run, the same `train_function`, and bit-identical paramet
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import numpy as np
 
-from conformance.backends import _frameworks, _tensorflow
+from conformance.backends import _compiled, _frameworks, _tensorflow
 from conformance.problem import Problem, Trajectory
 
 NAME = "keras"
@@ -25,20 +26,21 @@ device_name = _tensorflow.device_name
 
 def train(problem: Problem, device: str) -> Trajectory:
     """Train with the fast feeding path (one tf.data stream for all epochs)."""
-    return _train(problem, device, plain=False)
+    return train_fit(problem, device, jit_compile=False)
 
 
 def train_plain(problem: Problem, device: str) -> Trajectory:
     """Train exactly as a user writes it: fit on NumPy arrays. Slow; only for unshuffled cases."""
     if problem.orders is not None:
         raise ValueError("plain fit cannot follow the harness's shuffle order")
-    return _train(problem, device, plain=True)
+    return train_fit(problem, device, jit_compile=False, plain=True)
 
 
-def _train(problem: Problem, device: str, plain: bool) -> Trajectory:
+def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = False) -> Trajectory:
+    """`compile` + `fit`, with `compile(jit_compile=...)` as given (the `keras_xla` backend: True)."""
     tf = _frameworks.tensorflow()
     with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
-        model = _model(problem, steps_per_execution=1 if plain else problem.steps_per_epoch)
+        model = _model(problem, steps_per_execution=1 if plain else problem.steps_per_epoch, jit_compile=jit_compile)
         recorder = _recorder_class()(per_execution=not plain)
         if plain:
             model.fit(problem.x, problem.y.reshape(-1, 1), batch_size=problem.batch_size, epochs=problem.epochs,
@@ -53,12 +55,14 @@ def _train(problem: Problem, device: str, plain: bool) -> Trajectory:
     feeding = "fit(x, y)" if plain else "fit(tf.data, steps_per_execution=one epoch)"
     info = _tensorflow.environment(device, kernel) | {"jit_compile": bool(getattr(model, "jit_compile", False)),
                                                       "feeding": feeding, "kernel_dtype": str(kernel.dtype)}
+    if jit_compile:
+        info |= {"xla": _tensorflow.keras_xla_evidence(model, problem), "compile_seconds": recorder.compile_seconds}
     if problem.optimizer.settings.get("weight_decay"):
         info["loss_note"] = "Keras's loss includes the L2 term that carries weight decay"
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info)
 
 
-def _model(problem: Problem, steps_per_execution: int) -> Any:
+def _model(problem: Problem, steps_per_execution: int, jit_compile: bool) -> Any:
     keras = _tensorflow.keras()
     decay = problem.optimizer.settings.get("weight_decay", 0.0)
     # Coupled weight decay (added to the gradient) is exactly an L2 penalty of decay / 2.
@@ -74,7 +78,7 @@ def _model(problem: Problem, steps_per_execution: int) -> Any:
     dense.set_weights(initial)
     loss = keras.losses.MeanSquaredError(reduction="sum" if problem.reduction == "sum" else "sum_over_batch_size")
     model.compile(optimizer=_tensorflow.keras_optimizer(problem.optimizer), loss=loss,
-                  steps_per_execution=steps_per_execution)
+                  steps_per_execution=steps_per_execution, jit_compile=jit_compile)
     return model
 
 
@@ -110,17 +114,29 @@ def _recorder_class() -> type:
             self.per_execution = per_execution
             self.rows: list[np.ndarray] = []
             self.losses: list[float] = []
+            self.ends: list[float] = []  # perf_counter at the end of each case epoch
+            self.started = 0.0
             self._read_and_reset: Any = None
+
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self.started = time.perf_counter()
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             if self.per_execution:
+                self.ends.append(time.perf_counter())
                 self.losses.append(_loss_of(logs))
                 self.rows.append(self._read_parameters_and_reset_metrics())
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if not self.per_execution:
+                self.ends.append(time.perf_counter())
                 self.losses.append(_loss_of(logs))
                 self.rows.append(np.concatenate([np.ravel(v.numpy()) for v in self.model.layers[-1].weights]))
+
+        @property
+        def compile_seconds(self) -> float | None:
+            """The first epoch's time beyond a typical epoch's: tracing and compiling the step."""
+            return _compiled.first_call_overhead(np.diff([self.started, *self.ends]))
 
         def _read_parameters_and_reset_metrics(self) -> np.ndarray:
             """The layer's parameters, flat, with the metrics zeroed as `reset_metrics` does.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,15 @@ def device_name(device: str) -> str:
 
 
 def train(problem: Problem, device: str) -> Trajectory:
+    return train_steps(problem, device, compile_step=None)
+
+
+def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
+    """The tutorial loop; `compile_step`, when given, wraps the training step (torch.compile).
+
+    Returns the trajectory; `info` gets each epoch's wall time under "epoch_seconds" only when
+    the step is compiled (the caller derives the compile time from it).
+    """
     torch = _frameworks.torch()
     dtype = getattr(torch, problem.dtype)
     x = torch.as_tensor(problem.x, device=device)
@@ -44,25 +54,35 @@ def train(problem: Problem, device: str) -> Trajectory:
             model.bias.copy_(torch.as_tensor(problem.init_bias.reshape(1)))
     optimizer = make_optimizer(torch, model.parameters(), problem.optimizer)
     loss_function = torch.nn.MSELoss(reduction=problem.reduction)
+
+    def step(x_batch: Any, y_batch: Any) -> Any:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_function(model(x_batch), y_batch)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    run_step = step if compile_step is None else compile_step(step)
     orders = None if problem.orders is None else torch.as_tensor(problem.orders, device=device)
     parameters = list(model.parameters())
     params, step_losses = _Stacked(torch), _Stacked(torch)
+    ends = [time.perf_counter()]
     for epoch in range(problem.epochs):
         for start in range(0, problem.n, problem.batch_size):
             rows = slice(start, start + problem.batch_size) if orders is None \
                 else orders[epoch, start:start + problem.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_function(model(x[rows]), y[rows])
-            loss.backward()
-            optimizer.step()
-            step_losses.add(loss.detach())
+            step_losses.add(run_step(x[rows], y[rows]))
         params.add(torch.cat([p.detach().reshape(-1) for p in parameters]))
+        if compile_step is not None:
+            ends.append(time.perf_counter())
     predictions = None
     if problem.predict_x is not None:
         with torch.no_grad():
             predictions = model(torch.as_tensor(problem.predict_x, device=device))[:, 0].cpu().double().numpy()
-    return Trajectory(params.numpy(), _epoch_losses(problem, step_losses.numpy()), predictions,
-                      _environment(torch, device, model.weight))
+    info = _environment(torch, device, model.weight)
+    if compile_step is not None:
+        info["epoch_seconds"] = np.diff(ends)
+    return Trajectory(params.numpy(), _epoch_losses(problem, step_losses.numpy()), predictions, info)
 
 
 class _Stacked:

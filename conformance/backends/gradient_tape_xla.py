@@ -1,0 +1,21 @@
+"""The `gradient_tape` loop under `tf.function(jit_compile=True)`: the same ops, compiled by XLA.
+
+`jit_compile=True` makes XLA compilation mandatory (TensorFlow raises instead of falling back
+to the graph executor), and each result records the traced function's must-compile attribute
+as TensorFlow reports it, with the compile time measured apart from the training.
+"""
+
+from __future__ import annotations
+
+from conformance.backends import _tensorflow, gradient_tape
+from conformance.problem import Problem, Trajectory
+
+NAME = "gradient_tape_xla"
+LOOKED_FOR = _tensorflow.LOOKED_FOR
+available = _tensorflow.xla_available
+devices = _tensorflow.devices
+device_name = _tensorflow.device_name
+
+
+def train(problem: Problem, device: str) -> Trajectory:
+    return gradient_tape.train_loop(problem, device, jit_compile=True)
