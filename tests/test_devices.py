@@ -23,21 +23,22 @@ def fake_torch(gpus: int, mps: bool | None):
                            backends=backends)
 
 
-def fake_tensorflow(gpus: int):
+def fake_tensorflow(gpus: int, xla: bool = True):
     physical = [SimpleNamespace(name=f"/physical_device:GPU:{i}") for i in range(gpus)]
     experimental = SimpleNamespace(get_device_details=lambda gpu: {"device_name": f"Fake TF {gpu.name[-1]}"})
     return SimpleNamespace(config=SimpleNamespace(
-        list_physical_devices=lambda kind: physical if kind == "GPU" else [], experimental=experimental))
+        list_physical_devices=lambda kind: physical if kind == "GPU" else [], experimental=experimental),
+        test=SimpleNamespace(is_built_with_xla=lambda: xla))
 
 
 @pytest.fixture
 def machine(monkeypatch):
     """machine(torch_gpus, mps, tf_gpus): pretend the frameworks see these devices."""
 
-    def pretend(torch_gpus: int = 0, mps: bool | None = False, tf_gpus: int = 0) -> None:
+    def pretend(torch_gpus: int = 0, mps: bool | None = False, tf_gpus: int = 0, xla: bool = True) -> None:
         monkeypatch.setattr(_frameworks, "installed", lambda module: True)
         monkeypatch.setattr(_frameworks, "torch", lambda: fake_torch(torch_gpus, mps))
-        monkeypatch.setattr(_frameworks, "tensorflow", lambda: fake_tensorflow(tf_gpus))
+        monkeypatch.setattr(_frameworks, "tensorflow", lambda: fake_tensorflow(tf_gpus, xla))
         monkeypatch.setattr(_frameworks, "cpu_name", lambda: "Fake CPU")
 
     return pretend
@@ -78,7 +79,7 @@ def test_every_case_runs_on_every_device_each_backend_sees(machine, tmp_path):
     assert planned.runs["f32"].pairs[:2] == [("keras", "cpu"), ("keras", "cuda:0")]  # compared across devices too
     assert planned.devices["torch"] == {"looked_for": ["cpu", "cuda", "mps"], "devices": ["cpu", "cuda:0", "mps"],
                                         "names": {"cpu": "Fake CPU", "cuda:0": "Fake GPU 0", "mps": "Apple MPS"},
-                                        "not_found": []}
+                                        "not_found": [], "selected": True}
 
 
 def test_cpu_only_machine_reports_what_was_looked_for_and_not_found(machine, tmp_path):
@@ -107,11 +108,38 @@ def test_a_missing_framework_skips_its_backends_with_the_reason(monkeypatch, tmp
     planned = plan([tmp_path], [], [])
     items = ids(planned.items)
     assert items["f32-keras-cpu-unavailable"].skip == "tensorflow is not installed"
-    assert planned.devices["keras"] == {"looked_for": ["cpu", "cuda"], "unavailable": "tensorflow is not installed"}
+    assert planned.devices["keras"] == {"looked_for": ["cpu", "cuda"], "unavailable": "tensorflow is not installed",
+                                        "selected": True}
     assert "f32-torch-cpu-parity" in items
 
 
-@pytest.mark.parametrize("backend", ["keras", "gradient_tape", "torch"])
+def test_compiled_backends_see_the_same_devices_and_torch_compile_waits_to_be_selected(machine, tmp_path):
+    machine(torch_gpus=1, tf_gpus=1)
+    (tmp_path / "f32.yaml").write_text(CASE % "float32")
+    (tmp_path / "mine.yaml").write_text(CASE % "float32" + "backends: [torch_compile]\n")
+    planned = plan([tmp_path], [], [])
+    items = ids(planned.items)
+    for backend in ("keras_xla", "gradient_tape_xla"):
+        assert f"f32-{backend}-cpu-parity" in items and f"f32-{backend}-cuda:0-parity" in items
+    assert not any(item.backend == "torch_compile" for item in planned.items if item.case == "f32")
+    assert planned.devices["torch_compile"]["selected"] is False  # the report: available, not selected
+    assert planned.devices["torch_compile"]["devices"] == ["cpu", "cuda:0"]
+    assert "mine-torch_compile-cuda:0-parity" in items  # a case that names it runs it
+    chosen = ids(plan([tmp_path], ["torch_compile"], []).items)
+    assert "f32-torch_compile-cpu-parity" in chosen and "f32-torch-cpu-parity" not in chosen
+
+
+def test_a_missing_compiler_skips_the_compiled_backends_with_the_reason(machine, monkeypatch, tmp_path):
+    machine(xla=False)
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    (tmp_path / "f32.yaml").write_text(CASE % "float32")
+    items = ids(plan([tmp_path], ["keras_xla", "torch_compile"], []).items)
+    assert items["f32-keras_xla-cpu-unavailable"].skip == \
+        "this TensorFlow build has no XLA (tf.test.is_built_with_xla() is False)"
+    assert "needs a C++ compiler: '/nonexistent/g++' was not found" in items["f32-torch_compile-cpu-unavailable"].skip
+
+
+@pytest.mark.parametrize("backend", ["keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla"])
 def test_each_result_records_where_the_framework_placed_the_weights(backend):
     """Real training on the CPU: the framework's own placement of the trained weights is recorded."""
     pytest.importorskip("torch" if backend == "torch" else "tensorflow")
@@ -124,5 +152,7 @@ def test_each_result_records_where_the_framework_placed_the_weights(backend):
     problem = Problem("placement", x, 2 * x[:, 0], np.zeros(1, np.float32), np.zeros((), np.float32), 2, 4,
                       None, "mean", Optimizer("sgd", {"learning_rate": 0.1, "momentum": 0.0, "nesterov": False,
                                                       "weight_decay": 0.0}), "float32")
-    placed_on = backends.load(backend).train(problem, "cpu").info["placed_on"]
-    assert placed_on == "cpu" if backend == "torch" else placed_on.endswith("device:CPU:0")
+    info = backends.load(backend).train(problem, "cpu").info
+    assert info["placed_on"] == "cpu" if backend == "torch" else info["placed_on"].endswith("device:CPU:0")
+    if backend.endswith("_xla"):  # what really ran: XLA, must-compile, and the compile time apart
+        assert info["xla"]["must_compile"] is True and info["compile_seconds"] is not None

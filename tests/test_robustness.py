@@ -27,6 +27,7 @@ import signal
 import numpy as np
 
 import conformance.backends.torch as backend
+from conformance.backends import Unavailable
 
 _train = backend.train
 _finished = []
@@ -36,6 +37,8 @@ def train(problem, device):
     mode = os.environ.get("MISBEHAVE", "")
     if mode == "abort" and problem.name == "crash":
         os.abort()
+    if mode == "unavailable" and problem.name == "crash":
+        raise Unavailable("the compiler broke (pretend)")
     result = _train(problem, device)
     if mode == "noisy":  # a kernel that is not deterministic: the last bit moves between runs
         result.params = result.params + np.random.default_rng().normal(scale=1e-9, size=result.params.shape)
@@ -111,6 +114,13 @@ def test_a_crash_without_xdist_is_recovered_from_the_journal(suite, tmp_path):
     crashed = next(item for item in recovered["items"] if item["status"] == "crashed")
     assert "died while this item ran" in crashed["message"]
     assert "recovered from" in (tmp_path / "recovered" / "index.html").read_text()
+
+
+def test_a_backend_that_turns_out_unavailable_skips_its_items_with_the_reason(suite):
+    result, data = suite("unavailable", "-rs")
+    result.assert_outcomes(passed=2, skipped=1)
+    assert "torch cannot run here: the compiler broke (pretend)" in result.stdout.str()
+    assert statuses(data)["crash-torch-cpu-parity"] == "skipped"
 
 
 def test_ctrl_c_keeps_what_finished_and_marks_the_report_incomplete(suite):

@@ -66,6 +66,9 @@ def test_unknown_key_names_file_field_and_allowed_keys(write_case):
     (MINIMAL + "tolerance: {parity: {rtol: -1}}\n",
      "tolerance.parity.rtol: input should be greater than or equal to 0"),
     (MINIMAL + "expect: [{check: parity}]\n", "expect[0].reason: required field is missing"),
+    (MINIMAL + "expect: [{check: parity, reason: r, backend: [keras, kears]}]\n", "expect[0].backend"),
+    (MINIMAL + "expect: [{check: parity, reason: r, backend: []}]\n", "expect[0].backend"),
+    (MINIMAL + "backends: [torch_compiled]\n", "backends[0]"),
     ("!!python/object/apply:os.system [echo hacked]\n", "not valid YAML: could not determine a constructor"),
     ("dataset: [1\n", "not valid YAML"),
     ("- 1\n- 2\n", "expected a mapping of case fields at the top level, got list"),
@@ -74,6 +77,20 @@ def test_bad_cases_say_what_was_expected(write_case, text, expected):
     message = error_of(write_case, text)
     assert message.startswith(str(Path("case.yaml"))) or "case.yaml:" in message
     assert expected in message
+
+
+def test_expect_names_one_backend_or_a_list_and_applies_to_each(write_case):
+    from conformance.checks import applicable
+
+    path = write_case("case", MINIMAL + "backends: [keras_xla, gradient_tape_xla, torch_compile]\n"
+                      "expect: [{check: parity, reason: r, backend: [keras, keras_xla]},\n"
+                      "         {check: lstsq, reason: s, backend: torch_compile}]\n")
+    case = load(CaseFile(path, path.parent))
+    expect = case.spec.expect
+    assert [entry.backend_names for entry in expect] == [["keras", "keras_xla"], ["torch_compile"]]
+    assert applicable(expect, "parity", "keras_xla", "cpu", {}) is expect[0]
+    assert applicable(expect, "parity", "gradient_tape_xla", "cpu", {}) is None
+    assert applicable(expect, "lstsq", "torch_compile", "cpu", {}) is expect[1]
 
 
 def test_csv_path_may_not_leave_the_cases_root(tmp_path, write_case):

@@ -12,6 +12,7 @@ a silent eager result.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 from typing import Any
@@ -41,14 +42,14 @@ def available() -> str | None:
 
 def train(problem: Problem, device: str) -> Trajectory:
     torch = _frameworks.torch()
-    import torch._dynamo
+    dynamo = importlib.import_module("torch._dynamo")
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    dynamo.reset()
     counters.clear()
     try:
         trajectory = torch_backend.train_steps(problem, device, lambda step: torch.compile(step, **COMPILE_OPTIONS))
-    except torch._dynamo.exc.BackendCompilerFailed as error:
+    except dynamo.exc.BackendCompilerFailed as error:
         raise Unavailable(f"torch.compile's {COMPILE_OPTIONS['backend']} backend failed to compile: "
                           f"{str(error).splitlines()[0]}") from error
     report = _compile_report(counters)
