@@ -32,6 +32,7 @@ SIZES = {  # name: (n, features, batch_size, epochs)
     "large": (1_000_000, 10, 1024, 1),
 }
 BACKENDS = ("keras", "gradient_tape", "torch")
+COMPILED = ("keras_xla", "gradient_tape_xla", "torch_compile")  # each against its own bare compiled loop
 
 
 def make_problem(n: int, features: int, batch_size: int, epochs: int, seed: int = 0) -> Problem:
@@ -98,13 +99,113 @@ def floor_gradient_tape(problem: Problem) -> None:
     training()
 
 
+# ---- compiled floors: compile on the first epoch, then time the rest (the steady state) --------
+
+def compiled_floor_torch(problem: Problem) -> tuple[float, int]:
+    """The bare loop with its step under torch.compile; returns (seconds after epoch 1, steps)."""
+    from conformance.backends._frameworks import torch as load_torch
+
+    torch = load_torch()
+    torch._dynamo.reset()
+    x, y = torch.as_tensor(problem.x), torch.as_tensor(problem.y).reshape(-1, 1)
+    model = torch.nn.Linear(problem.features, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, foreach=False)
+    loss_function = torch.nn.MSELoss()
+
+    def step(x_batch, y_batch):
+        optimizer.zero_grad(set_to_none=True)
+        loss_function(model(x_batch), y_batch).backward()
+        optimizer.step()
+
+    compiled = torch.compile(step, backend="inductor", mode="default")
+
+    def epochs(count: int) -> None:
+        for _ in range(count):
+            for start in range(0, problem.n, problem.batch_size):
+                compiled(x[start:start + problem.batch_size], y[start:start + problem.batch_size])
+
+    epochs(1)
+    return timed(epochs, problem.epochs - 1), (problem.epochs - 1) * problem.steps_per_epoch
+
+
+def compiled_floor_keras(problem: Problem) -> tuple[float, int]:
+    """Keras with compile(jit_compile=True): one fit of one epoch compiles, a second fit trains the rest."""
+    from conformance.backends import _frameworks, _tensorflow
+
+    tf, keras = _frameworks.tensorflow(), _tensorflow.keras()
+    model = keras.Sequential([keras.Input(shape=(problem.features,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", steps_per_execution=problem.steps_per_epoch,
+                  jit_compile=True)
+    data = tf.data.Dataset.from_tensor_slices((problem.x, problem.y.reshape(-1, 1))).batch(problem.batch_size)
+    model.fit(data, epochs=1, steps_per_epoch=problem.steps_per_epoch, verbose=0)
+    rest = problem.epochs - 1
+    return timed(lambda: model.fit(data.repeat(rest), epochs=1, steps_per_epoch=rest * problem.steps_per_epoch,
+                                   verbose=0)), rest * problem.steps_per_epoch
+
+
+def compiled_floor_gradient_tape(problem: Problem) -> tuple[float, int]:
+    """The whole loop under tf.function(jit_compile=True), static batch slices; a zero-epoch call compiles."""
+    from conformance.backends import _frameworks, _tensorflow
+
+    tf = _frameworks.tensorflow()
+    w = tf.Variable(tf.zeros((problem.features, 1)))
+    b = tf.Variable(tf.zeros(1))
+    optimizer = _tensorflow.keras().optimizers.SGD(0.01)
+    x, y = tf.constant(problem.x), tf.constant(problem.y.reshape(-1, 1))
+    full, last = divmod(problem.n, problem.batch_size)
+
+    def step(start, size: int) -> None:
+        with tf.GradientTape() as tape:
+            x_batch = tf.slice(x, [start, 0], [size, problem.features])
+            loss = tf.reduce_mean(tf.square(x_batch @ w + b - tf.slice(y, [start, 0], [size, 1])))
+        optimizer.apply_gradients(zip(tape.gradient(loss, [w, b]), [w, b]))
+
+    @tf.function(jit_compile=True)
+    def training(epochs) -> None:
+        for _ in tf.range(epochs):
+            for index in tf.range(full):
+                step(index * problem.batch_size, problem.batch_size)
+            if last:
+                step(full * problem.batch_size, last)
+
+    training(tf.constant(0))
+    return timed(training, tf.constant(problem.epochs)), steps(problem)
+
+
 FLOORS = {"torch": floor_torch, "keras": floor_keras, "gradient_tape": floor_gradient_tape}
+COMPILED_FLOORS = {"torch_compile": compiled_floor_torch, "keras_xla": compiled_floor_keras,
+                   "gradient_tape_xla": compiled_floor_gradient_tape}
 
 
 def timed(function, *args) -> float:
     started = time.perf_counter()
     function(*args)
     return time.perf_counter() - started
+
+
+def measure_compiled(backend: str) -> dict:
+    """In this process: the steady per-step time of the harness (its training less its recorded
+    compile time) against the bare compiled loop's, and the compile time per case."""
+    from conformance import backends
+    from conformance.backends import _frameworks
+
+    _frameworks.torch() if backend == "torch_compile" else _frameworks.tensorflow()
+    module = backends.load(backend)
+    warm = make_problem(6, 1, 6, 3)
+    module.train(warm, "cpu"), COMPILED_FLOORS[backend](warm)  # first-use costs (imports of the compilers)
+    result = {"backend": backend, "sizes": {}}
+    for size in ("small", "medium"):  # "large" is one epoch: nothing left once it has compiled
+        problem = make_problem(*SIZES[size])
+        runs = []
+        for _ in range(3):
+            started = time.perf_counter()
+            compile_s = module.train(problem, "cpu").info["compile_seconds"]
+            total = time.perf_counter() - started
+            runs.append((total - compile_s, compile_s, *COMPILED_FLOORS[backend](problem)))
+        harness, compile_s, floor, floor_steps = min(runs)
+        result["sizes"][size] = {"steps": steps(problem), "harness_ms": 1e3 * harness / steps(problem),
+                                 "floor_ms": 1e3 * floor / floor_steps, "compile_s": compile_s}
+    return result
 
 
 def rss_mb() -> float:
@@ -159,12 +260,14 @@ def growth() -> list[dict]:
     return rows
 
 
-def suite_wall(workers: str) -> dict:
-    """The default suite's wall time, and where each test process spent it (its results.json)."""
-    label = f"bench-n{workers}"
+def suite_wall(workers: str, only: tuple[str, ...] = (), label: str = "") -> dict:
+    """The suite's wall time (default selection, or only these backends), and where each test
+    process spent it (its results.json)."""
+    label = label or f"bench-n{workers}"
+    selection = [argument for backend in only for argument in ("--backend", backend)]
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pytest", "conformance", "-q", "-p", "no:cacheprovider", "-n", workers,
-                    "--report-label", label], cwd=ROOT, capture_output=True, check=False)
+                    "--report-label", label, *selection], cwd=ROOT, capture_output=True, check=False)
     wall = time.perf_counter() - started
     data = json.loads((ROOT / "reports" / label / "results.json").read_text())
     processes = data["meta"]["time"]
@@ -182,11 +285,12 @@ def suite_wall(workers: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="per-step ratios and memory only")
-    parser.add_argument("--one", choices=BACKENDS, help=argparse.SUPPRESS)  # internal: measure in this process
+    parser.add_argument("--one", choices=BACKENDS + COMPILED, help=argparse.SUPPRESS)  # internal: in this process
     parser.add_argument("--growth", action="store_true", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.one:
-        print(json.dumps(measure_backend(arguments.one)))
+        print(json.dumps(measure_compiled(arguments.one) if arguments.one in COMPILED else
+                         measure_backend(arguments.one)))
         return
     if arguments.growth:
         print(json.dumps(growth()))
@@ -213,6 +317,16 @@ def main() -> None:
     for result in results:
         print(f"{result['backend']:14} import {result['import_s']:5.1f} s   peak RSS above frameworks "
               f"{result['peak_rss_above_frameworks_mb']:7.0f} MB")
+    print("\nCompiled backends: steady per-step time (training less the recorded compile time) vs the bare "
+          "compiled loop (after its first epoch), and the compile time per case")
+    print(f"{'backend':18} {'size':7} {'steps':>6} {'harness ms/step':>16} {'floor ms/step':>14} {'ratio':>6} "
+          f"{'compile s':>10}")
+    for backend in COMPILED:
+        result = json.loads(subprocess.run(here + ["--one", backend], capture_output=True, text=True, env=env,
+                                           check=True).stdout.splitlines()[-1])
+        for size, row in result["sizes"].items():
+            print(f"{backend:18} {size:7} {row['steps']:6d} {row['harness_ms']:16.3f} {row['floor_ms']:14.3f} "
+                  f"{row['harness_ms'] / row['floor_ms']:6.2f} {row['compile_s']:10.2f}")
     if arguments.quick:
         return
     print("\nCost growth (torch backend and float64 replay)")
@@ -229,6 +343,14 @@ def main() -> None:
               f"references {total['references']:4.1f}, harness {total['harness']:4.1f}, outside the processes' "
               f"pytest session (start, exit, report) {row['outside_s']:4.1f}; report writing alone "
               f"{row['report_s']:4.2f} s; imports + training {row['share']:.0%}")
+
+    print("\nThe run of the shipped cases with and without the compiled backends (-n auto, one after another)")
+    baseline = None
+    for name, only in (("v1 backends only", BACKENDS), ("default: v1 + keras_xla + gradient_tape_xla", ()),
+                       ("every backend (+ torch_compile)", BACKENDS + COMPILED)):
+        wall = suite_wall("auto", only, label="bench-selection")["wall_s"]
+        baseline = baseline or wall
+        print(f"  {name:44}: wall {wall:5.1f} s, {wall / baseline:4.2f}x the v1 backends' run")
 
 
 if __name__ == "__main__":
