@@ -16,6 +16,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -260,14 +261,15 @@ def growth() -> list[dict]:
     return rows
 
 
-def suite_wall(workers: str, only: tuple[str, ...] = (), label: str = "") -> dict:
+def suite_wall(workers: str, only: tuple[str, ...] = (), label: str = "", env: dict | None = None) -> dict:
     """The suite's wall time (default selection, or only these backends), and where each test
     process spent it (its results.json)."""
     label = label or f"bench-n{workers}"
     selection = [argument for backend in only for argument in ("--backend", backend)]
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pytest", "conformance", "-q", "-p", "no:cacheprovider", "-n", workers,
-                    "--report-label", label, *selection], cwd=ROOT, capture_output=True, check=False)
+                    "--report-label", label, *selection], cwd=ROOT, capture_output=True, check=False,
+                   env=os.environ | (env or {}))
     wall = time.perf_counter() - started
     data = json.loads((ROOT / "reports" / label / "results.json").read_text())
     processes = data["meta"]["time"]
@@ -344,14 +346,18 @@ def main() -> None:
               f"pytest session (start, exit, report) {row['outside_s']:4.1f}; report writing alone "
               f"{row['report_s']:4.2f} s; imports + training {row['share']:.0%}")
 
-    print("\nThe run of the shipped cases with and without the compiled backends (-n auto, one after another)")
+    print("\nThe run of the shipped cases (-n auto) with and without the compiled backends, one after another; "
+          "torch_compile first with an empty inductor cache (a new machine), then with the cache it left")
     baseline = None
-    for name, only in (("v1 backends only", BACKENDS), ("default: v1 + keras_xla + gradient_tape_xla", ()),
-                       ("every backend (+ torch_compile)", BACKENDS + COMPILED)):
-        wall = suite_wall("auto", only, label="bench-selection")["wall_s"]
-        baseline = baseline or wall
-        print(f"  {name:44}: wall {wall:5.1f} s, {wall / baseline:4.2f}x the v1 backends' run")
-
+    with tempfile.TemporaryDirectory() as cache:
+        for name, only in (("v1 backends only", BACKENDS), ("v1 + keras_xla", BACKENDS + ("keras_xla",)),
+                           ("v1 + gradient_tape_xla", BACKENDS + ("gradient_tape_xla",)),
+                           ("default (v1 + both XLA backends)", ()),
+                           ("v1 + torch_compile, cold cache", BACKENDS + ("torch_compile",)),
+                           ("v1 + torch_compile, warm cache", BACKENDS + ("torch_compile",))):
+            wall = suite_wall("auto", only, label="bench-selection", env={"TORCHINDUCTOR_CACHE_DIR": cache})["wall_s"]
+            baseline = baseline or wall
+            print(f"  {name:34}: wall {wall:5.1f} s, {wall / baseline:4.2f}x the v1 backends' run")
 
 if __name__ == "__main__":
     main()
