@@ -32,6 +32,7 @@ class Outcome:
     passed: bool
     message: str
     record: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False  # the check had nothing to compare: neither a pass nor a failure
 
 
 @dataclass
@@ -193,6 +194,13 @@ class CaseRun:
         checked = sum(row["enforced"] for row in rows)
         skipped = len(rows) - checked
         note = f"; {skipped} pair(s) with an expected deviation shown, not enforced" if skipped else ""
+        if not checked:  # a check that compared nothing must not pass
+            why = [f"{len(results) - len(usable)} of {len(results)} result(s) diverged"] if len(usable) < len(results) \
+                else []
+            why += [f"{skipped} pair(s) involve an expected deviation"] if skipped else []
+            why += [f"{len(results)} result(s) could run here"] if len(results) < 2 else []
+            return Outcome(False, f"nothing to compare: {'; '.join(why)}; 0 pairs checked [case {self.case.name}]",
+                           record, skipped=True)
         return Outcome(True, f"{checked} pair(s) within {_tol(tol)} of each other{note}", record)
 
     def check_certified(self) -> Outcome:

@@ -175,6 +175,8 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
         record["message"] = str(reason)
         pytest.skip(f"{spec.source}: {spec.backend} cannot run here: {reason}")
     record.update(outcome.record, message=outcome.message, environment=versions)
+    if outcome.skipped:
+        pytest.skip(f"{spec.source}: {outcome.message}")
     expected = _expectation(spec, run, versions)
     if expected is not None:
         record["expected"] = expected.reason
