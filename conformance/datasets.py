@@ -15,6 +15,8 @@ import numpy as np
 from conformance.case import CaseError, LoadedCase
 from conformance.schema import Csv, Generate, Inline, Preprocess, choice
 
+MAX_GENERATED_VALUES = 50_000_000  # a 1 KB case must not ask for terabytes: 400 MiB of float64 at most
+
 
 def raw_data(case: LoadedCase) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) as given by the case, before preprocessing: x is (n, d), y is (n,)."""
@@ -22,6 +24,10 @@ def raw_data(case: LoadedCase) -> tuple[np.ndarray, np.ndarray]:
     if kind == "inline":
         x, y = _inline(case, settings)
     elif kind == "generate":
+        if settings.n * settings.features > MAX_GENERATED_VALUES:
+            raise CaseError(f"{case.source.display}: dataset.generate: n x features = "
+                            f"{settings.n * settings.features:,} values; expected at most {MAX_GENERATED_VALUES:,} "
+                            f"({MAX_GENERATED_VALUES * 8 // 2**20:,} MiB in float64)")
         x, y = _generate(settings)
     else:
         x, y = _csv(case, settings)

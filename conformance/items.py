@@ -114,8 +114,9 @@ def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
 def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[str],
                devices_seen: dict[str, Any], runs: dict[str, CaseRun], repeat: bool) -> list[ItemSpec]:
     spec, source = case.spec, case.source.display
-    wanted_backends = [b for b in (spec.backends or only_backends or default_backends(devices_seen))
-                       if not only_backends or b in only_backends]
+    candidates = spec.backends or [name for name in backends.MODULES if name in only_backends] \
+        or default_backends(devices_seen)
+    wanted_backends = [b for b in candidates if not only_backends or b in only_backends]
     items, pairs = [], []
     for backend in wanted_backends:
         found = devices_seen[backend]

@@ -18,6 +18,7 @@ from conformance.datasets import Standardizer, as_rows, polynomial, preprocess, 
 from conformance.schema import choice
 
 SUPPORTED_OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
+MAX_STEPS = 20_000_000  # Keras at ~0.4 ms a step: over 2 hours per backend and device
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ def prepare(case: LoadedCase) -> Prepared:
     if batch_size > len(y):
         raise CaseError(f"{case.source.display}: training.batch_size: {batch_size} is larger than the "
                         f"{len(y)} samples; expected at most {len(y)} (or null for full batch)")
+    steps = spec.training.epochs * -(-len(y) // batch_size)
+    if steps > MAX_STEPS:
+        raise CaseError(f"{case.source.display}: training: epochs x batches per epoch = {steps:,} optimizer steps; "
+                        f"expected at most {MAX_STEPS:,} (hours of training per backend and device)")
     problem = Problem(
         name=case.name,
         x=x_trained.astype(dtype),

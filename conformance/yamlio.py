@@ -15,6 +15,10 @@ import yaml
 
 MAX_CASE_BYTES = 1_000_000
 MAX_DEPTH = 64
+# Aliases let a 1 KB file stand for billions of nodes ("billion laughs"): everything after the
+# parser (validation, data conversion) walks the expanded document, so its size is bounded. A
+# 1 MB file of plain data has at most ~500,000 nodes; this bound only refuses expansion.
+MAX_EXPANDED_NODES = 2_000_000
 
 _FLOAT_1_2 = re.compile(
     r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
@@ -46,7 +50,7 @@ def read_yaml(path: Path) -> Any:
         raise YamlError(f"file is {size} bytes; a case file may have at most {MAX_CASE_BYTES}")
     text = path.read_text(encoding="utf-8")
     try:
-        _check_depth(yaml.compose(text, Loader=CaseLoader))
+        _check_expansion(yaml.compose(text, Loader=CaseLoader))
         return yaml.load(text, Loader=CaseLoader)  # CaseLoader is a SafeLoader
     except yaml.YAMLError as error:
         raise YamlError(f"not valid YAML: {_one_line(error)}") from None
@@ -54,16 +58,50 @@ def read_yaml(path: Path) -> Any:
         raise YamlError(f"not valid YAML: nesting deeper than {MAX_DEPTH} levels") from None
 
 
-def _check_depth(node: yaml.Node | None) -> None:
-    stack = [(node, 1)] if node is not None else []
+def _check_expansion(root: yaml.Node | None) -> None:
+    """Refuse documents nested deeper than MAX_DEPTH, or larger than MAX_EXPANDED_NODES once
+    their aliases are expanded, or that contain themselves (a recursive alias).
+
+    Each distinct node is visited once (aliases share nodes), and its expanded size and depth
+    are computed from its children's, so the check costs the file's size, not the expansion's.
+    """
+    if root is None:
+        return
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    in_progress: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
-        current, depth = stack.pop()
-        if depth > MAX_DEPTH:
+        node, children_done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if children_done:
+            in_progress.discard(key)
+            size[key] = 1 + sum(size[id(child)] for child in children)
+            depth[key] = 1 + max((depth[id(child)] for child in children), default=0)
+            if depth[key] > MAX_DEPTH:
+                raise yaml.YAMLError(f"nesting deeper than {MAX_DEPTH} levels")
+            if size[key] > MAX_EXPANDED_NODES:
+                raise yaml.YAMLError(f"its aliases expand to more than {MAX_EXPANDED_NODES:,} nodes; a case file "
+                                     f"may have at most that many")
+            continue
+        if key in size:
+            continue
+        if key in in_progress:
+            raise yaml.YAMLError("a recursive alias (a node that contains itself)")
+        if len(in_progress) >= MAX_DEPTH:
             raise yaml.YAMLError(f"nesting deeper than {MAX_DEPTH} levels")
-        if isinstance(current, yaml.SequenceNode):
-            stack.extend((child, depth + 1) for child in current.value)
-        elif isinstance(current, yaml.MappingNode):
-            stack.extend((child, depth + 1) for pair in current.value for child in pair)
+        in_progress.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in size)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return []
 
 
 def _one_line(error: yaml.YAMLError) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -156,3 +157,29 @@ def test_each_result_records_where_the_framework_placed_the_weights(backend):
     assert info["placed_on"] == "cpu" if backend == "torch" else info["placed_on"].endswith("device:CPU:0")
     if backend.endswith("_xla"):  # what really ran: XLA, must-compile, and the compile time apart
         assert info["xla"]["must_compile"] is True and info["compile_seconds"] is not None
+
+
+def test_doctor_shows_backends_devices_selection_and_switches(machine, monkeypatch, capsys):
+    from conformance import doctor
+
+    machine(torch_gpus=1, tf_gpus=1)
+    monkeypatch.setattr(doctor, "_switches", lambda: {"torch.backends.cuda.matmul.allow_tf32": False})
+    assert doctor.main() == 0
+    shown = capsys.readouterr().out
+    for backend in ("keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "torch_compile"):
+        assert f"\n  {backend} " in shown
+    assert "cpu (Fake CPU), cuda:0 (Fake GPU 0); not found: mps" in shown
+    assert "[available, not selected: --backend torch_compile]" in shown
+    assert "A run without --backend selects: keras, gradient_tape, torch, keras_xla, gradient_tape_xla" in shown
+    assert "torch.backends.cuda.matmul.allow_tf32" in shown and "tensorflow " in shown
+
+
+def test_doctor_explains_a_backend_that_cannot_run(machine, monkeypatch, capsys):
+    from conformance import doctor
+
+    machine(xla=False)
+    monkeypatch.setattr(doctor, "_switches", dict)
+    doctor.main(as_json=True)
+    found = json.loads(capsys.readouterr().out)
+    assert found["backends"]["keras_xla"]["unavailable"].startswith("this TensorFlow build has no XLA")
+    assert "(its items skip, with the reason above, for: keras_xla, gradient_tape_xla)" in doctor.render(found)

@@ -85,9 +85,14 @@ def _training_function(problem: Problem, variables: list[Any], optimizer: Any, j
     shuffled = problem.orders is not None
 
     def step(order: Any, start: Any, size: int) -> Any:
-        """One optimizer step on `size` rows of `order` from `start`; the loss times the size."""
-        indices = tf.slice(order, tf.reshape(start, [1]), [size])
-        x_batch, y_batch = tf.gather(x, indices), tf.gather(y, indices)
+        """One optimizer step on `size` rows of `order` from `start`; the loss times the size.
+        Unshuffled cases slice the data directly (the same rows, without a gather)."""
+        if shuffled:
+            indices = tf.slice(order, tf.reshape(start, [1]), [size])
+            x_batch, y_batch = tf.gather(x, indices), tf.gather(y, indices)
+        else:
+            x_batch = tf.slice(x, tf.stack([start, 0]), [size, problem.features])
+            y_batch = tf.slice(y, tf.stack([start, 0]), [size, 1])
         with tf.GradientTape() as tape:
             loss = reduce(tf.square(_forward(tf, x_batch, variables) - y_batch))
         gradients = tape.gradient(loss, variables)
