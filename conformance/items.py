@@ -208,7 +208,13 @@ def _expectation(spec: ItemSpec, run: CaseRun, versions: dict[str, str | None]) 
     return applicable(run.case.spec.expect, spec.check, spec.backend, spec.device, versions)
 
 
-def _deviant(run: CaseRun, versions: dict[str, str | None]) -> set[tuple[str, str]]:
-    """Results of the case whose parity is expected to fail (so pairs with them are not enforced)."""
-    return {(backend, device) for backend, device in run.pairs
-            if applicable(run.case.spec.expect, "parity", backend, device, versions)}
+def _deviant(run: CaseRun, versions: dict[str, str | None]) -> dict[tuple[str, str], int]:
+    """Results of the case whose parity is expected to fail, each with the index of its `expect`
+    entry (pairs across entries, or with a result that is not expected to deviate, are not
+    enforced)."""
+    found = {}
+    for backend, device in run.pairs:
+        entry = applicable(run.case.spec.expect, "parity", backend, device, versions)
+        if entry is not None:
+            found[(backend, device)] = run.case.spec.expect.index(entry)
+    return found

@@ -1,5 +1,11 @@
 """pytest hooks only: options, collection of cases, xdist scheduling, the report writer.
 
+The plugin is registered with pytest through the `pytest11` entry point (pyproject.toml), so
+the installed suite runs from any folder (`pytest --pyargs conformance --cases my_cases/`).
+Being installed, it is loaded by every pytest run in that environment: it stays dormant (its
+options exist, nothing else happens: no report, no scheduler, no fast exit) unless the run
+collects the conformance package itself.
+
 Configuration flows one way: options are read and validated in `pytest_configure` and kept
 in `config.stash`; items read them from there. Results reach the report as plain data on
 `report.user_properties`, which xdist carries from workers to the controller, where one
@@ -8,6 +14,7 @@ in `config.stash`; items read them from there. Results reach the report as plain
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -24,6 +31,8 @@ from conformance.schema import DEVICE_PATTERN
 
 OPTIONS = pytest.StashKey[dict]()
 PLAN = pytest.StashKey[Plan]()
+ACTIVE = pytest.StashKey[bool]()
+PACKAGE = Path(__file__).resolve().parent
 _PARAM = re.compile(r"\[(.*)\]$")
 
 
@@ -44,7 +53,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where reports go; default: reports/ under the rootdir")
 
 
+def runs_conformance(config: pytest.Config) -> bool:
+    """Whether this run collects the conformance package: an argument is the package, a file or
+    folder inside it, or a folder that holds it (`pytest` in the repository), or `--pyargs
+    conformance`."""
+    here = config.invocation_params.dir
+    for argument in config.args or [str(here)]:
+        name = argument.split("::")[0]
+        if config.option.pyargs and not (here / name).exists():
+            spec = importlib.util.find_spec(name.split(".")[0]) if re.fullmatch(r"[\w.]+", name) else None
+            location = Path(spec.origin).resolve().parent if spec and spec.origin else None
+        else:
+            location = (here / name).resolve()
+        if location is not None and (location.is_relative_to(PACKAGE) or PACKAGE.is_relative_to(location)):
+            return True
+    return False
+
+
+def active(config: pytest.Config) -> bool:
+    return config.stash.get(ACTIVE, False)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[ACTIVE] = runs_conformance(config)
+    if not active(config):
+        return
     unknown = [name for name in config.getoption("backend") if name not in backends.MODULES]
     if unknown:
         raise pytest.UsageError(f"--backend {', '.join(unknown)}: unknown; expected one of: "
@@ -56,8 +89,10 @@ def pytest_configure(config: pytest.Config) -> None:
     label = config.getoption("report_label") or os.environ.get("TOX_ENV_NAME") or "local"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or label in (".", ".."):
         raise pytest.UsageError(f"--report-label {label!r}: expected letters, digits, '_', '.' or '-'")
-    reports = Path(config.getoption("reports_dir") or config.rootpath / "reports")
-    cases = [Path(path) for path in config.getoption("cases")] or [config.rootpath / "cases"]
+    here = config.invocation_params.dir  # the folder pytest was started in
+    reports = Path(config.getoption("reports_dir") or here / "reports")
+    default_cases = here / "cases" if (here / "cases").is_dir() else config.rootpath / "cases"
+    cases = [Path(path) for path in config.getoption("cases")] or [default_cases]
     config.stash[OPTIONS] = {"cases": cases, "backends": config.getoption("backend"),
                              "devices": config.getoption("device"), "label": label, "reports": reports,
                              "determinism": config.getoption("determinism")}
@@ -73,7 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "conformance_item" not in metafunc.fixturenames:
+    if "conformance_item" not in metafunc.fixturenames or not active(metafunc.config):
         return
     config = metafunc.config
     if PLAN not in config.stash:
@@ -93,7 +128,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """On an xdist worker: hand the devices it looked for, and where its time went, to the
     controller's report."""
     workeroutput = getattr(session.config, "workeroutput", None)
-    if workeroutput is None:
+    if workeroutput is None or not active(session.config):
         return
     if DEVICES in session.config.stash:
         workeroutput["conformance_devices"] = session.config.stash[DEVICES]
@@ -110,7 +145,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     controller, which treats the closed connection as a normal end; so the worker flushes its
     output and exits at once. CONFORMANCE_FAST_EXIT=0 turns this off.
     """
-    if not hasattr(config, "workerinput") or os.environ.get("CONFORMANCE_FAST_EXIT", "1") == "0":
+    if not active(config) or not hasattr(config, "workerinput") or os.environ.get("CONFORMANCE_FAST_EXIT", "1") == "0":
         return
     if "tensorflow" in sys.modules or "torch" in sys.modules:
         for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
@@ -130,7 +165,7 @@ def case_runs(request: pytest.FixtureRequest) -> dict:
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under `-n`, keep every item of a case on one worker, so each result is trained once and
     the pairwise check finds its results in-process (default `--dist load` only)."""
-    if config.getoption("dist", "load") != "load":
+    if config.getoption("dist", "load") != "load" or not active(config):
         return None
     from xdist.scheduler import LoadScopeScheduling
 

@@ -80,3 +80,24 @@ def test_collect_only_leaves_the_last_report_alone(pytester, case_folder, tmp_pa
     collected = run(pytester, case_folder, tmp_path, "--collect-only", "-q")
     assert collected.ret == 0 and "good-torch-cpu-parity" in collected.stdout.str()
     assert results.read_bytes() == before
+
+
+def test_the_installed_suite_runs_from_any_folder_with_reports_under_it(pytester):
+    """`pytest --pyargs conformance` in a user's own folder: the plugin comes from the installed
+    package's entry point, the cases from --cases, and the report goes to ./reports/ there."""
+    (pytester.path / "my_cases").mkdir()
+    (pytester.path / "my_cases" / "line.yaml").write_text(GOOD)
+    result = pytester.runpytest_subprocess("--pyargs", "conformance", "--cases", "my_cases", "--backend", "torch",
+                                           "-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=1)
+    assert "line-torch-cpu-parity" in result.stdout.str()
+    report = json.loads((pytester.path / "reports" / "local" / "results.json").read_text())
+    assert [item["id"] for item in report["items"]] == ["line-torch-cpu-parity"]
+
+
+def test_an_unrelated_test_run_in_the_same_environment_leaves_no_report(pytester):
+    """The plugin is installed for every pytest run; outside the conformance package it is dormant."""
+    pytester.makepyfile(test_other="def test_other():\n    assert True\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=1)
+    assert not (pytester.path / "reports").exists() and "conformance report" not in result.stdout.str()

@@ -36,7 +36,7 @@ def plant(run, backend: str, final: list[float]) -> None:
 def test_every_result_diverged_skips_with_the_count(case_run):
     plant(case_run, "keras", [np.nan, 0.0])
     plant(case_run, "torch", [np.inf, 0.0])
-    outcome = case_run.check_pairwise(set())
+    outcome = case_run.check_pairwise({})
     assert outcome.skipped and not outcome.passed
     assert outcome.message.startswith("nothing to compare: 2 of 2 result(s) diverged; 0 pairs checked")
 
@@ -53,5 +53,15 @@ def test_only_pairs_with_an_expected_deviation_skip_the_item_through_run_item(ca
 def test_a_checked_pair_still_passes(case_run):
     plant(case_run, "keras", [2.0, 0.0])
     plant(case_run, "torch", [2.0, 0.0])
-    outcome = case_run.check_pairwise(set())
+    outcome = case_run.check_pairwise({})
     assert outcome.passed and not outcome.skipped and outcome.message.startswith("1 pair(s) within")
+
+
+def test_results_under_one_expect_entry_share_the_deviation_and_must_agree(case_run):
+    plant(case_run, "keras", [2.0, 0.0])
+    plant(case_run, "torch", [2.5, 0.0])
+    same_entry = {("keras", "cpu"): 0, ("torch", "cpu"): 0}
+    outcome = case_run.check_pairwise(same_entry)
+    assert not outcome.passed and not outcome.skipped and "(keras, cpu), but should be 2.5" in outcome.message
+    other_entries = {("keras", "cpu"): 0, ("torch", "cpu"): 1}
+    assert case_run.check_pairwise(other_entries).skipped
