@@ -174,4 +174,25 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             match = _PARAM.search(nodeid)
             return case_of(match.group(1)) if match and "test_parity.py" in nodeid else nodeid
 
+        def remove_node(self, node: Any) -> str | None:
+            """A worker died: hand out what it had not run yet, except the item it died in.
+
+            xdist's scope scheduler puts the dead worker's whole work units back, the item
+            it crashed in and the finished ones included: the crashed item then runs (and
+            crashes) again, and a unit with nothing left to run is handed to a worker that
+            never reports back, so the run waits forever (seen with five cases, one aborting).
+            """
+            workload = self.assigned_work.pop(node)
+            pending = {scope: [nodeid for nodeid, done in unit.items() if not done] for scope, unit in workload.items()}
+            running = next((nodeids[0] for nodeids in pending.values() if nodeids), None)
+            if running is None:
+                return None
+            for scope, nodeids in pending.items():
+                left = {nodeid: False for nodeid in nodeids if nodeid != running}
+                if left:
+                    self.workqueue[scope] = left
+            for other in self.assigned_work:
+                self._reschedule(other)
+            return running
+
     return CaseScheduling(config, log)
