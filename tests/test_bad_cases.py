@@ -35,7 +35,7 @@ def build(tmp_path: Path, entry: dict) -> Path:
         with bad.open("r+b") as stream:
             stream.truncate(100 * 1024 * 1024)  # sparse: 100 MB on paper, nothing on disk
     elif make == "deep":
-        bad.write_text("dataset: " + "[" * 50_000 + "]" * 50_000 + "\n")
+        bad.write_text("dataset: " + "[" * 5_000 + "]" * 5_000 + "\n")
     return root
 
 

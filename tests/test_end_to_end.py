@@ -36,15 +36,23 @@ def run(pytester, case_folder, tmp_path, *extra):
         "--reports-dir", str(tmp_path / "reports"), "--report-label", "e2e", "-p", "no:cacheprovider", *extra)
 
 
-def test_a_strangers_cases_get_the_right_outcomes_under_xdist(pytester, case_folder, tmp_path):
-    result = run(pytester, case_folder, tmp_path, "-n", "2", "-rA")
+def test_a_strangers_cases_in_their_own_folder_get_the_right_outcomes_under_xdist(pytester, case_folder):
+    """The installed suite from a user's own folder (`pytest --pyargs conformance`: the plugin
+    comes from the package's entry point), the report under ./reports/ there; then
+    `--collect-only` leaves that report alone."""
+    def run(*extra):
+        return pytester.runpytest_subprocess("--pyargs", "conformance", "--cases", str(case_folder), "--backend",
+                                             "torch", "--report-label", "e2e", "-p", "no:cacheprovider", *extra)
+
+    result = run("-n", "2", "-rA")
     result.assert_outcomes(passed=2, failed=2, skipped=1)
     output = result.stdout.str()
     assert "PASSED" in output and "good-torch-cpu-parity" in output
     assert "too-tight-torch-cpu-lstsq" in output and "but should be" in output and "(exact least squares)" in output
     assert "typo.yaml: training.optimizer.sgd: unknown key 'learning_rat'" in output
     assert "cuda:0 is not available to torch" in output
-    report = json.loads((tmp_path / "reports" / "e2e" / "results.json").read_text())
+    reports = pytester.path / "reports"
+    report = json.loads((reports / "e2e" / "results.json").read_text())
     ids = sorted(item["id"] for item in report["items"])
     assert ids == ["good-torch-cpu-parity", "gpu-only-torch-cuda:0-unavailable", "too-tight-torch-cpu-lstsq",
                    "too-tight-torch-cpu-parity", "typo-load"]
@@ -53,12 +61,16 @@ def test_a_strangers_cases_get_the_right_outcomes_under_xdist(pytester, case_fol
     assert sorted(report["meta"]["time"]) == ["gw0", "gw1"]  # where each worker's time went
     assert sum(worker["training"] for worker in report["meta"]["time"].values()) > 0
     # One report for the whole run, written by the controller, with a page per case.
-    assert [path.name for path in (tmp_path / "reports").iterdir()] == ["e2e"]
-    folder = tmp_path / "reports" / "e2e"
+    assert [path.name for path in reports.iterdir()] == ["e2e"]
+    folder = reports / "e2e"
     assert sorted(path.name for path in (folder / "cases").iterdir()) == [
         "good.html", "gpu-only.html", "too-tight.html", "typo.html"]
     assert (folder / "cases" / "good.html").read_text().count("<svg") == 1
     assert "unknown key &#39;learning_rat&#39;" in (folder / "cases" / "typo.html").read_text()
+    before = (folder / "results.json").read_bytes()
+    collected = run("--collect-only", "-q")
+    assert collected.ret == 0 and "good-torch-cpu-parity" in collected.stdout.str()
+    assert (folder / "results.json").read_bytes() == before
 
 
 def test_pairwise_check_is_complete_when_items_spread_over_workers(pytester, case_folder, tmp_path):
@@ -71,28 +83,6 @@ def test_pairwise_check_is_complete_when_items_spread_over_workers(pytester, cas
     report = json.loads((tmp_path / "reports" / "e2e" / "results.json").read_text())
     pairwise = next(item for item in report["items"] if item["id"] == "good-pairwise")
     assert [pair["a"] + pair["b"] for pair in pairwise["pairs"]] == [["gradient_tape", "cpu", "torch", "cpu"]]
-
-
-def test_collect_only_leaves_the_last_report_alone(pytester, case_folder, tmp_path):
-    run(pytester, case_folder, tmp_path, "-k", "good").assert_outcomes(passed=1)
-    results = tmp_path / "reports" / "e2e" / "results.json"
-    before = results.read_bytes()
-    collected = run(pytester, case_folder, tmp_path, "--collect-only", "-q")
-    assert collected.ret == 0 and "good-torch-cpu-parity" in collected.stdout.str()
-    assert results.read_bytes() == before
-
-
-def test_the_installed_suite_runs_from_any_folder_with_reports_under_it(pytester):
-    """`pytest --pyargs conformance` in a user's own folder: the plugin comes from the installed
-    package's entry point, the cases from --cases, and the report goes to ./reports/ there."""
-    (pytester.path / "my_cases").mkdir()
-    (pytester.path / "my_cases" / "line.yaml").write_text(GOOD)
-    result = pytester.runpytest_subprocess("--pyargs", "conformance", "--cases", "my_cases", "--backend", "torch",
-                                           "-p", "no:cacheprovider", "-rA")
-    result.assert_outcomes(passed=1)
-    assert "line-torch-cpu-parity" in result.stdout.str()
-    report = json.loads((pytester.path / "reports" / "local" / "results.json").read_text())
-    assert [item["id"] for item in report["items"]] == ["line-torch-cpu-parity"]
 
 
 def test_an_unrelated_test_run_in_the_same_environment_leaves_no_report(pytester):

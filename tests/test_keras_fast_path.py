@@ -16,7 +16,7 @@ def test_fast_path_is_bit_identical_to_plain_fit(batch_size, momentum, dtype):
 
     x = np.arange(-1.0, 5.0).reshape(-1, 1).astype(dtype)
     problem = Problem("y-2x-minus-1", x, (2 * x[:, 0] - 1).astype(dtype), np.zeros(1, dtype), np.zeros((), dtype),
-                      epochs=40, batch_size=batch_size, orders=None, reduction="mean",
+                      epochs=12, batch_size=batch_size, orders=None, reduction="mean",
                       optimizer=Optimizer("sgd", {"learning_rate": 0.01, "momentum": momentum, "nesterov": False,
                                                   "weight_decay": 0.0}), dtype=dtype)
     fast = keras.train(problem, "cpu")
