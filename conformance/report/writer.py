@@ -154,13 +154,21 @@ def _names(results: list[dict[str, Any]]) -> list[str]:
     return [f"p[{index}]" for index in range(size)]
 
 
+PER_CASE_INFO = ("compile_seconds", "xla", "torch_compile")  # shown on each case's page, not per backend
+
+
 def _engines(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Distinct (backend, device) with the framework's own details: versions, device names, switches."""
+    """Distinct (backend, device) with the framework's own details: versions, device names,
+    switches, and the total compile time of the compiled backends."""
     seen: dict[str, dict[str, Any]] = {}
     for entry in entries:
         if entry.get("info"):
             key = f"{entry['backend']}, {entry['device']}"
-            seen.setdefault(key, {"name": key, "info": entry["info"]})
+            info = {name: value for name, value in entry["info"].items() if name not in PER_CASE_INFO}
+            engine = seen.setdefault(key, {"name": key, "info": info})
+            if entry["info"].get("compile_seconds") is not None:
+                total = engine["info"].get("compile seconds, all cases", 0.0) + entry["info"]["compile_seconds"]
+                engine["info"]["compile seconds, all cases"] = round(total, 2)
     return list(seen.values())
 
 
