@@ -4,9 +4,9 @@
   hyperparameters), step by step in float64, with the update formulas of `optimizers.py`.
 - `least_squares`: the least-squares solution of the case's data. Small problems are solved
   exactly, in rational arithmetic on the float64 data, and rounded once: the reference then does
-  not depend on the LAPACK build (scipy's SVD solver gave NIST Wampler5 7.2 digits with one
-  OpenBLAS and 6.2 with another; the exact solution gives 15.0 with any). Larger problems go to
-  scipy, with the columns of the design scaled to unit norm first.
+  not depend on the installed scipy and LAPACK (scipy's SVD solver gave NIST Wampler5 7.2 digits
+  in one environment and 6.2 in another; the exact solution gives 15.0 in any). Larger problems
+  go to scipy, with the columns of the design scaled to unit norm first.
 - `lre`: digits of agreement (log relative error) against certified values.
 """
 
