@@ -7,6 +7,8 @@
   not depend on the installed scipy and LAPACK (scipy's SVD solver gave NIST Wampler5 7.2 digits
   in one environment and 6.2 in another; the exact solution gives 15.0 in any). Larger problems
   go to scipy, with the columns of the design scaled to unit norm first.
+- `ridge`: with coupled weight decay (SGD's `weight_decay`), the minimiser of the objective
+  whose gradient the training follows: the case's loss plus the decay's penalty, bias included.
 - `lre`: digits of agreement (log relative error) against certified values.
 """
 
@@ -101,20 +103,30 @@ def least_squares(x: np.ndarray, y: np.ndarray, has_bias: bool) -> np.ndarray:
     return solution / norms
 
 
-def exact_least_squares(x: np.ndarray, y: np.ndarray, has_bias: bool) -> np.ndarray | None:
+def exact_least_squares(x: np.ndarray, y: np.ndarray, has_bias: bool, row_weights: np.ndarray | None = None,
+                        penalty: float = 0.0) -> np.ndarray | None:
     """The exact minimiser for the float64 data, rounded once to float64; None if rank-deficient.
 
-    Every float64 is a dyadic rational, so the normal equations X^T X b = X^T y can be formed
-    and solved by Gaussian elimination in `Fraction`s without any rounding. Rank-deficient
-    data has no unique solution; the caller then takes scipy's minimum-norm one.
+    Minimises sum_i c_i (x_i b - y_i)^2 + penalty * |b|^2 (c_i = 1 without row weights; the
+    bias is part of b). Every float64 is a dyadic rational, so the normal equations
+    (X^T C X + penalty I) b = X^T C y can be formed and solved by Gaussian elimination in
+    `Fraction`s without any rounding. Rank-deficient data has no unique solution; the caller
+    then takes scipy's minimum-norm one.
     """
     columns = [[Fraction(float(value)) for value in column] for column in np.asarray(x, dtype=np.float64).T]
     if has_bias:
         columns.append([Fraction(1)] * len(y))
     target = [Fraction(float(value)) for value in y]
+    if row_weights is not None:
+        weights = [Fraction(float(value)) for value in row_weights]
+        weighted = [list(map(_times, column, weights)) for column in columns]
+    else:
+        weighted = columns
     size = len(columns)
-    gram = [[sum(map(_times, columns[i], columns[j]), Fraction(0)) for j in range(size)] for i in range(size)]
-    right = [sum(map(_times, column, target), Fraction(0)) for column in columns]
+    gram = [[sum(map(_times, weighted[i], columns[j]), Fraction(0)) for j in range(size)] for i in range(size)]
+    for index in range(size):
+        gram[index][index] += Fraction(float(penalty))
+    right = [sum(map(_times, column, target), Fraction(0)) for column in weighted]
     for col in range(size):
         pivot = next((row for row in range(col, size) if gram[row][col] != 0), None)
         if pivot is None:
@@ -130,6 +142,37 @@ def exact_least_squares(x: np.ndarray, y: np.ndarray, has_bias: bool) -> np.ndar
         known = sum((gram[col][k] * solution[k] for k in range(col + 1, size)), Fraction(0))
         solution[col] = (right[col] - known) / gram[col][col]
     return np.array([float(value) for value in solution])
+
+
+def ridge(problem: Problem) -> np.ndarray:
+    """[weights..., bias] where the training's averaged update vanishes under coupled weight decay.
+
+    Each step adds weight_decay * theta to one batch's gradient, so an epoch's steps sum to
+    sum_b grad(loss_b) + B * weight_decay * theta (B batches). With the case's reduction a
+    sample's squared error enters its batch's loss with weight c_i: 1 for `sum`; for `mean`,
+    1/m over its batch's size m, or B/n on average when batches are reshuffled every epoch. The
+    reference is the minimiser of sum_i c_i r_i^2 + (B * weight_decay / 2) |theta|^2, on the
+    features as trained (after standardization), in float64.
+    """
+    x, y = problem.x.astype(np.float64), problem.y.astype(np.float64)
+    batches = problem.steps_per_epoch
+    if problem.reduction == "sum":
+        weights = np.ones(problem.n)
+    elif problem.orders is None:
+        weights = np.empty(problem.n)
+        for start in range(0, problem.n, problem.batch_size):
+            stop = min(start + problem.batch_size, problem.n)
+            weights[start:stop] = 1.0 / (stop - start)
+    else:
+        weights = np.full(problem.n, batches / problem.n)
+    penalty = batches * problem.optimizer.settings["weight_decay"] / 2
+    if least_squares_method(problem.n, problem.features + problem.has_bias) == "exact least squares":
+        solution = exact_least_squares(x, y, problem.has_bias, weights, penalty)
+        if solution is not None:
+            return solution
+    design = np.hstack([x, np.ones((problem.n, 1))]) if problem.has_bias else x
+    gram = design.T @ (design * weights[:, None]) + penalty * np.eye(design.shape[1])
+    return scipy.linalg.solve(gram, design.T @ (weights * y), assume_a="pos")
 
 
 def _times(a: Fraction, b: Fraction) -> Fraction:

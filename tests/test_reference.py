@@ -169,3 +169,28 @@ def test_exact_least_squares_declines_rank_deficient_data_and_scipy_gives_a_mini
     y = np.array([1.0, 2.0, 3.0])
     assert reference.exact_least_squares(x, y, False) is None
     np.testing.assert_allclose(x @ least_squares(x, y, False), y, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reduction, batch_size", [("mean", 8), ("sum", 8), ("mean", 3)])
+def test_training_with_weight_decay_converges_to_the_ridge_reference(reduction, batch_size):
+    """The float64 replay of SGD with coupled weight decay settles where the ridge reference
+    says: exactly for full and equal batches, to O(learning rate) for a smaller last batch."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(8 if batch_size == 8 else 10, 2))
+    y = x @ [1.5, -0.5] + 0.25 + 0.1 * rng.normal(size=len(x))
+    rate = {("mean", 8): 0.05, ("sum", 8): 0.01, ("mean", 3): 0.002}[reduction, batch_size]
+    sgd = Optimizer("sgd", {"learning_rate": rate, "momentum": 0.0, "nesterov": False, "weight_decay": 0.3})
+    epochs = 4000 if batch_size == 8 else 20000
+    problem = Problem("ridge", x, y, np.zeros(2), np.zeros(()), epochs, batch_size, None, reduction, sgd, "float64")
+    trained = replay(problem).final
+    expected = reference.ridge(problem)
+    design = np.hstack([x, np.ones((len(x), 1))])
+    if batch_size == 8:  # closed form: (X^T X / scale + lambda/2 I) theta = X^T y / scale
+        scale = len(x) if reduction == "mean" else 1.0
+        closed = np.linalg.solve(design.T @ design / scale + 0.15 * np.eye(3), design.T @ y / scale)
+        np.testing.assert_allclose(expected, closed, rtol=1e-12)
+        np.testing.assert_allclose(trained, expected, rtol=1e-10)
+    else:
+        np.testing.assert_allclose(trained, expected, rtol=5e-3)
+        ordinary = least_squares(x, y, True)
+        assert np.abs(trained - expected).max() < np.abs(trained - ordinary).max() / 5
