@@ -177,7 +177,7 @@ class CaseRun:
         mismatch = compare.worst_mismatch(result.trajectory.final, self.least_squares, tol,
                                           self.prepared.parameter_names)
         if mismatch is None:
-            return Outcome(True, f"within {_tol(tol)} of the least-squares fit", record)
+            return Outcome(True, f"within {_tol(tol)} of the {self.least_squares_name}", record)
         return Outcome(False, mismatch.describe(result.label, self.least_squares_name, self.where), record)
 
     def check_pairwise(self, deviant: dict[tuple[str, str], int]) -> Outcome:
