@@ -68,6 +68,12 @@ class Problem:
             stop = min(start + self.batch_size, self.n)
             yield slice(start, stop) if self.orders is None else self.orders[epoch, start:stop]
 
+    def epoch_losses(self, step_losses: np.ndarray) -> np.ndarray:
+        """Each epoch's loss from its steps' batch losses: weighted by batch size, over n, as
+        Keras's history reports it (the backends that record per step use this)."""
+        sizes = np.diff(np.append(np.arange(0, self.n, self.batch_size), self.n))
+        return np.asarray(step_losses, dtype=np.float64).reshape(self.epochs, len(sizes)) @ sizes / self.n
+
     def initial_params(self) -> np.ndarray:
         bias = [] if self.init_bias is None else [float(self.init_bias)]
         return np.concatenate([self.init_weights.astype(np.float64), bias])

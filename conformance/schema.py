@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-BACKEND_NAMES = ("keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "torch_compile")
+BACKEND_NAMES = ("keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "torch_compile", "jax")
 CHECK_NAMES = ("parity", "lstsq", "certified")
 DEVICE_PATTERN = r"^(cpu|cuda:[0-9]+|mps)$"
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"

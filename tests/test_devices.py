@@ -32,6 +32,16 @@ def fake_tensorflow(gpus: int, xla: bool = True):
         test=SimpleNamespace(is_built_with_xla=lambda: xla))
 
 
+def fake_jax(gpus: int):
+    def devices(kind: str):
+        if kind == "gpu" and not gpus:
+            raise RuntimeError("Unknown backend: 'gpu' requested, but no platforms that are instances of gpu")
+        found = [SimpleNamespace(device_kind=f"Fake JAX {kind} {i}") for i in range(gpus if kind == "gpu" else 1)]
+        return found
+
+    return SimpleNamespace(devices=devices)
+
+
 @pytest.fixture
 def machine(monkeypatch):
     """machine(torch_gpus, mps, tf_gpus): pretend the frameworks see these devices."""
@@ -40,6 +50,7 @@ def machine(monkeypatch):
         monkeypatch.setattr(_frameworks, "installed", lambda module: True)
         monkeypatch.setattr(_frameworks, "torch", lambda: fake_torch(torch_gpus, mps))
         monkeypatch.setattr(_frameworks, "tensorflow", lambda: fake_tensorflow(tf_gpus, xla))
+        monkeypatch.setattr(_frameworks, "jax", lambda: fake_jax(tf_gpus))
         monkeypatch.setattr(_frameworks, "cpu_name", lambda: "Fake CPU")
 
     return pretend
@@ -140,10 +151,20 @@ def test_a_missing_compiler_skips_the_compiled_backends_with_the_reason(machine,
     assert "needs a C++ compiler: '/nonexistent/g++' was not found" in items["f32-torch_compile-cpu-unavailable"].skip
 
 
-@pytest.mark.parametrize("backend", ["keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla"])
+def test_jax_sees_its_gpus_as_cuda_devices_and_explains_a_missing_install(machine, monkeypatch):
+    from conformance.backends import jax as jax_backend
+
+    machine(tf_gpus=2)
+    assert jax_backend.devices() == ["cpu", "cuda:0", "cuda:1"]
+    assert jax_backend.device_name("cuda:1") == "Fake JAX gpu 1"
+    monkeypatch.setattr(_frameworks, "installed", lambda module: module != "optax")
+    assert jax_backend.available() == "optax not installed (pip install '.[jax]')"
+
+
+@pytest.mark.parametrize("backend", ["keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "jax"])
 def test_each_result_records_where_the_framework_placed_the_weights(backend):
     """Real training on the CPU: the framework's own placement of the trained weights is recorded."""
-    pytest.importorskip("torch" if backend == "torch" else "tensorflow")
+    pytest.importorskip({"torch": "torch", "jax": "optax"}.get(backend, "tensorflow"))
     import numpy as np
 
     from conformance import backends
@@ -154,7 +175,8 @@ def test_each_result_records_where_the_framework_placed_the_weights(backend):
                       None, "mean", Optimizer("sgd", {"learning_rate": 0.1, "momentum": 0.0, "nesterov": False,
                                                       "weight_decay": 0.0}), "float32")
     info = backends.load(backend).train(problem, "cpu").info
-    assert info["placed_on"] == "cpu" if backend == "torch" else info["placed_on"].endswith("device:CPU:0")
+    expected = {"torch": "cpu", "jax": "cpu:0"}.get(backend)
+    assert info["placed_on"] == expected if expected else info["placed_on"].endswith("device:CPU:0")
     if backend.endswith("_xla"):  # what really ran: XLA, must-compile, and the compile time apart
         assert info["xla"]["must_compile"] is True and info["compile_seconds"] is not None
 
@@ -166,11 +188,12 @@ def test_doctor_shows_backends_devices_selection_and_switches(machine, monkeypat
     monkeypatch.setattr(doctor, "_switches", lambda: {"torch.backends.cuda.matmul.allow_tf32": False})
     assert doctor.main() == 0
     shown = capsys.readouterr().out
-    for backend in ("keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "torch_compile"):
+    for backend in ("keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "torch_compile", "jax"):
         assert f"\n  {backend} " in shown
     assert "cpu (Fake CPU), cuda:0 (Fake GPU 0); not found: mps" in shown
     assert "[available, not selected: --backend torch_compile]" in shown
-    assert "A run without --backend selects: keras, gradient_tape, torch, keras_xla, gradient_tape_xla" in shown
+    assert "A run without --backend selects: keras, gradient_tape, torch, keras_xla, gradient_tape_xla, jax" in shown
+    assert "cuda:0 (Fake JAX gpu 0)" in shown
     assert "torch.backends.cuda.matmul.allow_tf32" in shown and "tensorflow " in shown
 
 

@@ -60,6 +60,20 @@ def tensorflow() -> ModuleType:
     return tf
 
 
+@functools.cache
+def jax() -> ModuleType:
+    """JAX with float64 available (`jax_enable_x64`: every array the suite makes has an explicit
+    dtype, so float32 cases stay float32) and without grabbing most of a GPU's memory at start,
+    which TensorFlow and torch in the same process would then miss."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    with timing.phase("imports"):
+        import jax as jax_module
+        import optax  # noqa: F401 - imported here so that its cost counts as an import
+
+    jax_module.config.update("jax_enable_x64", True)
+    return jax_module
+
+
 def tensorflow_determinism() -> bool | str:
     """Whether TensorFlow's op determinism is on, as TensorFlow reports it."""
     probe = getattr(tensorflow().config.experimental, "is_op_determinism_enabled", None)

@@ -82,7 +82,7 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
     info = _environment(torch, device, model.weight)
     if compile_step is not None:
         info["epoch_seconds"] = np.diff(ends)
-    return Trajectory(params.numpy(), _epoch_losses(problem, step_losses.numpy()), predictions, info)
+    return Trajectory(params.numpy(), problem.epoch_losses(step_losses.numpy()), predictions, info)
 
 
 class _Stacked:
@@ -108,12 +108,6 @@ class _Stacked:
             self.chunks.append(self.torch.stack(self.pending))
             self.pending = []
         return self.torch.cat(self.chunks).cpu().double().numpy()
-
-
-def _epoch_losses(problem: Problem, step_losses: np.ndarray) -> np.ndarray:
-    """Each epoch's loss: its batch losses weighted by batch size, over n (Keras's history)."""
-    sizes = np.diff(np.append(np.arange(0, problem.n, problem.batch_size), problem.n))
-    return step_losses.reshape(problem.epochs, len(sizes)) @ sizes / problem.n
 
 
 def make_optimizer(torch: Any, parameters: Any, optimizer: Optimizer) -> Any:

@@ -1,0 +1,142 @@
+"""JAX: a `jax.value_and_grad` training step under `jax.jit`, with the matching `optax` optimizer.
+
+The step is the one JAX users write: parameters as a dict of arrays, `value_and_grad` of the
+loss, `optimizer.update`, `optax.apply_updates`. The epochs and batches around it run as
+`lax.scan`s inside one `jax.jit` (the idiomatic fast loop; a Python loop of jitted steps costs
+about 2 ms of dispatch per step here), recording each epoch's parameters and loss. Batches have
+static sizes (the full ones, then the smaller last one). Every optax setting is explicit; where
+optax can place epsilon either way (`rmsprop`'s `eps_in_sqrt`), the case format's (PyTorch's)
+placement is passed. The formulas are compared in docs/optimizers.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from conformance.backends import _frameworks
+from conformance.problem import Optimizer, Problem, Trajectory
+
+NAME = "jax"
+LOOKED_FOR = ("cpu", "cuda")  # JAX's gpu devices are named cuda:N in the suite's vocabulary
+
+
+def available() -> str | None:
+    missing = [module for module in ("jax", "optax") if not _frameworks.installed(module)]
+    return f"{' and '.join(missing)} not installed (pip install '.[jax]')" if missing else None
+
+
+def _devices() -> dict[str, Any]:
+    jax = _frameworks.jax()
+    found = {"cpu": jax.devices("cpu")[0]}
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:  # no GPU backend in this jaxlib, or no GPU
+        gpus = []
+    return found | {f"cuda:{index}": device for index, device in enumerate(gpus)}
+
+
+def devices() -> list[str]:
+    return list(_devices())
+
+
+def device_name(device: str) -> str:
+    if device == "cpu":
+        return _frameworks.cpu_name()
+    return str(_devices()[device].device_kind)
+
+
+def train(problem: Problem, device: str) -> Trajectory:
+    jax = _frameworks.jax()
+    import jax.numpy as jnp
+    import optax
+
+    place = _devices()[device]
+    dtype = np.dtype(problem.dtype)
+    params = {"w": problem.init_weights.reshape(-1, 1)}
+    if problem.has_bias:
+        params["b"] = problem.init_bias.reshape(1)
+    params = jax.device_put({name: np.asarray(value, dtype) for name, value in params.items()}, place)
+    x = jax.device_put(problem.x.astype(dtype), place)
+    y = jax.device_put(problem.y.astype(dtype).reshape(-1, 1), place)
+    reduce = jnp.mean if problem.reduction == "mean" else jnp.sum
+    optimizer = make_optimizer(optax, problem.optimizer)
+
+    def loss_of(parameters: Any, x_batch: Any, y_batch: Any) -> Any:
+        return reduce(jnp.square(forward(parameters, x_batch) - y_batch))
+
+    def step(parameters: Any, state: Any, rows: Any) -> Any:
+        loss, gradients = jax.value_and_grad(loss_of)(parameters, x[rows], y[rows])
+        updates, state = optimizer.update(gradients, state, parameters)
+        return optax.apply_updates(parameters, updates), state, loss
+
+    full_batches, last_batch = divmod(problem.n, problem.batch_size)
+    orders = jax.device_put(np.arange(problem.n)[None] if problem.orders is None else problem.orders, place)
+    shuffled = problem.orders is not None
+
+    @jax.jit
+    def run_training(parameters: Any, state: Any, orders: Any) -> Any:
+        def one_epoch(carry: Any, epoch: Any) -> Any:
+            order = orders[epoch] if shuffled else orders[0]
+
+            def one_batch(carry: Any, index: Any) -> Any:
+                rows = jax.lax.dynamic_slice(order, (index * problem.batch_size,), (problem.batch_size,))
+                parameters, state, loss = step(*carry, rows)
+                return (parameters, state), loss
+
+            carry, losses = jax.lax.scan(one_batch, carry, jnp.arange(full_batches))
+            total = jnp.sum(losses) * problem.batch_size
+            if last_batch:
+                parameters, state, loss = step(*carry, order[full_batches * problem.batch_size:])
+                carry, total = (parameters, state), total + loss * last_batch
+            # [weights..., bias]: JAX orders a dict's leaves by key ("b" before "w"), so name them
+            flat = jnp.concatenate([carry[0][name].reshape(-1) for name in ("w", "b") if name in carry[0]])
+            return carry, (flat, total)
+
+        (parameters, state), (history, totals) = jax.lax.scan(one_epoch, (parameters, state),
+                                                              jnp.arange(problem.epochs))
+        return parameters, history, totals
+
+    params, history, totals = run_training(params, optimizer.init(params), orders)
+    history = np.asarray(history, dtype=np.float64)
+    predictions = None
+    if problem.predict_x is not None:
+        predict_x = jax.device_put(problem.predict_x.astype(dtype), place)
+        predictions = np.asarray(forward(params, predict_x), dtype=np.float64)[:, 0]
+    weight = params["w"]
+    info = {"jax": jax.__version__, "optax": optax.__version__, "placed_on": str(next(iter(weight.devices()))),
+            "jax_enable_x64": bool(jax.config.jax_enable_x64), "weights_dtype": str(weight.dtype),
+            "jit_compilations": int(run_training._cache_size())}
+    return Trajectory(history, np.asarray(totals, dtype=np.float64) / problem.n, predictions, info)
+
+
+def forward(parameters: Any, x: Any) -> Any:
+    output = x @ parameters["w"]
+    return output + parameters["b"] if "b" in parameters else output
+
+
+def make_optimizer(optax: Any, optimizer: Optimizer) -> Any:
+    """The optax transformation for the case, every hyperparameter explicit.
+
+    Coupled weight decay is `add_decayed_weights` before the optimizer (added to the gradient,
+    as torch.optim.SGD does). optax's own defaults never apply (adagrad: initial accumulator
+    0.1 and eps 1e-7; rmsprop: eps inside the root).
+    """
+    settings = optimizer.settings
+    rate = settings["learning_rate"]
+    if optimizer.name == "sgd":
+        sgd = optax.sgd(rate, momentum=settings["momentum"] or None, nesterov=settings["nesterov"])
+        return optax.chain(optax.add_decayed_weights(settings["weight_decay"]), sgd) if settings["weight_decay"] \
+            else sgd
+    if optimizer.name == "adam":
+        common = {"b1": settings["beta_1"], "b2": settings["beta_2"], "eps": settings["epsilon"], "eps_root": 0.0}
+        return optax.amsgrad(rate, **common) if settings["amsgrad"] else optax.adam(rate, nesterov=False, **common)
+    if optimizer.name == "rmsprop":
+        return optax.rmsprop(rate, decay=settings["rho"], eps=settings["epsilon"], initial_scale=0.0,
+                             eps_in_sqrt=False, centered=settings["centered"], momentum=settings["momentum"] or None,
+                             nesterov=False, bias_correction=False)
+    if optimizer.name == "adagrad":
+        return optax.adagrad(rate, initial_accumulator_value=settings["initial_accumulator_value"],
+                             eps=settings["epsilon"])
+    raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the jax backend")
