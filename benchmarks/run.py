@@ -33,6 +33,7 @@ SIZES = {  # name: (n, features, batch_size, epochs)
     "large": (1_000_000, 10, 1024, 1),
 }
 BACKENDS = ("keras", "gradient_tape", "torch")
+OTHERS = ("jax",)  # measured like the v1 backends, against their own bare loop
 COMPILED = ("keras_xla", "gradient_tape_xla", "torch_compile")  # each against its own bare compiled loop
 
 
@@ -173,7 +174,45 @@ def compiled_floor_gradient_tape(problem: Problem) -> tuple[float, int]:
     return timed(training, tf.constant(problem.epochs)), steps(problem)
 
 
-FLOORS = {"torch": floor_torch, "keras": floor_keras, "gradient_tape": floor_gradient_tape}
+def floor_jax(problem: Problem) -> None:
+    """The same jitted loop (value_and_grad, optax.sgd, lax.scan over epochs and full batches),
+    recording nothing; compiled before it is timed, as the harness's compile is part of its time."""
+    from conformance.backends import _frameworks
+
+    jax = _frameworks.jax()
+    import jax.numpy as jnp
+    import optax
+
+    x, y = jnp.asarray(problem.x), jnp.asarray(problem.y.reshape(-1, 1))
+    optimizer = optax.sgd(0.01)
+    batches, last = divmod(problem.n, problem.batch_size)
+
+    def loss_of(params, x_batch, y_batch):
+        return jnp.mean(jnp.square(x_batch @ params["w"] + params["b"] - y_batch))
+
+    def step(carry, start, size):
+        params, state = carry
+        x_batch = jax.lax.dynamic_slice_in_dim(x, start, size)
+        y_batch = jax.lax.dynamic_slice_in_dim(y, start, size)
+        updates, state = optimizer.update(jax.grad(loss_of)(params, x_batch, y_batch), state, params)
+        return optax.apply_updates(params, updates), state
+
+    @jax.jit
+    def training(params):
+        def one_batch(carry, index):
+            return step(carry, index * problem.batch_size, problem.batch_size), None
+
+        def one_epoch(carry, _):
+            carry = jax.lax.scan(one_batch, carry, jnp.arange(batches))[0]
+            return (step(carry, batches * problem.batch_size, last) if last else carry), None
+
+        return jax.lax.scan(one_epoch, (params, optimizer.init(params)), jnp.arange(problem.epochs))[0][0]
+
+    params = {"w": jnp.zeros((problem.features, 1), jnp.float32), "b": jnp.zeros(1, jnp.float32)}
+    jax.block_until_ready(training(params))
+
+
+FLOORS = {"torch": floor_torch, "keras": floor_keras, "gradient_tape": floor_gradient_tape, "jax": floor_jax}
 COMPILED_FLOORS = {"torch_compile": compiled_floor_torch, "keras_xla": compiled_floor_keras,
                    "gradient_tape_xla": compiled_floor_gradient_tape}
 
@@ -220,7 +259,7 @@ def measure_backend(backend: str) -> dict:
     from conformance.reference import least_squares, replay
 
     started = time.perf_counter()
-    _frameworks.torch() if backend == "torch" else _frameworks.tensorflow()
+    {"torch": _frameworks.torch, "jax": _frameworks.jax}.get(backend, _frameworks.tensorflow)()
     module = backends.load(backend)
     result = {"backend": backend, "import_s": time.perf_counter() - started, "sizes": {}}
     warm = make_problem(6, 1, 6, 3)
@@ -287,7 +326,7 @@ def suite_wall(workers: str, only: tuple[str, ...] = (), label: str = "", env: d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="per-step ratios and memory only")
-    parser.add_argument("--one", choices=BACKENDS + COMPILED, help=argparse.SUPPRESS)  # internal: in this process
+    parser.add_argument("--one", choices=BACKENDS + OTHERS + COMPILED, help=argparse.SUPPRESS)  # internal
     parser.add_argument("--growth", action="store_true", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.one:
@@ -300,15 +339,15 @@ def main() -> None:
     env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"}
     here = [sys.executable, str(Path(__file__).resolve())]
     results = [json.loads(subprocess.run(here + ["--one", backend], capture_output=True, text=True, env=env,
-                                         check=True).stdout.splitlines()[-1]) for backend in BACKENDS]
+                                         check=True).stdout.splitlines()[-1]) for backend in BACKENDS + OTHERS]
     print("Per step: harness (conformance backend, recording every epoch) vs the bare framework loop, same process")
     print(f"{'backend':14} {'size':7} {'steps':>6} {'harness ms/step':>16} {'floor ms/step':>14} {'ratio':>6}")
     for result in results:
         for size, row in result["sizes"].items():
             print(f"{result['backend']:14} {size:7} {row['steps']:6d} {1e3 * row['harness_s'] / row['steps']:16.3f} "
                   f"{1e3 * row['floor_s'] / row['steps']:14.3f} {row['harness_s'] / row['floor_s']:6.2f}")
-    print("\nReferences (float64 replay + least squares) against the case's time (three backends' training "
-          "+ references)")
+    print("\nReferences (float64 replay + least squares) against the case's time (every measured backend's "
+          "training + references)")
     for size in SIZES:
         training = sum(result["sizes"][size]["harness_s"] for result in results)
         references = min(result["sizes"][size]["references_s"] for result in results)  # same work in each process
@@ -350,9 +389,10 @@ def main() -> None:
           "torch_compile first with an empty inductor cache (a new machine), then with the cache it left")
     baseline = None
     with tempfile.TemporaryDirectory() as cache:
-        for name, only in (("v1 backends only", BACKENDS), ("v1 + keras_xla", BACKENDS + ("keras_xla",)),
+        for name, only in (("v1 backends only", BACKENDS), ("v1 + jax", BACKENDS + ("jax",)),
+                           ("v1 + keras_xla", BACKENDS + ("keras_xla",)),
                            ("v1 + gradient_tape_xla", BACKENDS + ("gradient_tape_xla",)),
-                           ("default (v1 + both XLA backends)", ()),
+                           ("default (v1 + both XLA backends + jax)", ()),
                            ("v1 + torch_compile, cold cache", BACKENDS + ("torch_compile",)),
                            ("v1 + torch_compile, warm cache", BACKENDS + ("torch_compile",))):
             wall = suite_wall("auto", only, label="bench-selection", env={"TORCHINDUCTOR_CACHE_DIR": cache})["wall_s"]

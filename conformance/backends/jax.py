@@ -66,14 +66,22 @@ def train(problem: Problem, device: str) -> Trajectory:
     def loss_of(parameters: Any, x_batch: Any, y_batch: Any) -> Any:
         return reduce(jnp.square(forward(parameters, x_batch) - y_batch))
 
-    def step(parameters: Any, state: Any, rows: Any) -> Any:
-        loss, gradients = jax.value_and_grad(loss_of)(parameters, x[rows], y[rows])
+    def step(parameters: Any, state: Any, order: Any, start: Any, size: int) -> Any:
+        """One optimizer step on `size` rows from `start`: of `order` when the case shuffles,
+        else a slice of the data itself (the same rows, without a gather)."""
+        if shuffled:
+            rows = jax.lax.dynamic_slice_in_dim(order, start, size)
+            x_batch, y_batch = x[rows], y[rows]
+        else:
+            x_batch = jax.lax.dynamic_slice_in_dim(x, start, size)
+            y_batch = jax.lax.dynamic_slice_in_dim(y, start, size)
+        loss, gradients = jax.value_and_grad(loss_of)(parameters, x_batch, y_batch)
         updates, state = optimizer.update(gradients, state, parameters)
         return optax.apply_updates(parameters, updates), state, loss
 
     full_batches, last_batch = divmod(problem.n, problem.batch_size)
-    orders = jax.device_put(np.arange(problem.n)[None] if problem.orders is None else problem.orders, place)
     shuffled = problem.orders is not None
+    orders = jax.device_put(problem.orders if shuffled else np.arange(problem.n)[None], place)
 
     @jax.jit
     def run_training(parameters: Any, state: Any, orders: Any) -> Any:
@@ -81,14 +89,13 @@ def train(problem: Problem, device: str) -> Trajectory:
             order = orders[epoch] if shuffled else orders[0]
 
             def one_batch(carry: Any, index: Any) -> Any:
-                rows = jax.lax.dynamic_slice(order, (index * problem.batch_size,), (problem.batch_size,))
-                parameters, state, loss = step(*carry, rows)
+                parameters, state, loss = step(*carry, order, index * problem.batch_size, problem.batch_size)
                 return (parameters, state), loss
 
             carry, losses = jax.lax.scan(one_batch, carry, jnp.arange(full_batches))
             total = jnp.sum(losses) * problem.batch_size
             if last_batch:
-                parameters, state, loss = step(*carry, order[full_batches * problem.batch_size:])
+                parameters, state, loss = step(*carry, order, full_batches * problem.batch_size, last_batch)
                 carry, total = (parameters, state), total + loss * last_batch
             # [weights..., bias]: JAX orders a dict's leaves by key ("b" before "w"), so name them
             flat = jnp.concatenate([carry[0][name].reshape(-1) for name in ("w", "b") if name in carry[0]])
