@@ -17,13 +17,18 @@ DISTRIBUTIONS = {
     "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tf-nightly"),
     "keras": ("keras", "tf-keras"),
     "torch": ("torch",),
+    "jax": ("jax",),
+    "jaxlib": ("jaxlib",),
+    "optax": ("optax",),
     "numpy": ("numpy",),
     "scipy": ("scipy",),
     "pydantic": ("pydantic",),
     "pytest": ("pytest",),
 }
 NUMERICS_VARIABLES = ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "CUBLAS_WORKSPACE_CONFIG",
-                      "OMP_NUM_THREADS", "TF_FORCE_GPU_ALLOW_GROWTH", "KERAS_BACKEND", "TF_USE_LEGACY_KERAS")
+                      "OMP_NUM_THREADS", "TF_FORCE_GPU_ALLOW_GROWTH", "KERAS_BACKEND", "TF_USE_LEGACY_KERAS",
+                      "TF_XLA_FLAGS", "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "JAX_PLATFORMS",
+                      "TORCHINDUCTOR_CACHE_DIR")
 
 
 def versions() -> dict[str, str | None]:
