@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import operator
 from fractions import Fraction
 
 import numpy as np
@@ -119,14 +120,14 @@ def exact_least_squares(x: np.ndarray, y: np.ndarray, has_bias: bool, row_weight
     target = [Fraction(float(value)) for value in y]
     if row_weights is not None:
         weights = [Fraction(float(value)) for value in row_weights]
-        weighted = [list(map(_times, column, weights)) for column in columns]
+        weighted = [list(map(operator.mul, column, weights)) for column in columns]
     else:
         weighted = columns
     size = len(columns)
-    gram = [[sum(map(_times, weighted[i], columns[j]), Fraction(0)) for j in range(size)] for i in range(size)]
+    gram = [[sum(map(operator.mul, weighted[i], columns[j]), Fraction(0)) for j in range(size)] for i in range(size)]
     for index in range(size):
         gram[index][index] += Fraction(float(penalty))
-    right = [sum(map(_times, column, target), Fraction(0)) for column in weighted]
+    right = [sum(map(operator.mul, column, target), Fraction(0)) for column in weighted]
     for col in range(size):
         pivot = next((row for row in range(col, size) if gram[row][col] != 0), None)
         if pivot is None:
@@ -173,10 +174,6 @@ def ridge(problem: Problem) -> np.ndarray:
     design = np.hstack([x, np.ones((problem.n, 1))]) if problem.has_bias else x
     gram = design.T @ (design * weights[:, None]) + penalty * np.eye(design.shape[1])
     return scipy.linalg.solve(gram, design.T @ (weights * y), assume_a="pos")
-
-
-def _times(a: Fraction, b: Fraction) -> Fraction:
-    return a * b
 
 
 def _tall_least_squares(x: np.ndarray, y: np.ndarray, has_bias: bool) -> np.ndarray | None:
