@@ -8,7 +8,7 @@ backends differ only in how their framework does the arithmetic.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,9 +64,14 @@ class Problem:
 
     def batches(self, epoch: int) -> Iterator[np.ndarray | slice]:
         """The samples of each step of an epoch: slices in file order, or index arrays when shuffled."""
-        for start in range(0, self.n, self.batch_size):
-            stop = min(start + self.batch_size, self.n)
-            yield slice(start, stop) if self.orders is None else self.orders[epoch, start:stop]
+        for step in range(self.steps_per_epoch):
+            yield self.batch(epoch, step)
+
+    def batch(self, epoch: int, step: int) -> np.ndarray | slice:
+        """The samples of one step: a slice in file order, or an index array when shuffled."""
+        start = step * self.batch_size
+        stop = min(start + self.batch_size, self.n)
+        return slice(start, stop) if self.orders is None else self.orders[epoch, start:stop]
 
     def epoch_losses(self, step_losses: np.ndarray) -> np.ndarray:
         """Each epoch's loss from its steps' batch losses: weighted by batch size, over n, as
@@ -77,6 +82,14 @@ class Problem:
     def initial_params(self) -> np.ndarray:
         bias = [] if self.init_bias is None else [float(self.init_bias)]
         return np.concatenate([self.init_weights.astype(np.float64), bias])
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain data (dicts, strings, numbers, NumPy arrays), as it goes to a worker process."""
+        return asdict(self)
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Problem:
+        return cls(**(data | {"optimizer": Optimizer(**data["optimizer"])}))
 
 
 @dataclass(frozen=True)
@@ -214,6 +227,14 @@ class Trajectory:
     @property
     def final(self) -> np.ndarray:
         return self.params[-1]
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain data, as it comes back from a worker process."""
+        return asdict(self)
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Trajectory:
+        return cls(**data)
 
     def first_nonfinite_epoch(self) -> int | None:
         """1-based epoch at which loss or a parameter first became NaN or infinite."""

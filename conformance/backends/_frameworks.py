@@ -27,6 +27,10 @@ def request_determinism() -> None:
     os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
 
 
+def determinism_requested() -> bool:
+    return _DETERMINISM["requested"]
+
+
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 

@@ -7,14 +7,12 @@ written against the API the two share.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 from conformance import timing
-from conformance.backends import _frameworks
+from conformance.backends import _frameworks, _keras_common
 from conformance.problem import Optimizer
 
 LOOKED_FOR = ("cpu", "cuda")  # TensorFlow's GPU:N is named cuda:N in the suite's vocabulary
@@ -81,42 +79,14 @@ def keras_major() -> int:
     return int(keras_version().split(".")[0])
 
 
-@contextlib.contextmanager
-def floatx(dtype: str) -> Iterator[None]:
-    """Keras keeps the learning rate in a floatx variable: float64 training needs floatx float64,
-    or the rate is rounded to float32 (0.01 -> 0.009999999776) before it reaches the update."""
-    backend = keras().backend
-    previous = backend.floatx()
-    backend.set_floatx(dtype)
-    try:
-        yield
-    finally:
-        backend.set_floatx(previous)
+def floatx(dtype: str) -> Any:
+    """tf.keras's floatx set to `dtype` for the duration (see _keras_common.floatx)."""
+    return _keras_common.floatx(keras(), dtype)
 
 
 def keras_optimizer(optimizer: Optimizer) -> Any:
-    """A Keras optimizer with every hyperparameter passed explicitly (Keras 2 and 3 alike).
-
-    Weight decay is left out here: the case format's weight decay is added to the gradient
-    (coupled), while Keras's `weight_decay` is decoupled; each backend adds it its own way.
-    Keras's own defaults (Adam epsilon 1e-7, Adagrad initial accumulator 0.1) never apply.
-    """
-    settings = optimizer.settings
-    optimizers = keras().optimizers
-    common = {"learning_rate": settings["learning_rate"], "weight_decay": None, "clipnorm": None,
-              "clipvalue": None, "global_clipnorm": None, "use_ema": False}
-    if optimizer.name == "sgd":
-        return optimizers.SGD(momentum=settings["momentum"], nesterov=settings["nesterov"], **common)
-    if optimizer.name == "adam":
-        return optimizers.Adam(beta_1=settings["beta_1"], beta_2=settings["beta_2"], epsilon=settings["epsilon"],
-                               amsgrad=settings["amsgrad"], **common)
-    if optimizer.name == "rmsprop":
-        return optimizers.RMSprop(rho=settings["rho"], momentum=settings["momentum"], epsilon=settings["epsilon"],
-                                  centered=settings["centered"], **common)
-    if optimizer.name == "adagrad":
-        return optimizers.Adagrad(initial_accumulator_value=settings["initial_accumulator_value"],
-                                  epsilon=settings["epsilon"], **common)
-    raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the TensorFlow backends")
+    """The case's optimizer as a tf.keras optimizer (see _keras_common.optimizer)."""
+    return _keras_common.optimizer(keras(), optimizer)
 
 
 def xla_evidence(function: Any, *args: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import _compiled, _frameworks, _tensorflow
+from conformance.backends import _compiled, _frameworks, _keras_common, _tensorflow
 from conformance.problem import Problem, Trajectory
 
 NAME = "keras"
@@ -63,23 +63,7 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
 
 
 def _model(problem: Problem, steps_per_execution: int, jit_compile: bool) -> Any:
-    keras = _tensorflow.keras()
-    decay = problem.optimizer.settings.get("weight_decay", 0.0)
-    # Coupled weight decay (added to the gradient) is exactly an L2 penalty of decay / 2.
-    regularizer = keras.regularizers.L2(decay / 2) if decay else None
-    # dtype is explicit: Keras caches its global dtype policy from floatx on first use, so a
-    # later set_floatx alone would leave float64 cases with float32 layers (or the reverse).
-    dense = keras.layers.Dense(1, use_bias=problem.has_bias, kernel_regularizer=regularizer,
-                               bias_regularizer=regularizer if problem.has_bias else None, dtype=problem.dtype)
-    model = keras.Sequential([keras.Input(shape=(problem.features,), dtype=problem.dtype), dense])
-    initial = [problem.init_weights.reshape(-1, 1)]
-    if problem.has_bias:
-        initial.append(problem.init_bias.reshape(1))
-    dense.set_weights(initial)
-    loss = keras.losses.MeanSquaredError(reduction="sum" if problem.reduction == "sum" else "sum_over_batch_size")
-    model.compile(optimizer=_tensorflow.keras_optimizer(problem.optimizer), loss=loss,
-                  steps_per_execution=steps_per_execution, jit_compile=jit_compile)
-    return model
+    return _keras_common.model(_tensorflow.keras(), problem, steps_per_execution, jit_compile)
 
 
 def _stream(problem: Problem) -> Any:

@@ -1,0 +1,241 @@
+"""Keras 3 on its JAX or PyTorch backend (`keras_jax`, `keras_torch`), trained in worker processes.
+
+Keras reads `KERAS_BACKEND` once per process, so these backends cannot share the test process
+with `keras` (Keras on TensorFlow). Each trains in a long-lived worker (conformance.workers)
+started with its backend's environment; the test process sends the problem and gets the
+trajectory back as plain data.
+
+In the worker the model, optimizer and loss are the `keras` backend's (_keras_common), and
+`fit` is fed by a `keras.utils.PyDataset` that serves the harness's batches in the harness's
+order, one Keras epoch per case epoch. Every setting is explicit: `jit_compile=True` on JAX
+(what Keras's "auto" picks there), `jit_compile=False` on PyTorch (eager, what "auto" picks),
+and `steps_per_execution=1` (Keras's default, and the only value its PyTorch backend allows).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from conformance import workers
+from conformance.backends import Unavailable, _compiled, _frameworks, _keras_common
+from conformance.problem import Problem, Trajectory
+
+FRAMEWORK_MODULE = {"jax": "jax", "torch": "torch"}  # KERAS_BACKEND -> the module it needs
+JIT_COMPILE = {"jax": True, "torch": False}
+ENVIRONMENT = {
+    # float64 cases need JAX's 64-bit mode; every array the suite makes has an explicit dtype.
+    "jax": {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+    "torch": {"KERAS_BACKEND": "torch"},
+}
+
+
+def available(framework: str) -> str | None:
+    """None, or why Keras cannot run on `framework` here: Keras 2, or the framework missing."""
+    try:
+        version = importlib.metadata.version("keras")
+    except importlib.metadata.PackageNotFoundError:
+        return "keras is not installed"
+    if int(version.split(".")[0]) < 3:
+        return (f"Keras {version} is installed: Keras 2 runs on TensorFlow only; "
+                f"Keras on {framework} needs Keras 3 (TensorFlow >= 2.16 or pip install 'keras>=3')")
+    if not _frameworks.installed(FRAMEWORK_MODULE[framework]):
+        extra = " (pip install '.[jax]')" if framework == "jax" else ""
+        return f"{FRAMEWORK_MODULE[framework]} is not installed{extra}"
+    return None
+
+
+def worker_kind(framework: str) -> workers.WorkerKind:
+    """The worker for Keras on `framework`; determinism, when requested, is part of its kind."""
+    environment = dict(ENVIRONMENT[framework])
+    if _frameworks.determinism_requested():
+        environment["CONFORMANCE_DETERMINISM"] = "1"
+    return workers.WorkerKind(f"keras_{framework}", environment, setup="conformance.backends._keras3:setup")
+
+
+def train(framework: str, problem: Problem, device: str) -> Trajectory:
+    """Train `problem` with Keras on `framework` in this process's worker for it."""
+    try:
+        data = workers.POOL.call(worker_kind(framework), "conformance.backends._keras3:train_here",
+                                 problem.to_data(), device)
+    except workers.WorkerError as error:
+        if error.kind == Unavailable.__name__:
+            raise Unavailable(error.message) from None
+        raise
+    return Trajectory.from_data(data)
+
+
+# --- in the worker process -------------------------------------------------------------------
+
+def setup() -> dict[str, Any]:
+    """Import Keras on the backend named by KERAS_BACKEND, with the suite's numerics settings."""
+    backend = os.environ["KERAS_BACKEND"]
+    if os.environ.get("CONFORMANCE_DETERMINISM") == "1":
+        _frameworks.request_determinism()
+    if backend == "torch":
+        _frameworks.torch()  # TF32 off, determinism as requested
+    else:
+        _frameworks.jax()
+    import keras
+
+    if keras.backend.backend() != backend:
+        raise RuntimeError(f"Keras runs on {keras.backend.backend()!r}, expected {backend!r} (KERAS_BACKEND)")
+    return {"keras": keras.__version__, "backend": backend}
+
+
+def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
+    """`compile` + `fit` in this worker; the trajectory as plain data."""
+    import keras
+
+    problem = Problem.from_data(problem_data)
+    backend = keras.backend.backend()
+    with _keras_common.floatx(keras, problem.dtype), keras.device(_keras_device(backend, device)):
+        model = _keras_common.model(keras, problem, steps_per_execution=1, jit_compile=JIT_COMPILE[backend])
+        kernel = model.layers[-1].kernel
+        if kernel.dtype != problem.dtype:
+            raise Unavailable(f"Keras on {backend} made a {kernel.dtype} kernel for this {problem.dtype} case")
+        if problem.dtype == "float64" and (rounded := float64_rounding(keras)):
+            raise Unavailable(f"Keras {keras.__version__} on {backend} computes in float32 where float64 was "
+                              f"asked: {'; '.join(rounded)}. Keras maps 64-bit results of its type promotion "
+                              "to 32-bit on every backend but TensorFlow (BIT64_TO_BIT32_DTYPE in "
+                              "keras/src/backend/common/dtypes.py), so this float64 case would train partly "
+                              "in float32")
+        batches = _batches_class(keras)(problem)
+        recorder = _recorder_class(keras)(batches)
+        model.fit(batches, epochs=problem.epochs, verbose=0, shuffle=False, callbacks=[recorder])
+        if batches.served != [problem.steps_per_epoch] * problem.epochs:
+            raise RuntimeError(f"fit took {batches.served} batches per epoch; expected {problem.steps_per_epoch} "
+                               f"in each of {problem.epochs} epochs")
+        predictions = None
+        if problem.predict_x is not None:
+            outputs = model(problem.predict_x, training=False)
+            predictions = np.asarray(keras.ops.convert_to_numpy(outputs), dtype=np.float64)[:, 0]
+    info = _environment(keras, backend, model, kernel) | {"compile_seconds": recorder.compile_seconds}
+    if problem.optimizer.settings.get("weight_decay"):
+        info["loss_note"] = "Keras's loss includes the L2 term that carries weight decay"
+    return Trajectory(recorder.history_params, recorder.history_loss, predictions, info).to_data()
+
+
+@functools.cache
+def float64_rounding(keras: Any) -> list[str]:
+    """The Keras ops that the one-unit model and its loss use which do not compute float64 in
+    float64 here, each with what it returned; empty when all do. Each op gets float64 inputs
+    whose exact result needs more than float32's 24 bits."""
+    ops, tiny = keras.ops, 2.0 ** -40
+    probes = {
+        "keras.ops.matmul": (lambda: ops.matmul(np.array([[1 + tiny]]), np.array([[1.0]])), 1 + tiny),
+        "keras.ops.add": (lambda: ops.add(np.array([1.0]), np.array([tiny])), 1 + tiny),
+        "keras.ops.subtract": (lambda: ops.subtract(np.array([1.0]), np.array([tiny])), 1 - tiny),
+        "keras.ops.square": (lambda: ops.square(np.array([1 + tiny])), (1 + tiny) ** 2),
+        "keras.ops.sum": (lambda: ops.sum(np.array([1.0, tiny])), 1 + tiny),
+        "keras.ops.mean": (lambda: ops.mean(np.array([1.0, tiny])), 0.5 + tiny / 2),
+    }
+    found = []
+    for name, (probe, exact) in probes.items():
+        result = ops.convert_to_numpy(probe())
+        value = float(np.ravel(result)[0])
+        if result.dtype != np.float64 or value != exact:
+            found.append(f"{name} of float64 inputs returned {result.dtype} {value!r}, exactly {exact!r}")
+    return found
+
+
+def _keras_device(backend: str, device: str) -> str:
+    """The suite's device name ('cpu', 'cuda:0') as Keras's device scope on `backend` takes it.
+
+    On PyTorch the scope must be "cpu", not Keras's documented "cpu:0": Keras 3.15 moves each
+    new variable `.to("cpu:0")`, which torch treats as another device, and the copy is not a
+    leaf tensor, so `fit` fails with "No gradients provided for any variable".
+    """
+    if backend == "torch":
+        return device
+    return "cpu:0" if device == "cpu" else device.replace("cuda", "gpu")
+
+
+def _environment(keras: Any, backend: str, model: Any, kernel: Any) -> dict[str, Any]:
+    """Versions, settings and where the trained kernel really lives, as the backend says."""
+    value = kernel.value
+    if backend == "jax":
+        import jax
+
+        placed_on = ", ".join(sorted(str(d) for d in value.devices()))
+        versions = {"jax": jax.__version__, "jax_enable_x64": bool(jax.config.jax_enable_x64)}
+    else:
+        import torch
+
+        placed_on = str(value.device)
+        versions = {"torch": torch.__version__} | _frameworks.torch_settings()
+    return versions | {"keras": keras.__version__, "keras_backend": backend, "placed_on": placed_on,
+                       "jit_compile": bool(model.jit_compile), "steps_per_execution": 1,
+                       "kernel_dtype": str(kernel.dtype), "feeding": "fit(keras.utils.PyDataset)",
+                       "worker_pid": os.getpid()}
+
+
+def _batches_class(keras: Any) -> type:
+    class HarnessBatches(keras.utils.PyDataset):
+        """The case's batches in the harness's order; one `fit` epoch per case epoch. The epoch
+        is set by the recorder's `on_epoch_begin` (Keras's own dataset hooks run at different
+        points in different versions), and the batches served per epoch are counted. Keras
+        reads one batch before training to learn the data's structure: served, not counted."""
+
+        def __init__(self, problem: Problem) -> None:
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.problem = problem
+            self.epoch: int | None = None  # before training
+            self.served = [0] * problem.epochs
+            self.y = problem.y.reshape(-1, 1)
+
+        def __len__(self) -> int:
+            return self.problem.steps_per_epoch
+
+        def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+            rows = self.problem.batch(self.epoch or 0, index)
+            if self.epoch is not None:
+                self.served[self.epoch] += 1
+            return self.problem.x[rows], self.y[rows]
+
+    return HarnessBatches
+
+
+def _recorder_class(keras: Any) -> type:
+    class EpochRecorder(keras.callbacks.Callback):
+        """Parameters and Keras's own epoch loss after every epoch (`self.model` brings JAX's
+        training state back into the variables before they are read)."""
+
+        def __init__(self, batches: Any) -> None:
+            super().__init__()
+            self.batches = batches
+            self.rows: list[np.ndarray] = []
+            self.losses: list[float] = []
+            self.ends: list[float] = []
+            self.started = 0.0
+
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self.started = time.perf_counter()
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.batches.epoch = epoch
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            self.ends.append(time.perf_counter())
+            self.losses.append(float((logs or {}).get("loss", np.nan)))
+            weights = self.model.layers[-1].weights
+            self.rows.append(np.concatenate([np.ravel(keras.ops.convert_to_numpy(w.value)) for w in weights]))
+
+        @property
+        def compile_seconds(self) -> float | None:
+            return _compiled.first_call_overhead(np.diff([self.started, *self.ends]))
+
+        @property
+        def history_params(self) -> np.ndarray:
+            return np.asarray(self.rows, dtype=np.float64)
+
+        @property
+        def history_loss(self) -> np.ndarray:
+            return np.asarray(self.losses, dtype=np.float64)
+
+    return EpochRecorder

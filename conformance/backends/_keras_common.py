@@ -1,0 +1,75 @@
+"""What every Keras backend shares, written against the API that Keras 2 (`tf.keras`) and
+Keras 3 on any of its backends have in common: the dtype, the optimizer with every setting
+explicit, and the one-unit model with the case's initial parameters and loss.
+
+Each function takes the Keras module to use, so that `keras` and `keras_xla` (tf.keras in the
+test process) and `keras_jax` and `keras_torch` (standalone Keras 3 in a worker process) build
+the same model the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+from conformance.problem import Optimizer, Problem
+
+
+@contextlib.contextmanager
+def floatx(keras: ModuleType, dtype: str) -> Iterator[None]:
+    """Keras keeps the learning rate in a floatx variable: float64 training needs floatx float64,
+    or the rate is rounded to float32 (0.01 -> 0.009999999776) before it reaches the update."""
+    previous = keras.backend.floatx()
+    keras.backend.set_floatx(dtype)
+    try:
+        yield
+    finally:
+        keras.backend.set_floatx(previous)
+
+
+def optimizer(keras: ModuleType, optimizer: Optimizer) -> Any:
+    """A Keras optimizer with every hyperparameter passed explicitly (Keras 2 and 3 alike).
+
+    Weight decay is left out here: the case format's weight decay is added to the gradient
+    (coupled), while Keras's `weight_decay` is decoupled; each backend adds it its own way.
+    Keras's own defaults (Adam epsilon 1e-7, Adagrad initial accumulator 0.1) never apply.
+    """
+    settings = optimizer.settings
+    optimizers = keras.optimizers
+    common = {"learning_rate": settings["learning_rate"], "weight_decay": None, "clipnorm": None,
+              "clipvalue": None, "global_clipnorm": None, "use_ema": False}
+    if optimizer.name == "sgd":
+        return optimizers.SGD(momentum=settings["momentum"], nesterov=settings["nesterov"], **common)
+    if optimizer.name == "adam":
+        return optimizers.Adam(beta_1=settings["beta_1"], beta_2=settings["beta_2"], epsilon=settings["epsilon"],
+                               amsgrad=settings["amsgrad"], **common)
+    if optimizer.name == "rmsprop":
+        return optimizers.RMSprop(rho=settings["rho"], momentum=settings["momentum"], epsilon=settings["epsilon"],
+                                  centered=settings["centered"], **common)
+    if optimizer.name == "adagrad":
+        return optimizers.Adagrad(initial_accumulator_value=settings["initial_accumulator_value"],
+                                  epsilon=settings["epsilon"], **common)
+    raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the Keras backends")
+
+
+def model(keras: ModuleType, problem: Problem, steps_per_execution: int, jit_compile: bool) -> Any:
+    """`Sequential([Input, Dense(1)])` with the case's initial parameters, compiled with the case's
+    optimizer and loss. Weight decay is an L2 regularizer: coupled decay (added to the gradient)
+    is exactly an L2 penalty of decay / 2, and Keras's history loss then includes it."""
+    decay = problem.optimizer.settings.get("weight_decay", 0.0)
+    regularizer = keras.regularizers.L2(decay / 2) if decay else None
+    # dtype is explicit: Keras caches its global dtype policy from floatx on first use, so a
+    # later set_floatx alone would leave float64 cases with float32 layers (or the reverse).
+    dense = keras.layers.Dense(1, use_bias=problem.has_bias, kernel_regularizer=regularizer,
+                               bias_regularizer=regularizer if problem.has_bias else None, dtype=problem.dtype)
+    built = keras.Sequential([keras.Input(shape=(problem.features,), dtype=problem.dtype), dense])
+    initial = [problem.init_weights.reshape(-1, 1)]
+    if problem.has_bias:
+        initial.append(problem.init_bias.reshape(1))
+    dense.set_weights(initial)
+    loss = keras.losses.MeanSquaredError(reduction="sum" if problem.reduction == "sum" else "sum_over_batch_size")
+    built.compile(optimizer=optimizer(keras, problem.optimizer), loss=loss,
+                  steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+    return built
