@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import backends, compare, reference, timing
+from conformance import backends, compare, reference, timing, workers
 from conformance.case import LoadedCase
 from conformance.problem import Prepared, Trajectory, prepare
 from conformance.schema import Expect
@@ -46,6 +46,7 @@ class Trained:
     error: str | None = None
     repeat: dict[str, Any] | None = None  # with --determinism: how a second training compared
     unavailable: str | None = None  # the backend could not run here after all (backends.Unavailable)
+    process_died: bool = False  # the error is the death of the worker process that trained it
 
     @property
     def label(self) -> str:
@@ -53,7 +54,12 @@ class Trained:
 
 
 class TrainingCrashed(RuntimeError):
-    """A backend raised while training: an error with its traceback, not a mismatch."""
+    """A backend raised while training: an error with its traceback, not a mismatch.
+    process_died: the backend's worker process died (the item is reported as crashed)."""
+
+    def __init__(self, message: str, process_died: bool = False) -> None:
+        super().__init__(message)
+        self.process_died = process_died
 
 
 class CaseRun:
@@ -112,6 +118,9 @@ class CaseRun:
             except backends.Unavailable as reason:
                 self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
                                             unavailable=str(reason))
+            except workers.WorkerDied as death:
+                self.results[key] = Trained(backend, device, None, time.perf_counter() - started, str(death),
+                                            process_died=True)
             except Exception:  # any backend error is kept with its traceback and reported as a crash
                 self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
                                             traceback.format_exc())
@@ -130,8 +139,9 @@ class CaseRun:
         if result.unavailable is not None:
             raise backends.Unavailable(result.unavailable)
         if result.error is not None:
-            raise TrainingCrashed(f"{backend} on {device} raised while training [case {self.case.name}]:\n"
-                                  f"{result.error}")
+            what = "lost its worker process" if result.process_died else "raised"
+            raise TrainingCrashed(f"{backend} on {device} {what} while training [case {self.case.name}]:\n"
+                                  f"{result.error}", result.process_died)
         return result
 
     # ---- checks --------------------------------------------------------------------------

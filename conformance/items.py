@@ -17,7 +17,7 @@ import pytest
 
 from conformance import backends, environment
 from conformance.case import CaseError, LoadedCase, discover, load, seeds
-from conformance.checks import CaseRun, Outcome, applicable, make_run
+from conformance.checks import CaseRun, Outcome, TrainingCrashed, applicable, make_run
 
 RESULT_CHECKS = ("parity", "lstsq")
 CASE_CHECKS = ("pairwise", "certified", "load")
@@ -175,6 +175,11 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
     except backends.Unavailable as reason:
         record["message"] = str(reason)
         pytest.skip(f"{spec.source}: {spec.backend} cannot run here: {reason}")
+    except TrainingCrashed as crash:
+        if not crash.process_died:
+            raise
+        record.update(message=str(crash), crashed=True)  # the report shows it as crashed, not failed
+        pytest.fail(str(crash), pytrace=False)
     record.update(outcome.record, message=outcome.message, environment=versions)
     if outcome.skipped:
         pytest.skip(f"{spec.source}: {outcome.message}")

@@ -99,7 +99,7 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
         kernel = model.layers[-1].kernel
         if kernel.dtype != problem.dtype:
             raise Unavailable(f"Keras on {backend} made a {kernel.dtype} kernel for this {problem.dtype} case")
-        if problem.dtype == "float64" and (rounded := float64_rounding(keras)):
+        if problem.dtype == "float64" and (rounded := _float64_rounding_here()):
             raise Unavailable(f"Keras {keras.__version__} on {backend} computes in float32 where float64 was "
                               f"asked: {'; '.join(rounded)}. Keras maps 64-bit results of its type promotion "
                               "to 32-bit on every backend but TensorFlow (BIT64_TO_BIT32_DTYPE in "
@@ -122,6 +122,12 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
 
 
 @functools.cache
+def _float64_rounding_here() -> list[str]:
+    import keras
+
+    return float64_rounding(keras)
+
+
 def float64_rounding(keras: Any) -> list[str]:
     """The Keras ops that the one-unit model and its loss use which do not compute float64 in
     float64 here, each with what it returned; empty when all do. Each op gets float64 inputs

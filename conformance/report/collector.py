@@ -84,6 +84,8 @@ class ReportCollector:
         if status is None:
             return
         record = dict(report.user_properties).get("conformance") or _record_from_nodeid(report.nodeid)
+        if status == "failed" and record.get("crashed"):
+            status = "crashed"  # a backend's worker process died while training this item's result
         entry = self.entries.setdefault(report.nodeid, {**record, "nodeid": report.nodeid, "duration": 0.0})
         entry["duration"] += report.duration
         if entry.get("status") in (None, "passed") or status in ("error", "crashed"):
