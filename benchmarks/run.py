@@ -248,6 +248,58 @@ def measure_compiled(backend: str) -> dict:
     return result
 
 
+def keras_fit_floor(problem_data: dict) -> float:
+    """In a Keras worker process: seconds of a bare `fit(x, y)` on the same model, no callbacks."""
+    import keras
+
+    from conformance.backends import _keras3, _keras_common
+
+    problem = Problem.from_data(problem_data)
+    with _keras_common.floatx(keras, problem.dtype):
+        model = _keras_common.model(keras, problem, steps_per_execution=1,
+                                    jit_compile=_keras3.JIT_COMPILE[keras.backend.backend()])
+        started = time.perf_counter()
+        model.fit(problem.x, problem.y.reshape(-1, 1), batch_size=problem.batch_size, epochs=problem.epochs,
+                  verbose=0, shuffle=False)
+        return time.perf_counter() - started
+
+
+def measure_workers() -> list[dict]:
+    """keras_jax and keras_torch: a worker's start-up (process, imports, setup), a call's round
+    trip, and per step the harness (time inside the worker) against a bare `fit` there, with what
+    carrying the problem and trajectory across the pipe adds."""
+    from conformance import workers
+    from conformance.backends import _keras3
+
+    rows = []
+    for framework in ("jax", "torch"):
+        kind = _keras3.worker_kind(framework)
+        started = time.perf_counter()
+        workers.POOL.worker(kind)
+        start_s = time.perf_counter() - started
+        round_trips = [timed(workers.POOL.call, kind, "os:getpid") for _ in range(50)]
+        here = str(Path(__file__).resolve().parent)
+        row = {"backend": f"keras_{framework}", "start_s": start_s, "round_trip_ms": 1e3 * min(round_trips),
+               "sizes": {}}
+        _keras3.train(framework, make_problem(6, 1, 6, 3), "cpu")  # first compile of the step functions
+        for size in ("small", "medium"):
+            problem = make_problem(*SIZES[size])
+            runs = []
+            for _ in range(3):
+                started = time.perf_counter()
+                info = _keras3.train(framework, problem, "cpu").info
+                wall = time.perf_counter() - started
+                floor = workers.POOL.call(kind, "run:keras_fit_floor", problem.to_data()) if here in sys.path \
+                    else float("nan")
+                runs.append((info["seconds_in_worker"], wall - info["seconds_in_worker"], floor))
+            harness, carried, floor = min(runs)
+            row["sizes"][size] = {"steps": steps(problem), "harness_ms": 1e3 * harness / steps(problem),
+                                  "floor_ms": 1e3 * floor / steps(problem), "carried_ms": 1e3 * carried}
+        rows.append(row)
+    workers.POOL.stop_all()
+    return rows
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -368,6 +420,16 @@ def main() -> None:
         for size, row in result["sizes"].items():
             print(f"{backend:18} {size:7} {row['steps']:6d} {row['harness_ms']:16.3f} {row['floor_ms']:14.3f} "
                   f"{row['harness_ms'] / row['floor_ms']:6.2f} {row['compile_s']:10.2f}")
+    print("\nKeras 3 worker processes: start-up (process, imports, Keras on its backend), a call's round trip; "
+          "per step the harness (inside the worker) vs a bare fit(x, y) there, and what carrying the problem "
+          "and trajectory across the pipe adds per case")
+    print(f"{'backend':12} {'start s':>8} {'call ms':>8} {'size':7} {'steps':>6} {'harness ms/step':>16} "
+          f"{'floor ms/step':>14} {'ratio':>6} {'carried ms':>11}")
+    for row in measure_workers():
+        for size, numbers in row["sizes"].items():
+            print(f"{row['backend']:12} {row['start_s']:8.2f} {row['round_trip_ms']:8.3f} {size:7} "
+                  f"{numbers['steps']:6d} {numbers['harness_ms']:16.3f} {numbers['floor_ms']:14.3f} "
+                  f"{numbers['harness_ms'] / numbers['floor_ms']:6.2f} {numbers['carried_ms']:11.2f}")
     if arguments.quick:
         return
     print("\nCost growth (torch backend and float64 replay)")
@@ -392,12 +454,14 @@ def main() -> None:
         for name, only in (("v1 backends only", BACKENDS), ("v1 + jax", BACKENDS + ("jax",)),
                            ("v1 + keras_xla", BACKENDS + ("keras_xla",)),
                            ("v1 + gradient_tape_xla", BACKENDS + ("gradient_tape_xla",)),
-                           ("default (v1 + both XLA backends + jax)", ()),
+                           ("v1 + keras_jax", BACKENDS + ("keras_jax",)),
+                           ("v1 + keras_torch", BACKENDS + ("keras_torch",)),
+                           ("default (v1, both XLA, jax, keras_jax, keras_torch)", ()),
                            ("v1 + torch_compile, cold cache", BACKENDS + ("torch_compile",)),
                            ("v1 + torch_compile, warm cache", BACKENDS + ("torch_compile",))):
             wall = suite_wall("auto", only, label="bench-selection", env={"TORCHINDUCTOR_CACHE_DIR": cache})["wall_s"]
             baseline = baseline or wall
-            print(f"  {name:34}: wall {wall:5.1f} s, {wall / baseline:4.2f}x the v1 backends' run")
+            print(f"  {name:52}: wall {wall:5.1f} s, {wall / baseline:4.2f}x the v1 backends' run")
 
 if __name__ == "__main__":
     main()

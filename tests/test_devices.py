@@ -52,6 +52,8 @@ def machine(monkeypatch):
         monkeypatch.setattr(_frameworks, "tensorflow", lambda: fake_tensorflow(tf_gpus, xla))
         monkeypatch.setattr(_frameworks, "jax", lambda: fake_jax(tf_gpus))
         monkeypatch.setattr(_frameworks, "cpu_name", lambda: "Fake CPU")
+        # not through the fake TensorFlow: _tensorflow.keras() caches the module it first gets
+        monkeypatch.setattr(_tensorflow, "keras_version", lambda: "3.0.0-fake")
 
     return pretend
 
@@ -188,11 +190,13 @@ def test_doctor_shows_backends_devices_selection_and_switches(machine, monkeypat
     monkeypatch.setattr(doctor, "_switches", lambda: {"torch.backends.cuda.matmul.allow_tf32": False})
     assert doctor.main() == 0
     shown = capsys.readouterr().out
-    for backend in ("keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "torch_compile", "jax"):
+    for backend in ("keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "torch_compile", "jax",
+                    "keras_jax", "keras_torch"):
         assert f"\n  {backend} " in shown
     assert "cpu (Fake CPU), cuda:0 (Fake GPU 0); not found: mps" in shown
     assert "[available, not selected: --backend torch_compile]" in shown
-    assert "A run without --backend selects: keras, gradient_tape, torch, keras_xla, gradient_tape_xla, jax" in shown
+    assert ("A run without --backend selects: keras, gradient_tape, torch, keras_xla, gradient_tape_xla, jax, "
+            "keras_jax, keras_torch") in shown
     assert "cuda:0 (Fake JAX gpu 0)" in shown
     assert "torch.backends.cuda.matmul.allow_tf32" in shown and "tensorflow " in shown
 

@@ -92,6 +92,7 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
     """`compile` + `fit` in this worker; the trajectory as plain data."""
     import keras
 
+    started = time.perf_counter()
     problem = Problem.from_data(problem_data)
     backend = keras.backend.backend()
     with _keras_common.floatx(keras, problem.dtype), keras.device(_keras_device(backend, device)):
@@ -115,7 +116,8 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
         if problem.predict_x is not None:
             outputs = model(problem.predict_x, training=False)
             predictions = np.asarray(keras.ops.convert_to_numpy(outputs), dtype=np.float64)[:, 0]
-    info = _environment(keras, backend, model, kernel) | {"compile_seconds": recorder.compile_seconds}
+    info = _environment(keras, backend, model, kernel) | {"compile_seconds": recorder.compile_seconds,
+                                                          "seconds_in_worker": time.perf_counter() - started}
     if problem.optimizer.settings.get("weight_decay"):
         info["loss_note"] = "Keras's loss includes the L2 term that carries weight decay"
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info).to_data()
