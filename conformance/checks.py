@@ -86,11 +86,21 @@ class CaseRun:
 
     @cached_property
     def least_squares(self) -> np.ndarray:
-        """The `lstsq` reference: least squares, or the ridge solution when SGD has weight decay."""
-        if not self.has_weight_decay:
-            return self.ordinary_least_squares
+        """The `lstsq` reference: the minimiser of the case's objective. Least squares, the ridge
+        solution when SGD has weight decay, scipy's Huber fit for the Huber loss."""
+        problem = self.prepared.problem
         with timing.phase("references"):
-            return self.prepared.to_original(reference.ridge(self.prepared.problem))
+            if problem.loss == "huber":
+                if not self.has_weight_decay:
+                    return reference.huber_fit(self.prepared.x_design, self.prepared.y, problem.has_bias,
+                                               problem.delta)
+                weights, penalty = reference.decay_objective(problem)
+                return self.prepared.to_original(reference.huber_fit(
+                    problem.x.astype(np.float64), problem.y.astype(np.float64), problem.has_bias, problem.delta,
+                    weights, penalty))
+            if self.has_weight_decay:
+                return self.prepared.to_original(reference.ridge(problem))
+        return self.ordinary_least_squares
 
     @cached_property
     def ordinary_least_squares(self) -> np.ndarray:
@@ -105,6 +115,8 @@ class CaseRun:
     @property
     def least_squares_name(self) -> str:
         """How the `lstsq` reference was computed, as messages and the report name it."""
+        if self.prepared.problem.loss == "huber":
+            return "scipy Huber" + (" (weight decay)" if self.has_weight_decay else "")
         method = reference.least_squares_method(len(self.prepared.y), self.least_squares.size)
         return method.replace("least squares", "ridge (weight decay)") if self.has_weight_decay else method
 

@@ -45,6 +45,8 @@ class Problem:
     optimizer: Optimizer
     dtype: str
     predict_x: np.ndarray | None = None
+    loss: str = "mse"  # "mse" (per sample r^2) or "huber"
+    delta: float = 1.0  # huber's delta
 
     @property
     def n(self) -> int:
@@ -134,6 +136,8 @@ def prepare(case: LoadedCase) -> Prepared:
         batch_size=batch_size,
         orders=_orders(spec.training.shuffle, spec.training.epochs, len(y)),
         reduction=_reduction(spec.training.loss),
+        loss=choice(spec.training.loss)[0],
+        delta=_delta(spec.training.loss),
         optimizer=_optimizer(case),
         dtype=str(dtype),
         predict_x=_predict(case, x_raw.shape[1], standardizer, dtype),
@@ -177,6 +181,11 @@ def _orders(shuffle: Any, epochs: int, n: int) -> np.ndarray | None:
 def _reduction(loss: Any) -> str:
     _, settings = choice(loss)
     return "mean" if settings is None else settings.reduction
+
+
+def _delta(loss: Any) -> float:
+    _, settings = choice(loss)
+    return float(getattr(settings, "delta", 1.0))
 
 
 def _optimizer(case: LoadedCase) -> Optimizer:

@@ -9,6 +9,7 @@
   go to scipy, with the columns of the design scaled to unit norm first.
 - `ridge`: with coupled weight decay (SGD's `weight_decay`), the minimiser of the objective
   whose gradient the training follows: the case's loss plus the decay's penalty, bias included.
+- `huber_fit`: with the Huber loss, scipy's Huber fit of the same objective, made exact.
 - `lre`: digits of agreement (log relative error) against certified values.
 """
 
@@ -19,6 +20,7 @@ from fractions import Fraction
 
 import numpy as np
 import scipy.linalg
+import scipy.optimize
 
 from conformance.optimizers import make_update
 from conformance.problem import Problem, Trajectory
@@ -38,7 +40,8 @@ def replay(problem: Problem) -> Trajectory:
         for epoch in range(problem.epochs):
             total = 0.0
             for batch in problem.batches(epoch):
-                loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction)
+                loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction,
+                                               problem.loss, problem.delta)
                 params = update(params, grad)
                 total += loss * len(y[batch])
             history[epoch] = params
@@ -48,15 +51,24 @@ def replay(problem: Problem) -> Trajectory:
     return Trajectory(history, losses, predictions)
 
 
-def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias: bool,
-                      reduction: str) -> tuple[float, np.ndarray]:
-    """Squared-error loss of one batch and its gradient with respect to [weights..., bias]."""
+def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias: bool, reduction: str,
+                      loss: str = "mse", delta: float = 1.0) -> tuple[float, np.ndarray]:
+    """One batch's loss and its gradient with respect to [weights..., bias].
+
+    Per sample, with r = prediction - y: `mse` r^2; `huber` 0.5 r^2 if |r| <= delta, else
+    delta * (|r| - delta / 2). `mean` divides the batch's sum by its size.
+    """
     residual = predict(params, x, has_bias) - y
-    scale = 2.0 / len(y) if reduction == "mean" else 2.0
-    grad_w = scale * (x.T @ residual)
-    grad = np.append(grad_w, scale * residual.sum()) if has_bias else grad_w
-    loss = float(residual @ residual)
-    return (loss / len(y) if reduction == "mean" else loss), grad
+    if loss == "huber":
+        inside = np.abs(residual) <= delta
+        per_sample = np.where(inside, 0.5 * residual**2, delta * (np.abs(residual) - delta / 2))
+        slope = np.where(inside, residual, delta * np.sign(residual))  # d loss_i / d prediction_i
+    else:
+        per_sample, slope = residual**2, 2.0 * residual
+    scale = 1.0 / len(y) if reduction == "mean" else 1.0
+    grad_w = scale * (x.T @ slope)
+    grad = np.append(grad_w, scale * slope.sum()) if has_bias else grad_w
+    return float(per_sample.sum()) * scale, grad
 
 
 def predict(params: np.ndarray, x: np.ndarray, has_bias: bool) -> np.ndarray:
@@ -156,6 +168,19 @@ def ridge(problem: Problem) -> np.ndarray:
     features as trained (after standardization), in float64.
     """
     x, y = problem.x.astype(np.float64), problem.y.astype(np.float64)
+    weights, penalty = decay_objective(problem)
+    if least_squares_method(problem.n, problem.features + problem.has_bias) == "exact least squares":
+        solution = exact_least_squares(x, y, problem.has_bias, weights, penalty)
+        if solution is not None:
+            return solution
+    design = np.hstack([x, np.ones((problem.n, 1))]) if problem.has_bias else x
+    gram = design.T @ (design * weights[:, None]) + penalty * np.eye(design.shape[1])
+    return scipy.linalg.solve(gram, design.T @ (weights * y), assume_a="pos")
+
+
+def decay_objective(problem: Problem) -> tuple[np.ndarray, float]:
+    """Under coupled weight decay: each sample's weight c_i in the objective the training follows,
+    and the penalty on |theta|^2 (see `ridge`)."""
     batches = problem.steps_per_epoch
     if problem.reduction == "sum":
         weights = np.ones(problem.n)
@@ -166,14 +191,41 @@ def ridge(problem: Problem) -> np.ndarray:
             weights[start:stop] = 1.0 / (stop - start)
     else:
         weights = np.full(problem.n, batches / problem.n)
-    penalty = batches * problem.optimizer.settings["weight_decay"] / 2
-    if least_squares_method(problem.n, problem.features + problem.has_bias) == "exact least squares":
-        solution = exact_least_squares(x, y, problem.has_bias, weights, penalty)
-        if solution is not None:
+    return weights, batches * problem.optimizer.settings["weight_decay"] / 2
+
+
+def huber_fit(x: np.ndarray, y: np.ndarray, has_bias: bool, delta: float, weights: np.ndarray | None = None,
+              penalty: float = 0.0) -> np.ndarray:
+    """[weights..., bias] minimising sum_i c_i huber_delta(r_i) + penalty |theta|^2 (c_i = 1 unless
+    given), in float64.
+
+    scipy's `least_squares(loss="huber", f_scale=delta)` minimises exactly sum_i huber_delta(r_i)
+    (its cost is 0.5 C^2 rho(f^2 / C^2) per residual); its solution then fixes which residuals
+    are inside delta, and the objective is quadratic given those: one linear solve gives the
+    exact minimiser, repeated until the sets no longer change (they rarely move at all).
+    """
+    design = np.hstack([x, np.ones((len(y), 1))]) if has_bias else x
+    weights = np.ones(len(y)) if weights is None else weights
+    start = scipy.optimize.least_squares(lambda theta: design @ theta - y, np.zeros(design.shape[1]),
+                                         loss="huber", f_scale=delta, method="trf", xtol=1e-15, ftol=1e-15,
+                                         gtol=1e-15, max_nfev=10_000).x
+    theta, seen = start, []
+    for _ in range(50):
+        residual = design @ theta - y
+        inside = np.abs(residual) <= delta
+        outside_pull = delta * (design[~inside].T @ (weights[~inside] * np.sign(residual[~inside])))
+        gram = design[inside].T @ (design[inside] * weights[inside, None]) + 2 * penalty * np.eye(design.shape[1])
+        try:
+            solution = np.linalg.solve(gram, design[inside].T @ (weights[inside] * y[inside]) - outside_pull)
+        except np.linalg.LinAlgError:  # too few residuals inside delta to fix the parameters
+            return theta
+        if np.array_equal(np.abs(design @ solution - y) <= delta, inside):
             return solution
-    design = np.hstack([x, np.ones((problem.n, 1))]) if problem.has_bias else x
-    gram = design.T @ (design * weights[:, None]) + penalty * np.eye(design.shape[1])
-    return scipy.linalg.solve(gram, design.T @ (weights * y), assume_a="pos")
+        if any(np.array_equal(inside, earlier) for earlier in seen):
+            break  # the sets cycle: keep scipy's solution
+        seen.append(inside)
+        theta = solution
+    return start
 
 
 def _tall_least_squares(x: np.ndarray, y: np.ndarray, has_bias: bool) -> np.ndarray | None:

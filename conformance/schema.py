@@ -230,11 +230,18 @@ class MseSettings(Strict):
     reduction: Literal["mean", "sum"] = "mean"
 
 
+class HuberSettings(Strict):
+    """Per sample 0.5 r^2 if |r| <= delta, else delta * (|r| - delta / 2)."""
+
+    delta: Positive = 1.0
+    reduction: Literal["mean", "sum"] = "mean"
+
+
 class Training(Strict):
     epochs: Annotated[int, Field(ge=1, le=10_000_000)]
     batch_size: Optional[Annotated[int, Field(ge=1)]] = None
     shuffle: one_of({"seed": int}, bare=(False,)) = False  # type: ignore[valid-type]
-    loss: one_of({"mse": MseSettings}, bare=("mse",)) = "mse"  # type: ignore[valid-type]
+    loss: one_of({"mse": MseSettings, "huber": HuberSettings}, bare=("mse",)) = "mse"  # type: ignore[valid-type]
     optimizer: Optimizer  # type: ignore[valid-type]
     dtype: Literal["float32", "float64"] = "float32"
 

@@ -194,3 +194,51 @@ def test_training_with_weight_decay_converges_to_the_ridge_reference(reduction, 
         np.testing.assert_allclose(trained, expected, rtol=5e-3)
         ordinary = least_squares(x, y, True)
         assert np.abs(trained - expected).max() < np.abs(trained - ordinary).max() / 5
+
+
+def huber_objective(theta, design, y, delta, weights, penalty):
+    residual = design @ theta - y
+    size = np.abs(residual)
+    per_sample = np.where(size <= delta, 0.5 * residual**2, delta * (size - delta / 2))
+    return float(weights @ per_sample + penalty * theta @ theta)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_huber_fit_is_the_minimiser_of_the_huber_objective(weighted):
+    """The objective's gradient vanishes at the reference (to 1e-12), no step of 1e-7 lowers the
+    objective beyond its rounding, and it is not least squares: the outliers pull least
+    squares, not the Huber fit."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(30, 2))
+    y = x @ [2.0, -1.0] + 0.5 + 0.3 * rng.normal(size=30)
+    y[:4] += [8.0, -9.0, 12.0, 7.0]
+    weights, penalty = (rng.uniform(0.5, 2, size=30), 0.2) if weighted else (np.ones(30), 0.0)
+    fit = reference.huber_fit(x, y, True, 0.7, weights if weighted else None, penalty)
+    design = np.hstack([x, np.ones((30, 1))])
+    best = huber_objective(fit, design, y, 0.7, weights, penalty)
+    for direction in np.vstack([np.eye(3), -np.eye(3), rng.normal(size=(10, 3))]):
+        assert huber_objective(fit + 1e-7 * direction, design, y, 0.7, weights, penalty) >= best * (1 - 1e-14)
+    residual = design @ fit - y
+    inside = np.abs(residual) <= 0.7
+    gradient = design[inside].T @ (weights[inside] * residual[inside]) \
+        + 0.7 * design[~inside].T @ (weights[~inside] * np.sign(residual[~inside])) + 2 * penalty * fit
+    assert np.abs(gradient).max() < 1e-12
+    if not weighted:
+        assert np.abs(fit - least_squares(x, y, True)).max() > 0.1
+
+
+def test_huber_loss_and_gradient_match_the_formula_and_finite_differences():
+    """Both branches (|r| <= delta and beyond), mean and sum; the gradient against central
+    differences of the loss."""
+    x = np.array([[0.5], [-1.0], [2.0], [3.0]])
+    y = np.array([0.2, 4.0, -3.0, 3.1])
+    params = np.array([1.0, 0.1])
+    residual = x[:, 0] * 1.0 + 0.1 - y
+    expected = np.where(np.abs(residual) <= 1.5, 0.5 * residual**2, 1.5 * (np.abs(residual) - 0.75))
+    for reduction, scale in (("mean", 0.25), ("sum", 1.0)):
+        loss, grad = reference.loss_and_gradient(params, x, y, True, reduction, "huber", 1.5)
+        assert loss == pytest.approx(expected.sum() * scale, rel=1e-15)
+        numeric = [(reference.loss_and_gradient(params + h, x, y, True, reduction, "huber", 1.5)[0]
+                    - reference.loss_and_gradient(params - h, x, y, True, reduction, "huber", 1.5)[0]) / 2e-6
+                   for h in 1e-6 * np.eye(2)]
+        np.testing.assert_allclose(grad, numeric, rtol=1e-7)

@@ -69,7 +69,15 @@ def model(keras: ModuleType, problem: Problem, steps_per_execution: int, jit_com
     if problem.has_bias:
         initial.append(problem.init_bias.reshape(1))
     dense.set_weights(initial)
-    loss = keras.losses.MeanSquaredError(reduction="sum" if problem.reduction == "sum" else "sum_over_batch_size")
-    built.compile(optimizer=optimizer(keras, problem.optimizer), loss=loss,
+    built.compile(optimizer=optimizer(keras, problem.optimizer), loss=loss(keras, problem),
                   steps_per_execution=steps_per_execution, jit_compile=jit_compile)
     return built
+
+
+def loss(keras: ModuleType, problem: Problem) -> Any:
+    """The case's loss as the Keras loss object users pass to `compile`, every setting explicit
+    (`sum_over_batch_size` is Keras's name for the case format's `mean`)."""
+    reduction = "sum" if problem.reduction == "sum" else "sum_over_batch_size"
+    if problem.loss == "huber":
+        return keras.losses.Huber(delta=problem.delta, reduction=reduction)
+    return keras.losses.MeanSquaredError(reduction=reduction)

@@ -82,6 +82,15 @@ def _training_function(problem: Problem, variables: list[Any], optimizer: Any, j
     reduce = tf.reduce_mean if problem.reduction == "mean" else tf.reduce_sum
     batch = problem.batch_size
     full_batches, last_batch = divmod(problem.n, batch)
+    delta = tf.constant(problem.delta, dtype=x.dtype)
+
+    def per_sample(residual: Any) -> Any:
+        """The case's loss per sample, written out as a GradientTape loop's author does."""
+        if problem.loss == "huber":
+            size = tf.abs(residual)
+            return tf.where(size <= delta, 0.5 * tf.square(residual), delta * (size - 0.5 * delta))
+        return tf.square(residual)
+
     shuffled = problem.orders is not None
 
     def step(order: Any, start: Any, size: int) -> Any:
@@ -94,7 +103,7 @@ def _training_function(problem: Problem, variables: list[Any], optimizer: Any, j
             x_batch = tf.slice(x, tf.stack([start, 0]), [size, problem.features])
             y_batch = tf.slice(y, tf.stack([start, 0]), [size, 1])
         with tf.GradientTape() as tape:
-            loss = reduce(tf.square(_forward(tf, x_batch, variables) - y_batch))
+            loss = reduce(per_sample(_forward(tf, x_batch, variables) - y_batch))
         gradients = tape.gradient(loss, variables)
         if decay:
             gradients = [g + decay * v for g, v in zip(gradients, variables)]

@@ -63,8 +63,13 @@ def train(problem: Problem, device: str) -> Trajectory:
     reduce = jnp.mean if problem.reduction == "mean" else jnp.sum
     optimizer = make_optimizer(optax, problem.optimizer)
 
+    huber = getattr(getattr(optax, "losses", optax), "huber_loss", None) or optax.huber_loss
+
     def loss_of(parameters: Any, x_batch: Any, y_batch: Any) -> Any:
-        return reduce(jnp.square(forward(parameters, x_batch) - y_batch))
+        predictions = forward(parameters, x_batch)
+        if problem.loss == "huber":
+            return reduce(huber(predictions, y_batch, delta=problem.delta))
+        return reduce(jnp.square(predictions - y_batch))
 
     def step(parameters: Any, state: Any, order: Any, start: Any, size: int) -> Any:
         """One optimizer step on `size` rows from `start`: of `order` when the case shuffles,

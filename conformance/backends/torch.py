@@ -53,7 +53,8 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
         if problem.has_bias:
             model.bias.copy_(torch.as_tensor(problem.init_bias.reshape(1)))
     optimizer = make_optimizer(torch, model.parameters(), problem.optimizer)
-    loss_function = torch.nn.MSELoss(reduction=problem.reduction)
+    loss_function = (torch.nn.HuberLoss(reduction=problem.reduction, delta=problem.delta) if problem.loss == "huber"
+                     else torch.nn.MSELoss(reduction=problem.reduction))
 
     def step(x_batch: Any, y_batch: Any) -> Any:
         optimizer.zero_grad(set_to_none=True)
