@@ -85,22 +85,37 @@ class CaseRun:
         return trajectory
 
     @cached_property
-    def least_squares(self) -> np.ndarray:
-        """The `lstsq` reference: the minimiser of the case's objective. Least squares, the ridge
-        solution when SGD has weight decay, scipy's Huber fit for the Huber loss."""
-        problem = self.prepared.problem
+    def objective_fit(self) -> tuple[np.ndarray | None, str | None]:
+        """The `lstsq` reference, the minimiser of the case's objective, or why there is none:
+        least squares (weighted with sample weights); the ridge solution when SGD has weight
+        decay; scipy's Huber fit; the logistic maximum-likelihood fit for `bce`."""
+        prepared, problem = self.prepared, self.prepared.problem
         with timing.phase("references"):
-            if problem.loss == "huber":
-                if not self.has_weight_decay:
-                    return reference.huber_fit(self.prepared.x_design, self.prepared.y, problem.has_bias,
-                                               problem.delta)
-                weights, penalty = reference.decay_objective(problem)
-                return self.prepared.to_original(reference.huber_fit(
-                    problem.x.astype(np.float64), problem.y.astype(np.float64), problem.has_bias, problem.delta,
-                    weights, penalty))
-            if self.has_weight_decay:
-                return self.prepared.to_original(reference.ridge(problem))
-        return self.ordinary_least_squares
+            try:
+                if self.has_weight_decay:  # on the trained features, with the decay's penalty
+                    weights, penalty = reference.decay_objective(problem)
+                    x, y = problem.x.astype(np.float64), problem.y.astype(np.float64)
+                    if problem.loss == "huber":
+                        fit = reference.huber_fit(x, y, problem.has_bias, problem.delta, weights, penalty)
+                    elif problem.loss == "bce":
+                        fit = reference.logistic_fit(x, y, problem.has_bias, weights, penalty)
+                    else:
+                        fit = reference.ridge(problem)
+                    return prepared.to_original(fit), None
+                x, y, weights = prepared.x_design, prepared.y, prepared.sample_weight
+                if problem.loss == "huber":
+                    return reference.huber_fit(x, y, problem.has_bias, problem.delta, weights), None
+                if problem.loss == "bce":
+                    return reference.logistic_fit(x, y, problem.has_bias, weights), None
+                if weights is not None:
+                    return reference.weighted_least_squares(x, y, problem.has_bias, weights), None
+            except reference.NoFiniteFit as reason:
+                return None, str(reason)
+        return self.ordinary_least_squares, None
+
+    @property
+    def least_squares(self) -> np.ndarray | None:
+        return self.objective_fit[0]
 
     @cached_property
     def ordinary_least_squares(self) -> np.ndarray:
@@ -115,10 +130,17 @@ class CaseRun:
     @property
     def least_squares_name(self) -> str:
         """How the `lstsq` reference was computed, as messages and the report name it."""
-        if self.prepared.problem.loss == "huber":
-            return "scipy Huber" + (" (weight decay)" if self.has_weight_decay else "")
-        method = reference.least_squares_method(len(self.prepared.y), self.least_squares.size)
-        return method.replace("least squares", "ridge (weight decay)") if self.has_weight_decay else method
+        problem = self.prepared.problem
+        decay = " (weight decay)" if self.has_weight_decay else ""
+        if problem.loss == "huber":
+            return "scipy Huber" + decay
+        if problem.loss == "bce":
+            return "scipy logistic maximum likelihood" + decay
+        method = reference.least_squares_method(len(self.prepared.y), problem.features + problem.has_bias)
+        if self.has_weight_decay:
+            return method.replace("least squares", "ridge (weight decay)")
+        return method.replace("least squares", "weighted least squares") if self.prepared.sample_weight is not None \
+            else method
 
     def train(self, backend: str, device: str) -> Trained:
         key = (backend, device)
@@ -188,8 +210,11 @@ class CaseRun:
         result = self.trained_or_raise(backend, device)
         tol = self.case.spec.tolerance.lstsq
         record = {"kind": "lstsq", "backend": backend, "device": device, "tolerance": tol.model_dump(),
-                  "params": _floats(result.trajectory.final), "lstsq": _floats(self.least_squares),
-                  "reference": self.least_squares_name}
+                  "params": _floats(result.trajectory.final), "reference": self.least_squares_name}
+        if self.least_squares is None:
+            return Outcome(False, f"{self.least_squares_name}: {self.objective_fit[1]} [case {self.case.name}]",
+                           record)
+        record["lstsq"] = _floats(self.least_squares)
         diverged = self._divergence(result)
         if diverged:
             return Outcome(False, diverged, record)
@@ -224,7 +249,8 @@ class CaseRun:
                 if problem and enforced:
                     failures.append(problem)
         record = {"kind": "pairwise", "pairs": rows, "tolerance": tol.model_dump(),
-                  "replay": _curve_record(self.replay), "lstsq": _floats(self.least_squares),
+                  "replay": _curve_record(self.replay),
+                  "lstsq": None if self.least_squares is None else _floats(self.least_squares),
                   "reference": self.least_squares_name,
                   "parameter_names": self.prepared.parameter_names,
                   "diverged": [result.label for result in results if self._divergence(result)]}

@@ -18,11 +18,15 @@ from conformance.schema import Csv, Generate, Inline, Preprocess, choice
 MAX_GENERATED_VALUES = 50_000_000  # a 1 KB case must not ask for terabytes: 400 MiB of float64 at most
 
 
-def raw_data(case: LoadedCase) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) as given by the case, before preprocessing: x is (n, d), y is (n,)."""
+def raw_data(case: LoadedCase) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(x, y, sample weights or None) as given by the case, before preprocessing: x is (n, d),
+    y and the weights (n,)."""
     kind, settings = choice(case.spec.dataset)
+    weights = None
     if kind == "inline":
         x, y = _inline(case, settings)
+        if settings.sample_weight is not None:
+            weights = np.asarray(settings.sample_weight, dtype=np.float64)
     elif kind == "generate":
         if settings.n * settings.features > MAX_GENERATED_VALUES:
             raise CaseError(f"{case.source.display}: dataset.generate: n x features = "
@@ -30,9 +34,11 @@ def raw_data(case: LoadedCase) -> tuple[np.ndarray, np.ndarray]:
                             f"({MAX_GENERATED_VALUES * 8 // 2**20:,} MiB in float64)")
         x, y = _generate(settings)
     else:
-        x, y = _csv(case, settings)
+        x, y, weights = _csv(case, settings)
     _check_data(case, kind, x, y)
-    return x, y
+    if weights is not None:
+        _check_weights(case, kind, weights)
+    return x, y, weights
 
 
 def as_rows(values: list, where: str, case: LoadedCase, width: int | None = None) -> np.ndarray:
@@ -77,7 +83,7 @@ def _generate(spec: Generate) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _csv(case: LoadedCase, spec: Csv) -> tuple[np.ndarray, np.ndarray]:
+def _csv(case: LoadedCase, spec: Csv) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     display = case.source.display
     path = (case.source.path.parent / spec.path).resolve()
     root = case.source.root.resolve()
@@ -89,14 +95,16 @@ def _csv(case: LoadedCase, spec: Csv) -> tuple[np.ndarray, np.ndarray]:
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
-        missing = [column for column in [*spec.x, spec.y] if column not in header]
+        columns = [*spec.x, spec.y] + ([spec.sample_weight] if spec.sample_weight else [])
+        missing = [column for column in columns if column not in header]
         if missing:
             raise CaseError(f"{display}: dataset.csv: column(s) {', '.join(missing)} not in {spec.path} "
                             f"(columns: {', '.join(header) or 'none'})")
-        rows = [[_cell(display, spec.path, number, row, column) for column in [*spec.x, spec.y]]
+        rows = [[_cell(display, spec.path, number, row, column) for column in columns]
                 for number, row in enumerate(reader, start=2)]
-    table = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(spec.x) + 1)
-    return table[:, :-1], table[:, -1]
+    table = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(columns))
+    width = len(spec.x)
+    return table[:, :width], table[:, width], (table[:, width + 1] if spec.sample_weight else None)
 
 
 def _cell(display: str, name: str, line: int, row: dict, column: str) -> float:
@@ -116,6 +124,31 @@ def _check_data(case: LoadedCase, kind: str, x: np.ndarray, y: np.ndarray) -> No
         raise CaseError(f"{where}: {len(y)} sample(s); expected at least 2")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise CaseError(f"{where}: data contains NaN or infinity; expected finite numbers")
+
+
+def _check_weights(case: LoadedCase, kind: str, weights: np.ndarray) -> None:
+    """Sample weights: finite, none negative, not all zero (the inline form is checked by the
+    schema too; a CSV column only here)."""
+    where = f"{case.source.display}: dataset.{kind}.sample_weight"
+    if kind == "csv":
+        where += f" (column {case.spec.dataset.csv.sample_weight})"
+    bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+    if bad.size:
+        line = f"line {bad[0] + 2}" if kind == "csv" else f"sample {bad[0]}"
+        raise CaseError(f"{where}: {float(weights[bad[0]])!r} at {line}; expected finite weights >= 0")
+    if not weights.any():
+        raise CaseError(f"{where}: every weight is 0; expected at least one > 0")
+
+
+def check_labels(case: LoadedCase, y: np.ndarray) -> None:
+    """`bce` needs every y in [0, 1] (probabilities of the positive class)."""
+    outside = np.flatnonzero((y < 0) | (y > 1))
+    if outside.size:
+        kind, settings = choice(case.spec.dataset)
+        field = f"dataset.{kind}.y" + (f" (column {settings.y})" if kind == "csv" else "")
+        at = f"line {outside[0] + 2}" if kind == "csv" else f"sample {outside[0]}"
+        raise CaseError(f"{case.source.display}: {field}: {float(y[outside[0]])!r} at {at}; training.loss is bce, "
+                        f"which needs every y in [0, 1] ({outside.size} sample(s) outside)")
 
 
 def polynomial(x: np.ndarray, degree: int | None) -> np.ndarray:

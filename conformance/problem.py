@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from conformance.case import CaseError, LoadedCase
-from conformance.datasets import Standardizer, as_rows, polynomial, preprocess, raw_data
+from conformance.datasets import Standardizer, as_rows, check_labels, polynomial, preprocess, raw_data
 from conformance.schema import choice
 
 SUPPORTED_OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
@@ -45,8 +45,10 @@ class Problem:
     optimizer: Optimizer
     dtype: str
     predict_x: np.ndarray | None = None
-    loss: str = "mse"  # "mse" (per sample r^2) or "huber"
+    loss: str = "mse"  # "mse" (per sample r^2), "huber" or "bce"
     delta: float = 1.0  # huber's delta
+    from_logits: bool = True  # bce: the model outputs logits (else a sigmoid, and the probability loss)
+    sample_weight: np.ndarray | None = None  # per sample, in the training dtype; None: all 1
 
     @property
     def n(self) -> int:
@@ -103,6 +105,7 @@ class Prepared:
     y: np.ndarray
     standardizer: Standardizer | None
     parameter_names: list[str] = field(default_factory=list)
+    sample_weight: np.ndarray | None = None  # float64, as the case gives them
 
     def to_original(self, params: np.ndarray) -> np.ndarray:
         """Parameters learned on the trained features, expressed on the case's own features."""
@@ -112,7 +115,10 @@ class Prepared:
 def prepare(case: LoadedCase) -> Prepared:
     """Build the problem of a validated case; CaseError for rules that need the data."""
     spec = case.spec
-    x_raw, y = raw_data(case)
+    x_raw, y, sample_weight = raw_data(case)
+    loss_name, loss_settings = choice(spec.training.loss)
+    if loss_name == "bce":
+        check_labels(case, y)
     x_trained, standardizer = preprocess(case, x_raw, spec.preprocess)
     x_design = polynomial(x_raw, spec.preprocess.polynomial)
     dtype = np.dtype(spec.training.dtype)
@@ -136,15 +142,17 @@ def prepare(case: LoadedCase) -> Prepared:
         batch_size=batch_size,
         orders=_orders(spec.training.shuffle, spec.training.epochs, len(y)),
         reduction=_reduction(spec.training.loss),
-        loss=choice(spec.training.loss)[0],
-        delta=_delta(spec.training.loss),
+        loss=loss_name,
+        delta=float(getattr(loss_settings, "delta", 1.0)),
+        from_logits=bool(getattr(loss_settings, "from_logits", True)),
+        sample_weight=None if sample_weight is None else sample_weight.astype(dtype),
         optimizer=_optimizer(case),
         dtype=str(dtype),
         predict_x=_predict(case, x_raw.shape[1], standardizer, dtype),
     )
     names = [f"weights[{index}]" for index in range(d)] + (["bias"] if bias is not None else [])
     _check_certified(case, d)
-    return Prepared(problem, x_design, y, standardizer, names)
+    return Prepared(problem, x_design, y, standardizer, names, sample_weight)
 
 
 def initial_parameters(case: LoadedCase, d: int) -> tuple[np.ndarray, float | None]:
@@ -181,11 +189,6 @@ def _orders(shuffle: Any, epochs: int, n: int) -> np.ndarray | None:
 def _reduction(loss: Any) -> str:
     _, settings = choice(loss)
     return "mean" if settings is None else settings.reduction
-
-
-def _delta(loss: Any) -> float:
-    _, settings = choice(loss)
-    return float(getattr(settings, "delta", 1.0))
 
 
 def _optimizer(case: LoadedCase) -> Optimizer:

@@ -10,6 +10,8 @@
 - `ridge`: with coupled weight decay (SGD's `weight_decay`), the minimiser of the objective
   whose gradient the training follows: the case's loss plus the decay's penalty, bias included.
 - `huber_fit`: with the Huber loss, scipy's Huber fit of the same objective, made exact.
+- `weighted_least_squares`, `logistic_fit`: with sample weights; for `bce`, the maximum-likelihood
+  fit, or NoFiniteFit when the classes are separable.
 - `lre`: digits of agreement (log relative error) against certified values.
 """
 
@@ -21,6 +23,7 @@ from fractions import Fraction
 import numpy as np
 import scipy.linalg
 import scipy.optimize
+import scipy.special
 
 from conformance.optimizers import make_update
 from conformance.problem import Problem, Trajectory
@@ -32,6 +35,7 @@ def replay(problem: Problem) -> Trajectory:
     """Train `problem` in float64, visiting batches exactly as the backends do."""
     x = problem.x.astype(np.float64)
     y = problem.y.astype(np.float64)
+    w = None if problem.sample_weight is None else problem.sample_weight.astype(np.float64)
     params = problem.initial_params()
     update = make_update(problem.optimizer)
     history = np.empty((problem.epochs, params.size))
@@ -41,30 +45,43 @@ def replay(problem: Problem) -> Trajectory:
             total = 0.0
             for batch in problem.batches(epoch):
                 loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction,
-                                               problem.loss, problem.delta)
+                                               problem.loss, problem.delta, None if w is None else w[batch])
                 params = update(params, grad)
                 total += loss * len(y[batch])
             history[epoch] = params
             losses[epoch] = total / problem.n
-    predictions = None if problem.predict_x is None else predict(params, problem.predict_x.astype(np.float64),
-                                                                 problem.has_bias)
+    predictions = None
+    if problem.predict_x is not None:
+        predictions = predict(params, problem.predict_x.astype(np.float64), problem.has_bias)
+        if problem.loss == "bce":  # `predict` compares probabilities
+            predictions = scipy.special.expit(predictions)
     return Trajectory(history, losses, predictions)
 
 
 def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias: bool, reduction: str,
-                      loss: str = "mse", delta: float = 1.0) -> tuple[float, np.ndarray]:
+                      loss: str = "mse", delta: float = 1.0,
+                      weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """One batch's loss and its gradient with respect to [weights..., bias].
 
-    Per sample, with r = prediction - y: `mse` r^2; `huber` 0.5 r^2 if |r| <= delta, else
-    delta * (|r| - delta / 2). `mean` divides the batch's sum by its size.
+    Per sample, with z = x w + b and r = z - y: `mse` r^2; `huber` 0.5 r^2 if |r| <= delta,
+    else delta * (|r| - delta / 2); `bce` -(y log p + (1 - y) log(1 - p)) with p = sigmoid(z),
+    computed as softplus(z) - y z (exact math: no framework's clipping). Sample weights
+    multiply each sample's loss; `mean` divides the batch's sum by its size (not by the sum of
+    the weights: Keras's "sum over batch size").
     """
-    residual = predict(params, x, has_bias) - y
-    if loss == "huber":
+    output = predict(params, x, has_bias)
+    residual = output - y
+    if loss == "bce":
+        per_sample = np.logaddexp(0.0, output) - y * output
+        slope = scipy.special.expit(output) - y
+    elif loss == "huber":
         inside = np.abs(residual) <= delta
         per_sample = np.where(inside, 0.5 * residual**2, delta * (np.abs(residual) - delta / 2))
         slope = np.where(inside, residual, delta * np.sign(residual))  # d loss_i / d prediction_i
     else:
         per_sample, slope = residual**2, 2.0 * residual
+    if weights is not None:
+        per_sample, slope = weights * per_sample, weights * slope
     scale = 1.0 / len(y) if reduction == "mean" else 1.0
     grad_w = scale * (x.T @ slope)
     grad = np.append(grad_w, scale * slope.sum()) if has_bias else grad_w
@@ -191,7 +208,82 @@ def decay_objective(problem: Problem) -> tuple[np.ndarray, float]:
             weights[start:stop] = 1.0 / (stop - start)
     else:
         weights = np.full(problem.n, batches / problem.n)
+    if problem.sample_weight is not None:
+        weights = weights * problem.sample_weight.astype(np.float64)
     return weights, batches * problem.optimizer.settings["weight_decay"] / 2
+
+
+class NoFiniteFit(ValueError):
+    """The case's objective has no finite minimiser (separable classes for `bce`)."""
+
+
+def weighted_least_squares(x: np.ndarray, y: np.ndarray, has_bias: bool, weights: np.ndarray) -> np.ndarray:
+    """[weights..., bias] minimising sum_i w_i r_i^2: exact for small data, else least squares
+    on rows scaled by sqrt(w_i) (the intercept column scaled with them)."""
+    if least_squares_method(len(y), x.shape[1] + has_bias) == "exact least squares":
+        solution = exact_least_squares(x, y, has_bias, weights)
+        if solution is not None:
+            return solution
+    design = np.hstack([x, np.ones((len(y), 1))]) if has_bias else x
+    root = np.sqrt(weights)
+    return least_squares(design * root[:, None], y * root, False)
+
+
+def logistic_fit(x: np.ndarray, y: np.ndarray, has_bias: bool, weights: np.ndarray | None = None,
+                 penalty: float = 0.0) -> np.ndarray:
+    """[weights..., bias] maximising the likelihood of logistic regression: minimising
+    sum_i w_i (softplus(z_i) - y_i z_i) + penalty |theta|^2, z = x w + b, in float64.
+
+    scipy's trust-region Newton method with the exact gradient and Hessian, then Newton steps
+    until the gradient is at most 1e-10 of its size at zero. Without a penalty, separable
+    classes have no finite optimum: NoFiniteFit, found by a linear program (`separable`).
+    """
+    design = np.hstack([x, np.ones((len(y), 1))]) if has_bias else x
+    weights = np.ones(len(y)) if weights is None else weights
+    if penalty == 0 and separable(design, y, weights):
+        raise NoFiniteFit("linearly separable: no finite maximum-likelihood fit (a linear program found "
+                          "parameters that put every weighted sample on its label's side with a margin)")
+    identity = np.eye(design.shape[1])
+
+    def objective(theta: np.ndarray) -> float:
+        z = design @ theta
+        return float(weights @ (np.logaddexp(0.0, z) - y * z) + penalty * theta @ theta)
+
+    def gradient(theta: np.ndarray) -> np.ndarray:
+        return design.T @ (weights * (scipy.special.expit(design @ theta) - y)) + 2 * penalty * theta
+
+    def hessian(theta: np.ndarray) -> np.ndarray:
+        p = scipy.special.expit(design @ theta)
+        return design.T @ (design * (weights * p * (1 - p))[:, None]) + 2 * penalty * identity
+
+    start = np.zeros(design.shape[1])
+    theta = scipy.optimize.minimize(objective, start, jac=gradient, hess=hessian, method="trust-exact",
+                                    options={"gtol": 1e-13, "maxiter": 1000}).x
+    for _ in range(20):
+        step = np.linalg.lstsq(hessian(theta), gradient(theta), rcond=None)[0]
+        theta = theta - step
+        if np.abs(step).max() <= 1e-16 * max(1.0, np.abs(theta).max()):
+            break
+    scale = max(1.0, float(np.abs(gradient(start)).max()))
+    if not np.abs(gradient(theta)).max() <= 1e-10 * scale:
+        raise NoFiniteFit(f"no maximum-likelihood fit found: the gradient is still "
+                          f"{np.abs(gradient(theta)).max():.1e} (the classes may be quasi-separable)")
+    return theta
+
+
+def separable(design: np.ndarray, y: np.ndarray, weights: np.ndarray) -> bool:
+    """Whether some parameters put every sample with weight > 0 strictly on its label's side:
+    z_i >= 1 for y_i = 1 and z_i <= -1 for y_i = 0 (scaling makes any strict separation one
+    with margin 1). A label strictly between 0 and 1 pulls both ways: never separable."""
+    used = weights > 0
+    labels = y[used]
+    if np.any((labels > 0) & (labels < 1)):
+        return False
+    signs = np.where(labels == 1, -1.0, 1.0)  # -z_i <= -1 for positives, z_i <= -1 for negatives
+    found = scipy.optimize.linprog(np.zeros(design.shape[1]), A_ub=signs[:, None] * design[used],
+                                   b_ub=-np.ones(used.sum()), bounds=[(None, None)] * design.shape[1],
+                                   method="highs")
+    return found.status == 0
 
 
 def huber_fit(x: np.ndarray, y: np.ndarray, has_bias: bool, delta: float, weights: np.ndarray | None = None,

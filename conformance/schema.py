@@ -99,6 +99,16 @@ def choice(value: Any) -> tuple[str, Any]:
 class Inline(Strict):
     x: Row
     y: list[Number]
+    sample_weight: Optional[list[NonNegative]] = None  # v1.1: one per sample, not all 0
+
+    @model_validator(mode="after")
+    def _one_weight_per_sample(self) -> "Inline":
+        if self.sample_weight is not None and len(self.sample_weight) != len(self.y):
+            raise PydanticCustomError(
+                "sample_weight_length", "sample_weight has {got} values; expected one per sample of y ({want})",
+                {"got": len(self.sample_weight), "want": len(self.y)},
+            )
+        return self
 
 
 class Uniform(Strict):
@@ -147,6 +157,7 @@ class Csv(Strict):
     path: Annotated[str, Field(min_length=1)]
     x: Annotated[list[str], Field(min_length=1)]
     y: str
+    sample_weight: Optional[str] = None  # v1.1: the column of per-sample weights
 
 
 Dataset = one_of({"inline": Inline, "generate": Generate, "csv": Csv})
@@ -237,11 +248,20 @@ class HuberSettings(Strict):
     reduction: Literal["mean", "sum"] = "mean"
 
 
+class BceSettings(Strict):
+    """Logistic regression: p = sigmoid(x w + b), per sample -(y log p + (1 - y) log(1 - p)).
+    from_logits: the framework's logits loss; else a sigmoid output and its probability loss."""
+
+    from_logits: bool = True
+    reduction: Literal["mean", "sum"] = "mean"
+
+
 class Training(Strict):
     epochs: Annotated[int, Field(ge=1, le=10_000_000)]
     batch_size: Optional[Annotated[int, Field(ge=1)]] = None
     shuffle: one_of({"seed": int}, bare=(False,)) = False  # type: ignore[valid-type]
-    loss: one_of({"mse": MseSettings, "huber": HuberSettings}, bare=("mse",)) = "mse"  # type: ignore[valid-type]
+    loss: one_of({"mse": MseSettings, "huber": HuberSettings, "bce": BceSettings},  # type: ignore[valid-type]
+                 bare=("mse",)) = "mse"
     optimizer: Optimizer  # type: ignore[valid-type]
     dtype: Literal["float32", "float64"] = "float32"
 

@@ -242,3 +242,91 @@ def test_huber_loss_and_gradient_match_the_formula_and_finite_differences():
                     - reference.loss_and_gradient(params - h, x, y, True, reduction, "huber", 1.5)[0]) / 2e-6
                    for h in 1e-6 * np.eye(2)]
         np.testing.assert_allclose(grad, numeric, rtol=1e-7)
+
+
+def test_logistic_fit_zeroes_the_gradient_and_matches_a_generic_optimiser():
+    """The weighted maximum-likelihood fit: gradient at most 1e-10 of its size at zero, and the
+    same point as BFGS on the same objective (to BFGS's own accuracy)."""
+    import scipy.optimize
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 2))
+    y = (rng.uniform(size=40) < 1 / (1 + np.exp(-(x @ [1.0, -2.0] + 0.5)))).astype(float)
+    weights = rng.uniform(0.1, 2.0, size=40)
+    fit = reference.logistic_fit(x, y, True, weights)
+    design = np.hstack([x, np.ones((40, 1))])
+
+    def objective(theta):
+        z = design @ theta
+        return weights @ (np.logaddexp(0, z) - y * z)
+
+    gradient = design.T @ (weights * (1 / (1 + np.exp(-(design @ fit))) - y))
+    assert np.abs(gradient).max() < 1e-10 * np.abs(design.T @ (weights * (0.5 - y))).max()
+    generic = scipy.optimize.minimize(objective, np.zeros(3), method="BFGS", options={"gtol": 1e-9}).x
+    np.testing.assert_allclose(fit, generic, rtol=1e-5)
+
+
+def test_separable_classes_have_no_finite_logistic_fit():
+    """A real test of separability (a linear program), not a guess from large weights: the
+    same points with one label flipped across the boundary are fitted; a fractional label or
+    a zero-weighted outlier changes the verdict as it should."""
+    x = np.array([[-2.0], [-1.0], [-0.5], [0.5], [1.0], [2.0]])
+    y = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    with pytest.raises(reference.NoFiniteFit, match="linearly separable: no finite maximum-likelihood fit"):
+        reference.logistic_fit(x, y, True)
+    overlapping = y.copy()
+    overlapping[2], overlapping[3] = 1.0, 0.0  # x = -0.5 labelled 1 and x = 0.5 labelled 0: they overlap
+    assert np.isfinite(reference.logistic_fit(x, overlapping, True)).all()
+    design = np.hstack([x, np.ones((6, 1))])
+    soft = y.copy()
+    soft[0] = 0.3
+    assert not reference.separable(design, soft, np.ones(6))
+    assert reference.separable(design, overlapping, np.array([1, 1, 0, 0, 1, 1.0]))  # the overlap weighs 0
+    assert np.isfinite(reference.logistic_fit(x, y, True, penalty=0.01)).all()  # weight decay: finite
+
+
+def test_weighted_least_squares_equals_least_squares_with_repeated_rows():
+    """Integer weights are repeated rows; a zero weight drops its row."""
+    x = np.array([[0.0], [1.0], [2.0], [3.0], [4.0]])
+    y = np.array([1.0, 2.9, 5.2, 6.8, 9.5])
+    weights = np.array([1.0, 3.0, 0.0, 2.0, 1.0])
+    repeated = np.repeat(np.arange(5), weights.astype(int))
+    np.testing.assert_allclose(reference.weighted_least_squares(x, y, True, weights),
+                               least_squares(x[repeated], y[repeated], True), rtol=1e-14)
+
+
+def test_bce_and_sample_weights_in_the_replay_match_the_formula_and_finite_differences():
+    x = np.array([[0.5], [-1.0], [2.0], [3.0]])
+    y = np.array([1.0, 0.0, 0.0, 0.7])
+    weights = np.array([1.0, 2.0, 0.5, 0.0])
+    params = np.array([0.8, -0.2])
+    z = x[:, 0] * 0.8 - 0.2
+    p = 1 / (1 + np.exp(-z))
+    expected = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    for reduction, scale in (("mean", 0.25), ("sum", 1.0)):
+        loss, grad = reference.loss_and_gradient(params, x, y, True, reduction, "bce", weights=weights)
+        assert loss == pytest.approx(weights @ expected * scale, rel=1e-14)
+        numeric = [(reference.loss_and_gradient(params + h, x, y, True, reduction, "bce", weights=weights)[0]
+                    - reference.loss_and_gradient(params - h, x, y, True, reduction, "bce", weights=weights)[0])
+                   / 2e-6 for h in 1e-6 * np.eye(2)]
+        np.testing.assert_allclose(grad, numeric, rtol=1e-7)
+
+
+def test_the_lstsq_item_of_separable_data_fails_with_the_reason(write_case):
+    """The check itself, on a loaded case: a result is there, the reference is not."""
+    from conformance.case import discover, load
+    from conformance.checks import Trained, make_run
+    from conformance.problem import Trajectory
+
+    path = write_case("separable", """\
+        dataset: {inline: {x: [-2, -1, 1, 2], y: [0, 0, 1, 1]}}
+        training: {epochs: 5, loss: {bce: {from_logits: true}}, optimizer: {sgd: {learning_rate: 0.1}}}
+        tolerance: {parity: {rtol: 1.0e-5, atol: 1.0e-6}, lstsq: {rtol: 1.0e-5, atol: 1.0e-6}}
+        """)
+    run = make_run(load(discover([path])[0]), [("torch", "cpu")], False)
+    replayed = run.replay
+    run.results[("torch", "cpu")] = Trained("torch", "cpu", Trajectory(replayed.params, replayed.loss), 0.0)
+    outcome = run.check_lstsq("torch", "cpu")
+    assert not outcome.passed
+    assert outcome.message.startswith("scipy logistic maximum likelihood: linearly separable: no finite "
+                                      "maximum-likelihood fit")

@@ -114,8 +114,9 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
                                f"in each of {problem.epochs} epochs")
         predictions = None
         if problem.predict_x is not None:
-            outputs = model(problem.predict_x, training=False)
-            predictions = np.asarray(keras.ops.convert_to_numpy(outputs), dtype=np.float64)[:, 0]
+            outputs = keras.ops.convert_to_numpy(model(problem.predict_x, training=False))
+            predictions = _keras_common.outputs_as_predictions(
+                problem, outputs, lambda z: keras.ops.convert_to_numpy(keras.ops.sigmoid(z)))
     info = _environment(keras, backend, model, kernel) | {"compile_seconds": recorder.compile_seconds,
                                                           "seconds_in_worker": time.perf_counter() - started}
     if problem.optimizer.settings.get("weight_decay"):
@@ -200,11 +201,13 @@ def _batches_class(keras: Any) -> type:
         def __len__(self) -> int:
             return self.problem.steps_per_epoch
 
-        def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
             rows = self.problem.batch(self.epoch or 0, index)
             if self.epoch is not None:
                 self.served[self.epoch] += 1
-            return self.problem.x[rows], self.y[rows]
+            if self.problem.sample_weight is None:
+                return self.problem.x[rows], self.y[rows]
+            return self.problem.x[rows], self.y[rows], self.problem.sample_weight[rows]
 
     return HarnessBatches
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from conformance.problem import Optimizer, Problem
 
 
@@ -55,14 +57,16 @@ def optimizer(keras: ModuleType, optimizer: Optimizer) -> Any:
 
 
 def model(keras: ModuleType, problem: Problem, steps_per_execution: int, jit_compile: bool) -> Any:
-    """`Sequential([Input, Dense(1)])` with the case's initial parameters, compiled with the case's
-    optimizer and loss. Weight decay is an L2 regularizer: coupled decay (added to the gradient)
-    is exactly an L2 penalty of decay / 2, and Keras's history loss then includes it."""
+    """`Sequential([Input, Dense(1)])` with the case's initial parameters (a sigmoid activation for
+    `bce` on probabilities), compiled with the case's optimizer and loss. Weight decay is an L2
+    regularizer: coupled decay (added to the gradient) is exactly an L2 penalty of decay / 2,
+    and Keras's history loss then includes it."""
     decay = problem.optimizer.settings.get("weight_decay", 0.0)
     regularizer = keras.regularizers.L2(decay / 2) if decay else None
     # dtype is explicit: Keras caches its global dtype policy from floatx on first use, so a
     # later set_floatx alone would leave float64 cases with float32 layers (or the reverse).
-    dense = keras.layers.Dense(1, use_bias=problem.has_bias, kernel_regularizer=regularizer,
+    activation = "sigmoid" if problem.loss == "bce" and not problem.from_logits else "linear"
+    dense = keras.layers.Dense(1, activation=activation, use_bias=problem.has_bias, kernel_regularizer=regularizer,
                                bias_regularizer=regularizer if problem.has_bias else None, dtype=problem.dtype)
     built = keras.Sequential([keras.Input(shape=(problem.features,), dtype=problem.dtype), dense])
     initial = [problem.init_weights.reshape(-1, 1)]
@@ -80,4 +84,15 @@ def loss(keras: ModuleType, problem: Problem) -> Any:
     reduction = "sum" if problem.reduction == "sum" else "sum_over_batch_size"
     if problem.loss == "huber":
         return keras.losses.Huber(delta=problem.delta, reduction=reduction)
+    if problem.loss == "bce":
+        return keras.losses.BinaryCrossentropy(from_logits=problem.from_logits, label_smoothing=0.0,
+                                               reduction=reduction)
     return keras.losses.MeanSquaredError(reduction=reduction)
+
+
+def outputs_as_predictions(problem: Problem, outputs: Any, sigmoid: Any) -> np.ndarray:
+    """The model's outputs for `predict` as float64: probabilities for `bce` (a logits model's
+    outputs through the framework's own `sigmoid`)."""
+    if problem.loss == "bce" and problem.from_logits:
+        outputs = sigmoid(outputs)
+    return np.asarray(outputs, dtype=np.float64)[:, 0]

@@ -58,7 +58,10 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
         losses = totals.numpy().astype(np.float64) / problem.n
         predictions = None
         if problem.predict_x is not None:
-            predictions = _forward(tf, tf.constant(problem.predict_x), variables).numpy()[:, 0].astype(np.float64)
+            outputs = _forward(tf, tf.constant(problem.predict_x), variables)
+            if problem.loss == "bce":  # `predict` compares probabilities
+                outputs = tf.math.sigmoid(outputs)
+            predictions = outputs.numpy()[:, 0].astype(np.float64)
     return Trajectory(params, losses, predictions, _tensorflow.environment(device, weights) | info)
 
 
@@ -83,9 +86,19 @@ def _training_function(problem: Problem, variables: list[Any], optimizer: Any, j
     batch = problem.batch_size
     full_batches, last_batch = divmod(problem.n, batch)
     delta = tf.constant(problem.delta, dtype=x.dtype)
+    weighted = problem.sample_weight is not None
+    w = tf.constant(problem.sample_weight.reshape(-1, 1) if weighted else np.ones((1, 1), problem.dtype))
 
-    def per_sample(residual: Any) -> Any:
-        """The case's loss per sample, written out as a GradientTape loop's author does."""
+    def per_sample(output: Any, y_batch: Any) -> Any:
+        """The case's loss per sample, (m, 1), as a GradientTape loop's author writes it: the
+        formula for mse and huber, TensorFlow's logits loss, Keras's probability loss (with its
+        clipping) for a model that ends in a sigmoid."""
+        if problem.loss == "bce":
+            if problem.from_logits:
+                return tf.nn.sigmoid_cross_entropy_with_logits(labels=y_batch, logits=output)
+            probabilities = tf.math.sigmoid(output)
+            return tf.reshape(_tensorflow.keras().losses.binary_crossentropy(y_batch, probabilities), [-1, 1])
+        residual = output - y_batch
         if problem.loss == "huber":
             size = tf.abs(residual)
             return tf.where(size <= delta, 0.5 * tf.square(residual), delta * (size - 0.5 * delta))
@@ -99,11 +112,14 @@ def _training_function(problem: Problem, variables: list[Any], optimizer: Any, j
         if shuffled:
             indices = tf.slice(order, tf.reshape(start, [1]), [size])
             x_batch, y_batch = tf.gather(x, indices), tf.gather(y, indices)
+            w_batch = tf.gather(w, indices) if weighted else None
         else:
             x_batch = tf.slice(x, tf.stack([start, 0]), [size, problem.features])
             y_batch = tf.slice(y, tf.stack([start, 0]), [size, 1])
+            w_batch = tf.slice(w, tf.stack([start, 0]), [size, 1]) if weighted else None
         with tf.GradientTape() as tape:
-            loss = reduce(per_sample(_forward(tf, x_batch, variables) - y_batch))
+            losses = per_sample(_forward(tf, x_batch, variables), y_batch)
+            loss = reduce(losses * w_batch if weighted else losses)
         gradients = tape.gradient(loss, variables)
         if decay:
             gradients = [g + decay * v for g, v in zip(gradients, variables)]

@@ -63,24 +63,41 @@ def train(problem: Problem, device: str) -> Trajectory:
     reduce = jnp.mean if problem.reduction == "mean" else jnp.sum
     optimizer = make_optimizer(optax, problem.optimizer)
 
-    huber = getattr(getattr(optax, "losses", optax), "huber_loss", None) or optax.huber_loss
+    losses = getattr(optax, "losses", optax)  # optax >= 0.2.2 keeps its losses in optax.losses
+    weighted = problem.sample_weight is not None
+    w = jax.device_put(problem.sample_weight.astype(dtype).reshape(-1, 1), place) if weighted else None
 
-    def loss_of(parameters: Any, x_batch: Any, y_batch: Any) -> Any:
-        predictions = forward(parameters, x_batch)
+    def per_sample(outputs: Any, y_batch: Any) -> Any:
+        """The case's loss per sample, as JAX users write it: optax's Huber and logits losses;
+        the formula for mse and for probabilities (JAX has no probability loss to call)."""
         if problem.loss == "huber":
-            return reduce(huber(predictions, y_batch, delta=problem.delta))
-        return reduce(jnp.square(predictions - y_batch))
+            return losses.huber_loss(outputs, y_batch, delta=problem.delta)
+        if problem.loss == "bce":
+            if problem.from_logits:
+                return losses.sigmoid_binary_cross_entropy(outputs, y_batch)
+            p = jax.nn.sigmoid(outputs)
+            return -(y_batch * jnp.log(p) + (1 - y_batch) * jnp.log(1 - p))
+        return jnp.square(outputs - y_batch)
+
+    def loss_of(parameters: Any, x_batch: Any, y_batch: Any, w_batch: Any) -> Any:
+        values = per_sample(forward(parameters, x_batch), y_batch)
+        return reduce(values * w_batch if weighted else values)
 
     def step(parameters: Any, state: Any, order: Any, start: Any, size: int) -> Any:
         """One optimizer step on `size` rows from `start`: of `order` when the case shuffles,
         else a slice of the data itself (the same rows, without a gather)."""
+        w_batch = None
         if shuffled:
             rows = jax.lax.dynamic_slice_in_dim(order, start, size)
             x_batch, y_batch = x[rows], y[rows]
+            if weighted:
+                w_batch = w[rows]
         else:
             x_batch = jax.lax.dynamic_slice_in_dim(x, start, size)
             y_batch = jax.lax.dynamic_slice_in_dim(y, start, size)
-        loss, gradients = jax.value_and_grad(loss_of)(parameters, x_batch, y_batch)
+            if weighted:
+                w_batch = jax.lax.dynamic_slice_in_dim(w, start, size)
+        loss, gradients = jax.value_and_grad(loss_of)(parameters, x_batch, y_batch, w_batch)
         updates, state = optimizer.update(gradients, state, parameters)
         return optax.apply_updates(parameters, updates), state, loss
 
@@ -115,7 +132,10 @@ def train(problem: Problem, device: str) -> Trajectory:
     predictions = None
     if problem.predict_x is not None:
         predict_x = jax.device_put(problem.predict_x.astype(dtype), place)
-        predictions = np.asarray(forward(params, predict_x), dtype=np.float64)[:, 0]
+        outputs = forward(params, predict_x)
+        if problem.loss == "bce":  # `predict` compares probabilities
+            outputs = jax.nn.sigmoid(outputs)
+        predictions = np.asarray(outputs, dtype=np.float64)[:, 0]
     weight = params["w"]
     info = {"jax": jax.__version__, "optax": optax.__version__, "placed_on": str(next(iter(weight.devices()))),
             "jax_enable_x64": bool(jax.config.jax_enable_x64), "weights_dtype": str(weight.dtype),

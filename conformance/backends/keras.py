@@ -43,14 +43,16 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
         model = _model(problem, steps_per_execution=1 if plain else problem.steps_per_epoch, jit_compile=jit_compile)
         recorder = _recorder_class()(per_execution=not plain)
         if plain:
-            model.fit(problem.x, problem.y.reshape(-1, 1), batch_size=problem.batch_size, epochs=problem.epochs,
-                      verbose=0, shuffle=False, callbacks=[recorder])
+            model.fit(problem.x, problem.y.reshape(-1, 1), sample_weight=problem.sample_weight,
+                      batch_size=problem.batch_size, epochs=problem.epochs, verbose=0, shuffle=False,
+                      callbacks=[recorder])
         else:  # one long Keras epoch; one execution (a compiled loop of steps) per case epoch
             model.fit(_stream(problem), epochs=1, steps_per_epoch=problem.epochs * problem.steps_per_epoch,
                       verbose=0, shuffle=False, callbacks=[recorder])
         predictions = None
         if problem.predict_x is not None:
-            predictions = np.asarray(model(problem.predict_x, training=False), dtype=np.float64)[:, 0]
+            predictions = _keras_common.outputs_as_predictions(problem, model(problem.predict_x, training=False),
+                                                               tf.math.sigmoid)
     kernel = model.layers[-1].kernel
     feeding = "fit(x, y)" if plain else "fit(tf.data, steps_per_execution=one epoch)"
     info = _tensorflow.environment(device, kernel) | {"jit_compile": bool(getattr(model, "jit_compile", False)),
@@ -69,13 +71,15 @@ def _model(problem: Problem, steps_per_execution: int, jit_compile: bool) -> Any
 def _stream(problem: Problem) -> Any:
     """Every epoch's batches, in the harness's order, as one dataset (epoch boundaries kept)."""
     tf = _frameworks.tensorflow()
-    y = problem.y.reshape(-1, 1)
+    data = (problem.x, problem.y.reshape(-1, 1))
+    if problem.sample_weight is not None:  # (x, y, sample_weight) elements: fit's sample weights
+        data += (problem.sample_weight,)
     if problem.orders is None:
-        return tf.data.Dataset.from_tensor_slices((problem.x, y)).batch(problem.batch_size).repeat(problem.epochs)
-    x_tensor, y_tensor = tf.constant(problem.x), tf.constant(y)
+        return tf.data.Dataset.from_tensor_slices(data).batch(problem.batch_size).repeat(problem.epochs)
+    tensors = tuple(tf.constant(array) for array in data)
 
     def one_epoch(order: Any) -> Any:
-        slices = (tf.gather(x_tensor, order), tf.gather(y_tensor, order))
+        slices = tuple(tf.gather(tensor, order) for tensor in tensors)
         return tf.data.Dataset.from_tensor_slices(slices).batch(problem.batch_size)
 
     return tf.data.Dataset.from_tensor_slices(problem.orders).flat_map(one_epoch)

@@ -47,18 +47,25 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
     dtype = getattr(torch, problem.dtype)
     x = torch.as_tensor(problem.x, device=device)
     y = torch.as_tensor(problem.y, device=device).reshape(-1, 1)
-    model = torch.nn.Linear(problem.features, 1, bias=problem.has_bias, device=device, dtype=dtype)
+    linear = torch.nn.Linear(problem.features, 1, bias=problem.has_bias, device=device, dtype=dtype)
     with torch.no_grad():
-        model.weight.copy_(torch.as_tensor(problem.init_weights.reshape(1, -1)))
+        linear.weight.copy_(torch.as_tensor(problem.init_weights.reshape(1, -1)))
         if problem.has_bias:
-            model.bias.copy_(torch.as_tensor(problem.init_bias.reshape(1)))
+            linear.bias.copy_(torch.as_tensor(problem.init_bias.reshape(1)))
+    probabilities = problem.loss == "bce" and not problem.from_logits
+    model = torch.nn.Sequential(linear, torch.nn.Sigmoid()) if probabilities else linear
     optimizer = make_optimizer(torch, model.parameters(), problem.optimizer)
-    loss_function = (torch.nn.HuberLoss(reduction=problem.reduction, delta=problem.delta) if problem.loss == "huber"
-                     else torch.nn.MSELoss(reduction=problem.reduction))
+    weighted = problem.sample_weight is not None
+    # With sample weights, the weighted mean (or sum) people write by hand: the loss module
+    # per sample (reduction="none"), times the weights, then mean over the batch (or sum).
+    loss_function = loss_module(torch, problem, "none" if weighted else problem.reduction)
+    w = torch.as_tensor(problem.sample_weight, device=device).reshape(-1, 1) if weighted else None
 
-    def step(x_batch: Any, y_batch: Any) -> Any:
+    def step(x_batch: Any, y_batch: Any, w_batch: Any = None) -> Any:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_function(model(x_batch), y_batch)
+        if w_batch is not None:
+            loss = (loss * w_batch).mean() if problem.reduction == "mean" else (loss * w_batch).sum()
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -72,18 +79,31 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
         for start in range(0, problem.n, problem.batch_size):
             rows = slice(start, start + problem.batch_size) if orders is None \
                 else orders[epoch, start:start + problem.batch_size]
-            step_losses.add(run_step(x[rows], y[rows]))
+            step_losses.add(run_step(x[rows], y[rows], w[rows]) if weighted else run_step(x[rows], y[rows]))
         params.add(torch.cat([p.detach().reshape(-1) for p in parameters]))
         if compile_step is not None:
             ends.append(time.perf_counter())
     predictions = None
     if problem.predict_x is not None:
         with torch.no_grad():
-            predictions = model(torch.as_tensor(problem.predict_x, device=device))[:, 0].cpu().double().numpy()
-    info = _environment(torch, device, model.weight)
+            outputs = model(torch.as_tensor(problem.predict_x, device=device))
+            if problem.loss == "bce" and problem.from_logits:  # `predict` compares probabilities
+                outputs = torch.sigmoid(outputs)
+            predictions = outputs[:, 0].cpu().double().numpy()
+    info = _environment(torch, device, linear.weight)
     if compile_step is not None:
         info["epoch_seconds"] = np.diff(ends)
     return Trajectory(params.numpy(), problem.epoch_losses(step_losses.numpy()), predictions, info)
+
+
+def loss_module(torch: Any, problem: Problem, reduction: str) -> Any:
+    """The case's loss as the PyTorch module its users pick, every setting explicit."""
+    if problem.loss == "huber":
+        return torch.nn.HuberLoss(reduction=reduction, delta=problem.delta)
+    if problem.loss == "bce":
+        return torch.nn.BCEWithLogitsLoss(reduction=reduction) if problem.from_logits \
+            else torch.nn.BCELoss(reduction=reduction)
+    return torch.nn.MSELoss(reduction=reduction)
 
 
 class _Stacked:
