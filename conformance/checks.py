@@ -23,6 +23,7 @@ from conformance.problem import Prepared, Trajectory, prepare
 from conformance.schema import Expect
 
 CURVE_POINTS = 400
+PICTURE_POINTS = 400  # data points drawn in the report's picture of a one-feature case
 
 
 @dataclass
@@ -118,6 +119,24 @@ class CaseRun:
         return self.objective_fit[0]
 
     @cached_property
+    def data_picture(self) -> dict[str, Any] | None:
+        """For a case with one feature (before any polynomial expansion): the data (at most
+        PICTURE_POINTS samples, evenly spaced in file order), how to draw a fitted model over
+        it, and the reference fit, for the report's picture of the data and every fit."""
+        prepared, problem = self.prepared, self.prepared.problem
+        degree = self.case.spec.preprocess.polynomial or 1
+        if degree == 1 and prepared.x_design.shape[1] != 1:
+            return None
+        rows = np.unique(np.linspace(0, len(prepared.y) - 1, min(len(prepared.y), PICTURE_POINTS)).astype(int))
+        weights = prepared.sample_weight
+        reference_fit = self.least_squares
+        return {"x": _floats(prepared.x_design[rows, 0]), "y": _floats(prepared.y[rows]),
+                "weights": None if weights is None else _floats(weights[rows]), "degree": degree,
+                "has_bias": problem.has_bias, "sigmoid": problem.loss == "bce",
+                "reference": None if reference_fit is None else {"name": self.least_squares_name,
+                                                                 "params": _floats(reference_fit)}}
+
+    @cached_property
     def ordinary_least_squares(self) -> np.ndarray:
         """Least squares of the case's data: what certified values are checked against."""
         with timing.phase("references"):
@@ -193,6 +212,8 @@ class CaseRun:
                                   f"{result.repeat['first_epoch']} [case {self.case.name}]", record)
         tol = self.case.spec.tolerance.parity
         replay = self.replay
+        if self.data_picture is not None:
+            record["data"] = self.data_picture
         record |= {
             "max_rel_diff": compare.max_relative_difference(trajectory.final, replay.final),
             "first_epoch_outside": compare.first_epoch_outside(trajectory.params, replay.params, tol),

@@ -40,3 +40,24 @@ def test_a_panel_with_nothing_to_show_says_so():
 def test_epoch_ticks_are_round_numbers():
     assert _nice_ticks(1, 500) == [100, 200, 300, 400, 500]
     assert _nice_ticks(1, 7) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_the_data_picture_draws_points_the_reference_and_each_fit():
+    """A line (y = 2x + 1) and a sigmoid: the fitted curves go through the model's values, a
+    zero-weight point is drawn faint, and a diverged result (None parameters) is left out."""
+    from conformance.report.plots import fit_svg
+
+    data = {"x": [0.0, 1.0, 2.0], "y": [1.0, 3.0, 5.0], "weights": [1.0, 0.0, 4.0], "degree": 1,
+            "has_bias": True, "sigmoid": False, "reference": {"name": "exact least squares", "params": [2.0, 1.0]}}
+    svg = fit_svg(data, [{"backend": "keras", "device": "cpu", "params": [2.0, 1.0]},
+                         {"backend": "jax", "device": "cpu", "params": [None, None]}])
+    root = ElementTree.fromstring(svg)
+    circles = list(root.iter(f"{SVG}circle"))
+    assert len(circles) == 3 and circles[1].get("fill-opacity") == "0.15"
+    assert float(circles[2].get("r")) > float(circles[0].get("r"))  # area by weight
+    texts = [element.text for element in root.iter(f"{SVG}text")]
+    assert "exact least squares" in texts and "keras, cpu" in texts and "jax, cpu" not in texts
+    assert len(list(root.iter(f"{SVG}polyline"))) == 2
+    sigmoid = fit_svg(data | {"y": [0.0, 1.0, 1.0], "sigmoid": True, "reference": None},
+                      [{"backend": "torch", "device": "cpu", "params": [50.0, -25.0]}])
+    assert "p(y = 1)" in sigmoid and ElementTree.fromstring(sigmoid) is not None

@@ -144,3 +144,95 @@ def _nice_ticks(first: float, last: float, target: int = 6) -> list[float]:
     step = next(multiple * power for multiple in (1, 2, 5, 10) if multiple * power >= raw)
     start = math.ceil(first / step) * step
     return [start + index * step for index in range(int((last - start) / step) + 1)]
+
+
+FIT_SAMPLES = 200  # points along x at which each fitted model is evaluated
+
+
+def fit_svg(data: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """The picture of a one-feature case, as tutorials draw it: the data as points (area by
+    sample weight), and the fitted line, polynomial or sigmoid of the reference and of every
+    result, from each one's final parameters."""
+    xs, ys = data["x"], data["y"]
+    if not xs:
+        return ""
+    low, high = min(xs), max(xs)
+    pad = (high - low) * 0.05 or 1.0
+    grid = [low - pad + (high - low + 2 * pad) * k / (FIT_SAMPLES - 1) for k in range(FIT_SAMPLES)]
+    lines: list[Series] = []
+    reference = data.get("reference")
+    if reference and all(v is not None for v in reference["params"]):
+        lines.append(Series(reference["name"], grid, _model_values(data, reference["params"], grid), "#000000",
+                            width=3.5, opacity=0.3))
+    for index, result in enumerate(results):
+        params = result.get("params") or []
+        if params and all(v is not None for v in params):
+            lines.append(Series(f"{result['backend']}, {result['device']}", grid, _model_values(data, params, grid),
+                                COLORS[index % len(COLORS)], DASHES.get(result["backend"], OTHER_DASH)))
+    finite_y = [y for y in ys if y is not None]
+    y_low, y_high = (-0.05, 1.05) if data.get("sigmoid") else (min(finite_y), max(finite_y))
+    y_pad = 0.0 if data.get("sigmoid") else (y_high - y_low) * 0.1 or 1.0
+    y_low, y_high = y_low - y_pad, y_high + y_pad
+    legend, legend_height = _legend(lines, HEIGHT)
+    right, bottom = WIDTH - RIGHT, HEIGHT - BOTTOM
+
+    def px(value: float) -> float:
+        return LEFT + (value - grid[0]) / (grid[-1] - grid[0]) * (right - LEFT)
+
+    def py(value: float) -> float:
+        return bottom - (value - y_low) / (y_high - y_low) * (bottom - TOP)
+
+    title = "the data and every fit (final parameters)"
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT + legend_height:.0f}" '
+             f'width="100%" style="max-width:{WIDTH}px" font-family="sans-serif" font-size="11" role="img" '
+             f'aria-label="{title}">', legend,
+             f'<text x="{(LEFT + right) / 2}" y="16" text-anchor="middle" font-size="12">{title}</text>',
+             f'<text x="{(LEFT + right) / 2}" y="{HEIGHT - 6}" text-anchor="middle">x</text>',
+             f'<text transform="translate(14,{(TOP + bottom) / 2}) rotate(-90)" text-anchor="middle">'
+             f'{"p(y = 1)" if data.get("sigmoid") else "y"}</text>',
+             f'<clipPath id="plotarea"><rect x="{LEFT}" y="{TOP}" width="{right - LEFT}" height="{bottom - TOP}"/>'
+             f'</clipPath>',
+             f'<rect x="{LEFT}" y="{TOP}" width="{right - LEFT}" height="{bottom - TOP}" fill="none" stroke="#444"/>']
+    for tick in _nice_ticks(grid[0], grid[-1]):
+        parts.append(_grid_line(TOP, bottom, px(tick), f"{tick:g}", horizontal=False))
+    for tick in _nice_ticks(y_low, y_high, target=5):
+        parts.append(_grid_line(LEFT, right, py(tick), f"{tick:g}", horizontal=True))
+    weights = data.get("weights") or [1.0] * len(xs)
+    largest = max(weights) or 1.0
+    parts.append('<g clip-path="url(#plotarea)">')
+    for x, y, weight in zip(xs, ys, weights):
+        if x is not None and y is not None:
+            radius = 3.0 * math.sqrt(weight / largest) if weight else 1.0
+            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{max(radius, 1.0):.1f}" fill="#555" '
+                         f'fill-opacity="{0.6 if weight else 0.15}"/>')
+    for line in lines:
+        for segment in _runs(line.points):
+            points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in segment)
+            parts.append(f'<polyline points="{points}" fill="none" {line.stroke}/>')
+    parts.append("</g></svg>")
+    return "".join(parts)
+
+
+def _model_values(data: dict[str, Any], params: list[float], grid: list[float]) -> list[float | None]:
+    """The model's output along `grid`: sum_k w_k x^k (+ b), through a sigmoid for `bce`."""
+    degree, has_bias = data.get("degree", 1), data.get("has_bias", True)
+    weights, bias = params[:degree], (params[degree] if has_bias else 0.0)
+    values: list[float | None] = []
+    for x in grid:
+        try:
+            z = sum(w * x ** (k + 1) for k, w in enumerate(weights)) + bias
+            values.append(1.0 / (1.0 + math.exp(-z)) if data.get("sigmoid") else z)
+        except OverflowError:
+            values.append(0.0 if data.get("sigmoid") and z < 0 else None)
+    return values
+
+
+def _runs(points: Iterable[tuple[float, float | None]]) -> list[list[tuple[float, float]]]:
+    """Runs of finite points (any sign, unlike the log-scale panels' `_segments`)."""
+    runs: list[list[tuple[float, float]]] = [[]]
+    for x, y in points:
+        if y is not None and math.isfinite(y):
+            runs[-1].append((x, y))
+        elif runs[-1]:
+            runs.append([])
+    return [run for run in runs if len(run) > 1]

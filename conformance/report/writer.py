@@ -19,7 +19,7 @@ from typing import Any
 
 import jinja2
 
-from conformance.report.plots import curves_svg
+from conformance.report.plots import curves_svg, fit_svg
 
 STATUSES = ("passed", "failed", "xfailed", "skipped", "error", "crashed")
 SEVERITY = ("crashed", "error", "failed", "not run", "xfailed", "skipped", "passed")
@@ -136,9 +136,17 @@ def _case_view(name: str, items: list[dict[str, Any]], columns: list[tuple[str, 
         "parameter_names": pairwise.get("parameter_names") or _names(results),
         "results": results, "pairwise": pairwise, "certified": case_checks.get("certified"),
         "plot": curves_svg(results, pairwise.get("replay")) if results else "",
+        "fit_plot": _fit_plot(results),
         "expected": [e for e in items if e.get("expected")],
         "failures": [e for e in items if e.get("status") in ("failed", "error", "crashed")],
     }
+
+
+def _fit_plot(results: list[dict[str, Any]]) -> str:
+    """The picture of the data and every fit, for cases with one feature (their parity records
+    carry the data)."""
+    data = next((result["data"] for result in results if result.get("data")), None)
+    return fit_svg(data, results) if data else ""
 
 
 def _with_lstsq(result: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
