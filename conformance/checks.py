@@ -20,7 +20,7 @@ import numpy as np
 from conformance import backends, compare, reference, timing, workers
 from conformance.case import LoadedCase
 from conformance.problem import Prepared, Trajectory, prepare
-from conformance.schema import Expect
+from conformance.schema import DEFAULT_PARITY, Expect, Tol
 
 CURVE_POINTS = 400
 PICTURE_POINTS = 400  # data points drawn in the report's picture of a one-feature case
@@ -67,12 +67,13 @@ class CaseRun:
     """Everything one process knows about one case."""
 
     def __init__(self, case: LoadedCase, prepared: Prepared, pairs: list[tuple[str, str]],
-                 repeat: bool = False) -> None:
+                 repeat: bool = False, parity_auto: bool = False) -> None:
         self.case = case
         self.prepared = prepared
         self.pairs = pairs  # every (backend, device) of this case in this run
         self.repeat = repeat  # train every result twice and demand bit-identical results
         self.results: dict[tuple[str, str], Trained] = {}
+        self.parity_auto = parity_auto  # --parity auto: derive every case's parity band
 
     @property
     def where(self) -> str:
@@ -84,6 +85,19 @@ class CaseRun:
             trajectory = reference.replay(self.prepared.problem)
             trajectory.params = self.prepared.to_original(trajectory.params)
         return trajectory
+
+    @cached_property
+    def parity_band(self) -> tuple[Tol, dict[str, Any]]:
+        """The parity tolerance, and how it was set for the report: the case's own, or derived
+        from the case (`parity: auto`, or every case with --parity auto; then the hand-set one is
+        shown beside it)."""
+        own = self.case.spec.tolerance.parity
+        if own != "auto" and not self.parity_auto:
+            return own, own.model_dump()
+        with timing.phase("references"):
+            derived = reference.rounding_band(self.prepared.problem, self.replay, self.prepared.to_original)
+        tol = DEFAULT_PARITY if derived["rtol"] is None else Tol(rtol=derived["rtol"], atol=derived["atol"])
+        return tol, tol.model_dump() | {"auto": derived, "hand_set": None if own == "auto" else own.model_dump()}
 
     @cached_property
     def objective_fit(self) -> tuple[np.ndarray | None, str | None]:
@@ -210,14 +224,14 @@ class CaseRun:
             return Outcome(False, f"not deterministic ({result.label}): a second training on the same device "
                                   f"differs by up to {result.repeat['max_abs_diff']:.3g}, first at epoch "
                                   f"{result.repeat['first_epoch']} [case {self.case.name}]", record)
-        tol = self.case.spec.tolerance.parity
+        tol, described = self.parity_band
         replay = self.replay
         if self.data_picture is not None:
             record["data"] = self.data_picture
         record |= {
             "max_rel_diff": compare.max_relative_difference(trajectory.final, replay.final),
             "first_epoch_outside": compare.first_epoch_outside(trajectory.params, replay.params, tol),
-            "tolerance": tol.model_dump(),
+            "tolerance": described,
         }
         mismatch = self._worst_mismatch(trajectory, replay, tol)
         if mismatch is None:
@@ -256,7 +270,7 @@ class CaseRun:
         two results under the same entry share one known deviation, so they must still agree
         with each other (Keras's optimizer in `keras` and `keras_xla`, say).
         """
-        tol = self.case.spec.tolerance.parity
+        tol, described = self.parity_band
         results = [self.trained_or_raise(backend, device) for backend, device in self.pairs
                    if self.train(backend, device).unavailable is None]
         usable = [result for result in results if not self._divergence(result)]
@@ -269,7 +283,7 @@ class CaseRun:
                 rows.append(row | {"enforced": enforced})
                 if problem and enforced:
                     failures.append(problem)
-        record = {"kind": "pairwise", "pairs": rows, "tolerance": tol.model_dump(),
+        record = {"kind": "pairwise", "pairs": rows, "tolerance": described,
                   "replay": _curve_record(self.replay),
                   "lstsq": None if self.least_squares is None else _floats(self.least_squares),
                   "reference": self.least_squares_name,
@@ -355,8 +369,9 @@ class CaseRun:
                 "deterministic": None if result.repeat is None else result.repeat["identical"]}
 
 
-def make_run(case: LoadedCase, pairs: list[tuple[str, str]], repeat: bool = False) -> CaseRun:
-    return CaseRun(case, prepare(case), pairs, repeat)
+def make_run(case: LoadedCase, pairs: list[tuple[str, str]], repeat: bool = False,
+             parity_auto: bool = False) -> CaseRun:
+    return CaseRun(case, prepare(case), pairs, repeat, parity_auto)
 
 
 def _second_training(backend: str, device: str, problem: Any, first: Trajectory) -> dict[str, Any]:

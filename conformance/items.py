@@ -59,7 +59,8 @@ class Plan:
     devices: dict[str, Any]  # per backend: the device kinds looked for, those found, or why none
 
 
-def plan(locations: list[Path], only_backends: list[str], only_devices: list[str], repeat: bool = False) -> Plan:
+def plan(locations: list[Path], only_backends: list[str], only_devices: list[str], repeat: bool = False,
+         parity_auto: bool = False) -> Plan:
     """Every item of a run, in a stable order; broken case files become `load` items that fail."""
     items: list[ItemSpec] = []
     runs: dict[str, CaseRun] = {}
@@ -81,7 +82,7 @@ def plan(locations: list[Path], only_backends: list[str], only_devices: list[str
                                   error=f"{case.source.display}: name: {case.name!r} is also the name of "
                                         f"{', '.join(others)}; expected case names to be unique in a run"))
             continue
-        items.extend(_plan_case(case, only_backends, only_devices, devices_seen, runs, repeat))
+        items.extend(_plan_case(case, only_backends, only_devices, devices_seen, runs, repeat, parity_auto))
     return Plan(items, runs, devices_seen)
 
 
@@ -112,7 +113,8 @@ def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
 
 
 def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[str],
-               devices_seen: dict[str, Any], runs: dict[str, CaseRun], repeat: bool) -> list[ItemSpec]:
+               devices_seen: dict[str, Any], runs: dict[str, CaseRun], repeat: bool,
+               parity_auto: bool = False) -> list[ItemSpec]:
     spec, source = case.spec, case.source.display
     candidates = spec.backends or [name for name in backends.MODULES if name in only_backends] \
         or default_backends(devices_seen)
@@ -138,7 +140,7 @@ def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[st
                 if spec.tolerance.lstsq is not None:
                     items.append(ItemSpec(case.name, "lstsq", source, backend, device))
     try:
-        runs[case.name] = make_run(case, pairs, repeat)
+        runs[case.name] = make_run(case, pairs, repeat, parity_auto)
     except CaseError as error:
         return [ItemSpec(case.name, "load", source, error=str(error))]
     if len(pairs) > 1:

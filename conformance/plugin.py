@@ -47,6 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--determinism", action="store_true", default=False,
                     help="train every result twice on the same device and fail unless the two are bit-identical "
                          "(turns on torch.use_deterministic_algorithms and TF op determinism)")
+    group.addoption("--parity", choices=["auto"], default=None,
+                    help="auto: derive every case's parity tolerance from the case (as `tolerance.parity: auto` "
+                         "does); the report shows the derived band beside the case's own")
     group.addoption("--report-label", default=None, metavar="LABEL",
                     help="report folder name under the reports folder; default: $TOX_ENV_NAME or 'local'")
     group.addoption("--reports-dir", default=None, metavar="DIR",
@@ -95,7 +98,8 @@ def pytest_configure(config: pytest.Config) -> None:
     cases = [Path(path) for path in config.getoption("cases")] or [default_cases]
     config.stash[OPTIONS] = {"cases": cases, "backends": config.getoption("backend"),
                              "devices": config.getoption("device"), "label": label, "reports": reports,
-                             "determinism": config.getoption("determinism")}
+                             "determinism": config.getoption("determinism"),
+                             "parity_auto": config.getoption("parity") == "auto"}
     if config.getoption("determinism"):
         from conformance.backends import _frameworks
 
@@ -116,7 +120,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         try:
             with timing.phase("planning"):
                 config.stash[PLAN] = plan(options["cases"], options["backends"], options["devices"],
-                                          repeat=options["determinism"])
+                                          repeat=options["determinism"], parity_auto=options["parity_auto"])
         except Exception as error:  # a missing --cases path and the like: one clear sentence
             raise pytest.UsageError(str(error)) from None
         config.stash[DEVICES] = config.stash[PLAN].devices

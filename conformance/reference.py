@@ -18,7 +18,9 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -31,12 +33,30 @@ from conformance.problem import Problem, Trajectory
 LRE_CAP = 15.0
 
 
-def replay(problem: Problem) -> Trajectory:
-    """Train `problem` in float64, visiting batches exactly as the backends do."""
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
+
+
+def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Trajectory:
+    """Train `problem` in float64, visiting batches exactly as the backends do.
+
+    With `rounding`, the arithmetic is perturbed as rounding in the training dtype could move
+    it (unit roundoff u), with uniform random relative errors drawn from `rounding` (see
+    `rounding_band`). Rounding is deterministic, and its bias does not average out over steps
+    the way fresh noise would, so two perturbations are drawn once per run and kept: each
+    sample's model output (size u) and each gradient component (size u * sqrt(batch size), its
+    sums); a third, each updated parameter (size u), is drawn afresh every step.
+    """
     x = problem.x.astype(np.float64)
     y = problem.y.astype(np.float64)
     w = None if problem.sample_weight is None else problem.sample_weight.astype(np.float64)
+    unit = UNIT_ROUNDOFF[problem.dtype] if rounding is not None else 0.0
+
+    def jitter(values: np.ndarray, size: float) -> np.ndarray:
+        return values * (1.0 + size * rounding.uniform(-1.0, 1.0, np.shape(values)))
+
+    output_bias = np.ones(problem.n) if rounding is None else jitter(np.ones(problem.n), unit)
     params = problem.initial_params()
+    gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), unit)
     update = make_update(problem.optimizer)
     history = np.empty((problem.epochs, params.size))
     losses = np.empty(problem.epochs)
@@ -45,8 +65,13 @@ def replay(problem: Problem) -> Trajectory:
             total = 0.0
             for batch in problem.batches(epoch):
                 loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction,
-                                               problem.loss, problem.delta, None if w is None else w[batch])
+                                               problem.loss, problem.delta, None if w is None else w[batch],
+                                               None if rounding is None else output_bias[batch])
+                if rounding is not None:
+                    grad = grad * (1.0 + (gradient_bias - 1.0) * np.sqrt(len(y[batch])))
                 params = update(params, grad)
+                if rounding is not None:
+                    params = jitter(params, unit)
                 total += loss * len(y[batch])
             history[epoch] = params
             losses[epoch] = total / problem.n
@@ -58,9 +83,61 @@ def replay(problem: Problem) -> Trajectory:
     return Trajectory(history, losses, predictions)
 
 
+AUTO_RUNS = 4  # perturbed replays per case
+AUTO_FACTOR = 10.0  # the band is this many times the largest spread they show
+AUTO_SCALE_FRACTION = 1e-3  # parameters near 0 are judged against this fraction of the largest one
+
+
+def rounding_band(problem: Problem, unperturbed: Trajectory,
+                  to_original: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+    """`tolerance.parity: auto`: the parity band this case's training allows from rounding alone.
+
+    Method (a small Monte Carlo arithmetic experiment): AUTO_RUNS replays of the same training
+    in float64, each with every step perturbed by random relative errors the size of the
+    training dtype's unit roundoff (`replay(problem, rounding=...)`), show how far rounding
+    alone moves the final parameters and predictions: the spread s_j, the largest distance of a
+    perturbed run from the unperturbed replay. With scale = the largest |value| and
+    floor = AUTO_SCALE_FRACTION * scale, the band is
+
+        rtol = AUTO_FACTOR * max_j s_j / (|theta_j| + floor),  atol = rtol * floor,
+
+    so that atol + rtol |theta_j| >= AUTO_FACTOR * s_j for every value: ten times what rounding
+    was seen to do, everywhere; rtol is at least 4 u. Assumptions: a framework rounds each
+    operation about as the model does (a few units in the last place; sums within sqrt(m) u),
+    and the four runs see the sensitivity that matters. A real difference smaller than ten
+    rounding spreads is not separated from rounding.
+    """
+    unit = UNIT_ROUNDOFF[problem.dtype]
+    reference = _final_values(unperturbed)
+    spread = np.zeros_like(reference)
+    for seed in range(AUTO_RUNS):
+        perturbed = replay(problem, rounding=np.random.default_rng(seed))
+        perturbed.params = to_original(perturbed.params)
+        spread = np.maximum(spread, np.abs(_final_values(perturbed) - reference))
+    finite = np.isfinite(reference) & np.isfinite(spread)
+    if not finite.any():
+        return {"rtol": None, "atol": None, "method": "no finite replay to measure rounding on"}
+    scale = float(np.max(np.abs(reference[finite]))) or 1.0
+    floor = AUTO_SCALE_FRACTION * scale
+    relative = float(np.max(spread[finite] / (np.abs(reference[finite]) + floor)))
+    rtol = max(AUTO_FACTOR * relative, 4 * unit)
+    return {"rtol": rtol, "atol": rtol * floor, "spread_relative": relative,
+            "spread_max": float(np.max(spread[finite])), "runs": AUTO_RUNS, "factor": AUTO_FACTOR,
+            "unit_roundoff": unit,
+            "method": f"{AUTO_FACTOR:g} x the largest spread of {AUTO_RUNS} float64 replays with every step "
+                      f"perturbed by the {problem.dtype} unit roundoff"}
+
+
+def _final_values(trajectory: Trajectory) -> np.ndarray:
+    """The values the parity check compares: final parameters, then `predict` outputs."""
+    predictions = [] if trajectory.predictions is None else trajectory.predictions
+    return np.concatenate([trajectory.params[-1], np.asarray(predictions, dtype=np.float64)])
+
+
 def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias: bool, reduction: str,
                       loss: str = "mse", delta: float = 1.0,
-                      weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+                      weights: np.ndarray | None = None,
+                      output_factors: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """One batch's loss and its gradient with respect to [weights..., bias].
 
     Per sample, with z = x w + b and r = z - y: `mse` r^2; `huber` 0.5 r^2 if |r| <= delta,
@@ -70,6 +147,8 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     the weights: Keras's "sum over batch size").
     """
     output = predict(params, x, has_bias)
+    if output_factors is not None:  # the replay's model of rounding (`replay(rounding=...)`)
+        output = output * output_factors
     residual = output - y
     if loss == "bce":
         per_sample = np.logaddexp(0.0, output) - y * output

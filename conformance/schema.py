@@ -280,7 +280,8 @@ DEFAULT_LSTSQ = Tol(rtol=1.0e-3, atol=1.0e-3)
 
 
 class Tolerance(Strict):
-    parity: Tol = DEFAULT_PARITY
+    # "auto" (v1.1): derived from how far rounding alone moves this case (reference.rounding_band)
+    parity: Union[Literal["auto"], Tol] = DEFAULT_PARITY
     lstsq: Optional[Tol] = DEFAULT_LSTSQ
 
 
