@@ -67,13 +67,14 @@ class CaseRun:
     """Everything one process knows about one case."""
 
     def __init__(self, case: LoadedCase, prepared: Prepared, pairs: list[tuple[str, str]],
-                 repeat: bool = False, parity_auto: bool = False) -> None:
+                 repeat: bool = False, parity_auto: bool = False, known: Any = None) -> None:
         self.case = case
         self.prepared = prepared
         self.pairs = pairs  # every (backend, device) of this case in this run
         self.repeat = repeat  # train every result twice and demand bit-identical results
         self.results: dict[tuple[str, str], Trained] = {}
         self.parity_auto = parity_auto  # --parity auto: derive every case's parity band
+        self.known = known  # the run's expectations file (conformance.expectations), if any
 
     @property
     def where(self) -> str:
@@ -262,7 +263,7 @@ class CaseRun:
             return Outcome(True, f"within {_tol(tol)} of the {self.least_squares_name}", record)
         return Outcome(False, mismatch.describe(result.label, self.least_squares_name, self.where), record)
 
-    def check_pairwise(self, deviant: dict[tuple[str, str], int]) -> Outcome:
+    def check_pairwise(self, deviant: dict[tuple[str, str], Any]) -> Outcome:
         """Every two results agree within the parity tolerance, in both directions.
 
         `deviant` maps the results expected to deviate to their `expect` parity entry. A pair
@@ -370,8 +371,8 @@ class CaseRun:
 
 
 def make_run(case: LoadedCase, pairs: list[tuple[str, str]], repeat: bool = False,
-             parity_auto: bool = False) -> CaseRun:
-    return CaseRun(case, prepare(case), pairs, repeat, parity_auto)
+             parity_auto: bool = False, known: Any = None) -> CaseRun:
+    return CaseRun(case, prepare(case), pairs, repeat, parity_auto, known)
 
 
 def _second_training(backend: str, device: str, problem: Any, first: Trajectory) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import pytest
 from conformance import backends, environment
 from conformance.case import CaseError, LoadedCase, discover, load, seeds
 from conformance.checks import CaseRun, Outcome, TrainingCrashed, applicable, make_run
+from conformance.expectations import Expectations
 
 RESULT_CHECKS = ("parity", "lstsq")
 CASE_CHECKS = ("pairwise", "certified", "load")
@@ -60,7 +61,7 @@ class Plan:
 
 
 def plan(locations: list[Path], only_backends: list[str], only_devices: list[str], repeat: bool = False,
-         parity_auto: bool = False) -> Plan:
+         parity_auto: bool = False, known: Expectations | None = None) -> Plan:
     """Every item of a run, in a stable order; broken case files become `load` items that fail."""
     items: list[ItemSpec] = []
     runs: dict[str, CaseRun] = {}
@@ -82,7 +83,7 @@ def plan(locations: list[Path], only_backends: list[str], only_devices: list[str
                                   error=f"{case.source.display}: name: {case.name!r} is also the name of "
                                         f"{', '.join(others)}; expected case names to be unique in a run"))
             continue
-        items.extend(_plan_case(case, only_backends, only_devices, devices_seen, runs, repeat, parity_auto))
+        items.extend(_plan_case(case, only_backends, only_devices, devices_seen, runs, repeat, parity_auto, known))
     return Plan(items, runs, devices_seen)
 
 
@@ -114,7 +115,7 @@ def _discover_devices(only_backends: list[str]) -> dict[str, Any]:
 
 def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[str],
                devices_seen: dict[str, Any], runs: dict[str, CaseRun], repeat: bool,
-               parity_auto: bool = False) -> list[ItemSpec]:
+               parity_auto: bool = False, known: Expectations | None = None) -> list[ItemSpec]:
     spec, source = case.spec, case.source.display
     candidates = spec.backends or [name for name in backends.MODULES if name in only_backends] \
         or default_backends(devices_seen)
@@ -140,7 +141,7 @@ def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[st
                 if spec.tolerance.lstsq is not None:
                     items.append(ItemSpec(case.name, "lstsq", source, backend, device))
     try:
-        runs[case.name] = make_run(case, pairs, repeat, parity_auto)
+        runs[case.name] = make_run(case, pairs, repeat, parity_auto, known)
     except CaseError as error:
         return [ItemSpec(case.name, "load", source, error=str(error))]
     if len(pairs) > 1:
@@ -186,6 +187,16 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
     if outcome.skipped:
         pytest.skip(f"{spec.source}: {outcome.message}")
     expected = _expectation(spec, run, versions)
+    if expected is None and run.known is not None and spec.check != "pairwise":
+        known = run.known.applicable(run.prepared.problem, spec.check, spec.backend, spec.device, versions)
+        if known is not None:  # not strict: the deviation may or may not show in this case
+            reason = f"{run.known.source}: known deviation of {', '.join(known.backend_names) or 'any backend'} " \
+                     f"{known.check}: {known.reason}"
+            if outcome.passed:
+                record["known_deviation_not_seen"] = known.reason
+                return
+            record["expected"] = known.reason
+            pytest.xfail(f"{reason} -- {outcome.message}")
     if expected is not None:
         record["expected"] = expected.reason
         covered = ", ".join(expected.backend_names) or "any backend"
@@ -215,13 +226,17 @@ def _expectation(spec: ItemSpec, run: CaseRun, versions: dict[str, str | None]) 
     return applicable(run.case.spec.expect, spec.check, spec.backend, spec.device, versions)
 
 
-def _deviant(run: CaseRun, versions: dict[str, str | None]) -> dict[tuple[str, str], int]:
+def _deviant(run: CaseRun, versions: dict[str, str | None]) -> dict[tuple[str, str], Any]:
     """Results of the case whose parity is expected to fail, each with the index of its `expect`
     entry (pairs across entries, or with a result that is not expected to deviate, are not
     enforced)."""
-    found = {}
+    found: dict[tuple[str, str], Any] = {}
     for backend, device in run.pairs:
         entry = applicable(run.case.spec.expect, "parity", backend, device, versions)
         if entry is not None:
-            found[(backend, device)] = run.case.spec.expect.index(entry)
+            found[(backend, device)] = ("case", run.case.spec.expect.index(entry))
+        elif run.known is not None:
+            known = run.known.applicable(run.prepared.problem, "parity", backend, device, versions)
+            if known is not None:
+                found[(backend, device)] = ("file", run.known.index(known))
     return found

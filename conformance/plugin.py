@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conformance import backends, timing
+from conformance import backends, expectations, timing
 from conformance.items import Plan, case_of, plan
 from conformance.report.collector import DEVICES
 from conformance.schema import DEVICE_PATTERN
@@ -50,6 +50,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity", choices=["auto"], default=None,
                     help="auto: derive every case's parity tolerance from the case (as `tolerance.parity: auto` "
                          "does); the report shows the derived band beside the case's own")
+    group.addoption("--expectations", default=None, metavar="FILE",
+                    help="known deviations applied to every case (YAML; default: the file shipped with the "
+                         "harness, conformance/expectations.yaml); 'none' for no file")
     group.addoption("--report-label", default=None, metavar="LABEL",
                     help="report folder name under the reports folder; default: $TOX_ENV_NAME or 'local'")
     group.addoption("--reports-dir", default=None, metavar="DIR",
@@ -99,7 +102,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[OPTIONS] = {"cases": cases, "backends": config.getoption("backend"),
                              "devices": config.getoption("device"), "label": label, "reports": reports,
                              "determinism": config.getoption("determinism"),
-                             "parity_auto": config.getoption("parity") == "auto"}
+                             "parity_auto": config.getoption("parity") == "auto",
+                             "expectations": _expectations_file(config.getoption("expectations"), here)}
     if config.getoption("determinism"):
         from conformance.backends import _frameworks
 
@@ -111,6 +115,19 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(ReportCollector(config, reports / label, time.time()), "conformance-report")
 
 
+def _expectations_file(option: str | None, here: Path) -> Path | None:
+    """The expectations file of this run: --expectations (relative to where pytest started),
+    'none', or the one shipped with the harness."""
+    if option is None:
+        return Path(__file__).resolve().parent / "expectations.yaml"
+    if option == "none":
+        return None
+    path = here / option
+    if not path.is_file():
+        raise pytest.UsageError(f"--expectations {option}: no such file ({path})")
+    return path
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "conformance_item" not in metafunc.fixturenames or not active(metafunc.config):
         return
@@ -120,7 +137,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         try:
             with timing.phase("planning"):
                 config.stash[PLAN] = plan(options["cases"], options["backends"], options["devices"],
-                                          repeat=options["determinism"], parity_auto=options["parity_auto"])
+                                          repeat=options["determinism"], parity_auto=options["parity_auto"],
+                                          known=expectations.load(options["expectations"]))
         except Exception as error:  # a missing --cases path and the like: one clear sentence
             raise pytest.UsageError(str(error)) from None
         config.stash[DEVICES] = config.stash[PLAN].devices

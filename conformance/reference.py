@@ -96,13 +96,15 @@ def rounding_band(problem: Problem, unperturbed: Trajectory,
     in float64, each with every step perturbed by random relative errors the size of the
     training dtype's unit roundoff (`replay(problem, rounding=...)`), show how far rounding
     alone moves the final parameters and predictions: the spread s_j, the largest distance of a
-    perturbed run from the unperturbed replay. With scale = the largest |value| and
-    floor = AUTO_SCALE_FRACTION * scale, the band is
+    perturbed run from the unperturbed replay. With F = AUTO_FACTOR, scale = the largest |value|
+    and floor = AUTO_SCALE_FRACTION * scale, the band is
 
-        rtol = AUTO_FACTOR * max_j s_j / (|theta_j| + floor),  atol = rtol * floor,
+        rtol = F * max s_j / |theta_j| over the values above the floor (at least 4 u),
+        atol = F * max over all values of (s_j - rtol / F * |theta_j|), or 0,
 
-    so that atol + rtol |theta_j| >= AUTO_FACTOR * s_j for every value: ten times what rounding
-    was seen to do, everywhere; rtol is at least 4 u. Assumptions: a framework rounds each
+    so that atol + rtol |theta_j| >= F * s_j for every value: ten times what rounding was seen
+    to do, everywhere. Values near 0 (a prediction that cancels, a parameter through zero) set
+    atol and leave rtol to the others. Assumptions: a framework rounds each
     operation about as the model does (a few units in the last place; sums within sqrt(m) u),
     and the four runs see the sensitivity that matters. A real difference smaller than ten
     rounding spreads is not separated from rounding.
@@ -117,12 +119,13 @@ def rounding_band(problem: Problem, unperturbed: Trajectory,
     finite = np.isfinite(reference) & np.isfinite(spread)
     if not finite.any():
         return {"rtol": None, "atol": None, "method": "no finite replay to measure rounding on"}
-    scale = float(np.max(np.abs(reference[finite]))) or 1.0
-    floor = AUTO_SCALE_FRACTION * scale
-    relative = float(np.max(spread[finite] / (np.abs(reference[finite]) + floor)))
+    values, spread = np.abs(reference[finite]), spread[finite]
+    large = values > AUTO_SCALE_FRACTION * (float(np.max(values)) or 1.0)
+    relative = float(np.max(spread[large] / values[large])) if large.any() else 0.0
     rtol = max(AUTO_FACTOR * relative, 4 * unit)
-    return {"rtol": rtol, "atol": rtol * floor, "spread_relative": relative,
-            "spread_max": float(np.max(spread[finite])), "runs": AUTO_RUNS, "factor": AUTO_FACTOR,
+    atol = AUTO_FACTOR * max(0.0, float(np.max(spread - rtol / AUTO_FACTOR * values)))
+    return {"rtol": rtol, "atol": atol, "spread_relative": relative,
+            "spread_max": float(np.max(spread)), "runs": AUTO_RUNS, "factor": AUTO_FACTOR,
             "unit_roundoff": unit,
             "method": f"{AUTO_FACTOR:g} x the largest spread of {AUTO_RUNS} float64 replays with every step "
                       f"perturbed by the {problem.dtype} unit roundoff"}

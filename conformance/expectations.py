@@ -1,0 +1,125 @@
+"""Known deviations that apply to every case in a run, generated cases included.
+
+A case's own `expect` entries are about that case: strict (an expected deviation that does not
+happen fails the item), with the deviation's measured size. The expectations file generalises
+them for cases nobody wrote by hand, in the spirit of array-api-tests' xfails file: each entry
+is an `expect` entry plus `when`, the conditions under which the deviation can appear (dtype,
+optimizer and its settings, loss and its settings; `versions` as in `expect`). A file entry is
+not strict: where the condition holds, the deviation may show (the item is then xfailed with the
+entry's reason) or may not (the item passes, and the report says which entry applied).
+
+    - check: parity
+      backend: [keras, gradient_tape, keras_xla, gradient_tape_xla]
+      when: {dtype: float64, optimizer: sgd, settings: {momentum: "> 0"}}
+      reason: Keras rounds momentum to float32 in float64 training (cases/features/float64-momentum.yaml)
+
+A setting's condition is a value (equality) or a comparison: "> 0", ">= 0.5", "< 1e-3", "!= 0".
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError, field_validator
+
+from conformance.case import CaseError, format_errors
+from conformance.problem import Problem
+from conformance.schema import Expect, Strict
+from conformance.yamlio import YamlError, read_yaml
+
+COMPARISON = re.compile(r"^\s*(>=|<=|!=|==|>|<)\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+OPERATORS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "!=": operator.ne,
+             "==": operator.eq}
+Condition = bool | float | str
+OneOrMany = str | Annotated[list[str], Field(min_length=1)]
+
+
+class When(Strict):
+    dtype: Literal["float32", "float64"] | None = None
+    optimizer: OneOrMany | None = None
+    settings: dict[str, Condition] = {}  # the optimizer's settings
+    loss: OneOrMany | None = None
+    loss_settings: dict[str, Condition] = {}  # delta, from_logits, reduction
+
+    @field_validator("settings", "loss_settings")
+    @classmethod
+    def _comparisons(cls, conditions: dict[str, Condition]) -> dict[str, Condition]:
+        for name, condition in conditions.items():
+            if isinstance(condition, str) and not isinstance(condition, bool) and not COMPARISON.match(condition) \
+                    and condition not in ("mean", "sum"):
+                raise ValueError(f"{name}: {condition!r}; expected a value or a comparison such as '> 0'")
+        return conditions
+
+
+class KnownDeviation(Expect):
+    when: When = When()
+
+
+ENTRIES = TypeAdapter(list[KnownDeviation])
+
+
+@dataclass(frozen=True)
+class Expectations:
+    """The entries of one file (or none), with where they came from for messages."""
+
+    entries: tuple[KnownDeviation, ...] = ()
+    source: str = ""
+
+    def applicable(self, problem: Problem, check: str, backend: str | None, device: str | None,
+                   versions: dict[str, str | None]) -> KnownDeviation | None:
+        from conformance.checks import applicable
+
+        matching = [entry for entry in self.entries if holds(entry.when, problem)]
+        return applicable(matching, check, backend, device, versions)  # type: ignore[arg-type]
+
+    def index(self, entry: KnownDeviation) -> int:
+        return self.entries.index(entry)
+
+
+def load(path: Path | None) -> Expectations:
+    """The file's entries; CaseError (file and field) when it is not valid; none without a file."""
+    if path is None:
+        return Expectations()
+    display = str(path)
+    try:
+        data = read_yaml(path)
+    except (YamlError, OSError, UnicodeDecodeError) as error:
+        raise CaseError(f"{display}: {error}") from None
+    try:
+        return Expectations(tuple(ENTRIES.validate_python(data or [])), display)
+    except ValidationError as error:
+        raise CaseError(format_errors(display, error)) from None
+
+
+def holds(when: When, problem: Problem) -> bool:
+    """Whether every condition of `when` holds for this training problem."""
+    if when.dtype is not None and when.dtype != problem.dtype:
+        return False
+    if when.optimizer is not None and problem.optimizer.name not in _names(when.optimizer):
+        return False
+    if when.loss is not None and problem.loss not in _names(when.loss):
+        return False
+    loss_settings = {"delta": problem.delta, "from_logits": problem.from_logits, "reduction": problem.reduction}
+    return _all_hold(when.settings, problem.optimizer.settings) and _all_hold(when.loss_settings, loss_settings)
+
+
+def _names(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _all_hold(conditions: dict[str, Condition], values: dict[str, Any]) -> bool:
+    for name, condition in conditions.items():
+        if name not in values:
+            return False
+        value = values[name]
+        match = COMPARISON.match(condition) if isinstance(condition, str) else None
+        if match:
+            if not OPERATORS[match.group(1)](float(value), float(match.group(2))):
+                return False
+        elif value != condition:
+            return False
+    return True
