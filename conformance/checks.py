@@ -100,6 +100,19 @@ class CaseRun:
         tol = DEFAULT_PARITY if derived["rtol"] is None else Tol(rtol=derived["rtol"], atol=derived["atol"])
         return tol, tol.model_dump() | {"auto": derived, "hand_set": None if own == "auto" else own.model_dump()}
 
+    @property
+    def too_sensitive(self) -> str | None:
+        """Why parity cannot be judged, when a derived band is wider than reference.AUTO_LIMIT:
+        rounding alone then moves the training that far (a chaotic run), and no band separates
+        a framework difference from it."""
+        _, described = self.parity_band
+        derived = described.get("auto") or {}
+        if derived.get("rtol") is not None and derived["rtol"] > reference.AUTO_LIMIT:
+            return (f"rounding alone moves this training by {derived['spread_relative']:.1e} relative "
+                    f"(derived parity rtol {derived['rtol']:.1e} > {reference.AUTO_LIMIT:g}): too sensitive to "
+                    f"compare frameworks [case {self.case.name}]")
+        return None
+
     @cached_property
     def objective_fit(self) -> tuple[np.ndarray | None, str | None]:
         """The `lstsq` reference, the minimiser of the case's objective, or why there is none:
@@ -227,6 +240,8 @@ class CaseRun:
                                   f"{result.repeat['first_epoch']} [case {self.case.name}]", record)
         tol, described = self.parity_band
         replay = self.replay
+        if self.too_sensitive:
+            return Outcome(False, self.too_sensitive, record | {"tolerance": described}, skipped=True)
         if self.data_picture is not None:
             record["data"] = self.data_picture
         record |= {
@@ -272,6 +287,8 @@ class CaseRun:
         with each other (Keras's optimizer in `keras` and `keras_xla`, say).
         """
         tol, described = self.parity_band
+        if self.too_sensitive:
+            return Outcome(False, self.too_sensitive, {"kind": "pairwise", "tolerance": described}, skipped=True)
         results = [self.trained_or_raise(backend, device) for backend, device in self.pairs
                    if self.train(backend, device).unavailable is None]
         usable = [result for result in results if not self._divergence(result)]

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conformance import backends, expectations, timing
+from conformance import backends, expectations, fuzz, timing
 from conformance.items import Plan, case_of, plan
 from conformance.report.collector import DEVICES
 from conformance.schema import DEVICE_PATTERN
@@ -50,6 +50,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity", choices=["auto"], default=None,
                     help="auto: derive every case's parity tolerance from the case (as `tolerance.parity: auto` "
                          "does); the report shows the derived band beside the case's own")
+    group.addoption("--fuzz", type=int, default=0, metavar="N",
+                    help="add N generated cases (fuzz-<seed>-<k>, parity: auto) to the run; a failing one is shrunk "
+                         "to a smaller case that fails the same way, written under reports/<label>/fuzz/")
+    group.addoption("--fuzz-seed", type=int, default=0, metavar="S",
+                    help="seed of the generated cases (default 0): the same seed gives the same cases everywhere")
     group.addoption("--expectations", default=None, metavar="FILE",
                     help="known deviations applied to every case (YAML; default: the file shipped with the "
                          "harness, conformance/expectations.yaml); 'none' for no file")
@@ -103,7 +108,10 @@ def pytest_configure(config: pytest.Config) -> None:
                              "devices": config.getoption("device"), "label": label, "reports": reports,
                              "determinism": config.getoption("determinism"),
                              "parity_auto": config.getoption("parity") == "auto",
-                             "expectations": _expectations_file(config.getoption("expectations"), here)}
+                             "expectations": _expectations_file(config.getoption("expectations"), here),
+                             "fuzz": (config.getoption("fuzz"), config.getoption("fuzz_seed"))}
+    if config.getoption("fuzz") < 0:
+        raise pytest.UsageError(f"--fuzz {config.getoption('fuzz')}: expected a number of cases >= 0")
     if config.getoption("determinism"):
         from conformance.backends import _frameworks
 
@@ -136,7 +144,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         options = config.stash[OPTIONS]
         try:
             with timing.phase("planning"):
-                config.stash[PLAN] = plan(options["cases"], options["backends"], options["devices"],
+                count, seed = options["fuzz"]
+                fuzz_folder = options["reports"] / options["label"] / "fuzz"
+                generated = fuzz.write_cases(fuzz_folder / "generated", seed, count) if count else []
+                config.stash[PLAN] = plan(options["cases"] + generated, options["backends"], options["devices"],
                                           repeat=options["determinism"], parity_auto=options["parity_auto"],
                                           known=expectations.load(options["expectations"]))
         except Exception as error:  # a missing --cases path and the like: one clear sentence

@@ -86,6 +86,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
 AUTO_RUNS = 4  # perturbed replays per case
 AUTO_FACTOR = 10.0  # the band is this many times the largest spread they show
 AUTO_SCALE_FRACTION = 1e-3  # parameters near 0 are judged against this fraction of the largest one
+AUTO_LIMIT = 1e-2  # a derived rtol above this: rounding alone moves the training too far to compare
 
 
 def rounding_band(problem: Problem, unperturbed: Trajectory,
