@@ -245,6 +245,7 @@ class CaseRun:
         if self.data_picture is not None:
             record["data"] = self.data_picture
         record |= {
+            "replay_settled": compare.settled_epoch(replay.params), "epochs": len(replay.params),
             "max_rel_diff": compare.max_relative_difference(trajectory.final, replay.final),
             "first_epoch_outside": compare.first_epoch_outside(trajectory.params, replay.params, tol),
             "tolerance": described,

@@ -65,3 +65,15 @@ def distance_per_epoch(trajectory: np.ndarray, reference: np.ndarray) -> np.ndar
     """max over parameters of |a - b| at each epoch: how far a backend drifts from the replay."""
     with np.errstate(invalid="ignore"):
         return np.max(np.abs(trajectory - reference), axis=1)
+
+
+def settled_epoch(trajectory: np.ndarray, rtol: float = 1e-9) -> int | None:
+    """1-based epoch from which every later epoch's parameters are within rtol of the final
+    ones (a run that had converged before its end); None when they never are."""
+    final = trajectory[-1]
+    with np.errstate(invalid="ignore"):
+        inside = (np.abs(trajectory - final) <= rtol * np.maximum(np.abs(final), 1e-300)).all(axis=1)
+    if not np.isfinite(final).all() or not inside[-1]:
+        return None
+    outside = np.flatnonzero(~inside)
+    return int(outside[-1]) + 2 if outside.size else 1

@@ -185,3 +185,33 @@ def _describe(optimizer: dict[str, Any]) -> str:
 def _number(value: float) -> float:
     """A float that reads back the same from YAML (shortest repr, 10 significant digits)."""
     return float(f"{float(value):.10g}")
+
+
+def shrunk_folder(source: Path) -> Path | None:
+    """Where shrunk cases of a generated case go (`.../fuzz/shrunk/`), or None when the case
+    file is not one `write_cases` generated."""
+    if source.parent.name == "generated" and source.parent.parent.name == "fuzz" and source.stem.startswith("fuzz-"):
+        return source.parent.parent / "shrunk"
+    return None
+
+
+def shrink_failure(source: Path, backend: str, device: str, message: str, known: Any = None) -> Path:
+    """Shrink the generated case in `source` whose parity failed on (backend, device) with
+    `message`; write the shrunk case file and return its path."""
+    from conformance import shrink
+
+    folder = shrunk_folder(source)
+    assert folder is not None, source
+    case = yaml.safe_load(source.read_text(encoding="utf-8"))
+    smaller, reduction = shrink.shrink(case, backend, device, shrink.failure_kind(message), folder, known)
+    if reduction:
+        smaller["description"] = shrink.describe(case["name"], backend, device, reduction) + " " + \
+            case["description"]
+    else:
+        smaller = dict(case, name=f"{case['name']}-shrunk",
+                       description=f"No smaller case failed the same way; {case['name']} as generated. "
+                                   + case["description"])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{case['name']}-{backend}-{device.replace(':', '')}.yaml"
+    path.write_text(to_yaml(smaller), encoding="utf-8")
+    return path

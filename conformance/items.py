@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conformance import backends, environment
+from conformance import backends, environment, fuzz
 from conformance.case import CaseError, LoadedCase, discover, load, seeds
 from conformance.checks import CaseRun, Outcome, TrainingCrashed, applicable, make_run
 from conformance.expectations import Expectations
@@ -197,6 +197,10 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
                 return
             record["expected"] = known.reason
             pytest.xfail(f"{reason} -- {outcome.message}")
+    if expected is None and not outcome.passed and spec.check == "parity" and fuzz.shrunk_folder(run.case.source.path):
+        shrunk = fuzz.shrink_failure(run.case.source.path, spec.backend, spec.device, outcome.message, run.known)
+        record["shrunk_case"] = str(shrunk.relative_to(shrunk.parents[2]))  # relative to the report folder
+        pytest.fail(f"{outcome.message}\nshrunk to {shrunk}: run it alone with --cases {shrunk}", pytrace=False)
     if expected is not None:
         record["expected"] = expected.reason
         covered = ", ".join(expected.backend_names) or "any backend"

@@ -98,7 +98,30 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return {"cases": cases, "columns": columns,
             "totals": Counter(entry.get("status", "not run") for entry in entries),
             "per_backend": dict(sorted(per_backend.items())), "engines": _engines(entries),
-            "determinism": _determinism(entries)}
+            "determinism": _determinism(entries), "generated": _generated(cases)}
+
+
+def _generated(cases: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The generated cases (--fuzz) as a table of their draws and outcomes, with how many
+    diverged and how many had settled before their last epoch; None without any."""
+    rows = []
+    for view in cases:
+        if not view["name"].startswith("fuzz-"):
+            continue
+        parity = [entry for entry in view["entries"] if entry.get("check") == "parity"]
+        messages = [entry.get("message") or "" for entry in parity]
+        settled = next((entry.get("replay_settled") for entry in parity if entry.get("replay_settled")), None)
+        epochs = next((entry.get("epochs") for entry in parity if entry.get("epochs")), None)
+        rows.append({"name": view["name"], "page": view["page"], "status": view["status"],
+                     "draws": (view["entries"][0].get("description") or "").split(": ", 1)[-1],
+                     "diverged": any(message.startswith("training diverged") for message in messages),
+                     "settled": settled, "epochs": epochs,
+                     "shrunk": [entry["shrunk_case"] for entry in view["entries"] if entry.get("shrunk_case")]})
+    if not rows:
+        return None
+    return {"rows": rows, "diverged": sum(row["diverged"] for row in rows),
+            "settled_early": sum(bool(row["settled"] and row["epochs"] and row["settled"] < row["epochs"])
+                                 for row in rows)}
 
 
 def _determinism(entries: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
