@@ -352,14 +352,15 @@ def growth() -> list[dict]:
     return rows
 
 
-def suite_wall(workers: str, only: tuple[str, ...] = (), label: str = "", env: dict | None = None) -> dict:
+def suite_wall(workers: str, only: tuple[str, ...] = (), label: str = "", env: dict | None = None,
+               extra: tuple[str, ...] = ()) -> dict:
     """The suite's wall time (default selection, or only these backends), and where each test
     process spent it (its results.json)."""
     label = label or f"bench-n{workers}"
     selection = [argument for backend in only for argument in ("--backend", backend)]
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pytest", "conformance", "-q", "-p", "no:cacheprovider", "-n", workers,
-                    "--report-label", label, *selection], cwd=ROOT, capture_output=True, check=False,
+                    "--report-label", label, *selection, *extra], cwd=ROOT, capture_output=True, check=False,
                    env=os.environ | (env or {}))
     wall = time.perf_counter() - started
     data = json.loads((ROOT / "reports" / label / "results.json").read_text())
@@ -446,6 +447,13 @@ def main() -> None:
               f"references {total['references']:4.1f}, harness {total['harness']:4.1f}, outside the processes' "
               f"pytest session (start, exit, report) {row['outside_s']:4.1f}; report writing alone "
               f"{row['report_s']:4.2f} s; imports + training {row['share']:.0%}")
+
+    print("\nGenerated cases (--fuzz 20 --fuzz-seed 0, no shipped cases, default backends, -n auto)")
+    with tempfile.TemporaryDirectory() as empty:
+        row = suite_wall("auto", label="bench-fuzz", extra=("--fuzz", "20", "--fuzz-seed", "0", "--cases", empty))
+    print(f"  wall {row['wall_s']:5.1f} s for 20 cases: {row['wall_s'] / 20:4.2f} s per generated case "
+          f"(training {row['total']['training'] / 20:4.2f} s and references {row['total']['references'] / 20:4.2f} s "
+          f"per case, summed over processes)")
 
     print("\nThe run of the shipped cases (-n auto) with and without the compiled backends, one after another; "
           "torch_compile first with an empty inductor cache (a new machine), then with the cache it left")
