@@ -231,16 +231,23 @@ def _expectation(spec: ItemSpec, run: CaseRun, versions: dict[str, str | None]) 
 
 
 def _deviant(run: CaseRun, versions: dict[str, str | None]) -> dict[tuple[str, str], Any]:
-    """Results of the case whose parity is expected to fail, each with the index of its `expect`
-    entry (pairs across entries, or with a result that is not expected to deviate, are not
-    enforced)."""
+    """Results of the case whose parity is expected to fail, each with a key: the index of its
+    `expect` entry, so that two results under one entry (one known deviation) must still agree;
+    or, for an entry of the expectations file, a key of its own. File entries are general, and
+    a run that a deviation moves far from the replay can also be far more sensitive to rounding
+    than the replay (Keras's float64 Adam with a large step: keras and keras_xla 0.24 apart in
+    fuzz-0-64), so results whose deviation showed are compared but not enforced. Pairs across
+    keys, or with a result that is not expected to deviate, are not enforced either."""
     found: dict[tuple[str, str], Any] = {}
     for backend, device in run.pairs:
         entry = applicable(run.case.spec.expect, "parity", backend, device, versions)
         if entry is not None:
             found[(backend, device)] = ("case", run.case.spec.expect.index(entry))
-        elif run.known is not None:
-            known = run.known.applicable(run.prepared.problem, "parity", backend, device, versions)
-            if known is not None:
-                found[(backend, device)] = ("file", run.known.index(known))
+        elif run.known is not None and run.known.applicable(run.prepared.problem, "parity", backend, device,
+                                                            versions) is not None:
+            # Not strict: only a result whose deviation showed (its parity failed) is excused,
+            # under a key of its own (no pair with it is enforced; see above).
+            outcome = run.check_parity(backend, device)
+            if not outcome.passed and not outcome.skipped:
+                found[(backend, device)] = ("file", backend, device)
     return found
