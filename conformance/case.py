@@ -78,8 +78,28 @@ def load(source: CaseFile) -> LoadedCase:
 
 
 def format_errors(display: str, error: ValidationError) -> str:
-    lines = [f"{display}: {field_path(item['loc'])}: {_expectation(item)}" for item in error.errors()]
+    lines = [f"{display}: {field_path(item['loc'])}: {_expectation(item)}" for item in _without_union_noise(error)]
     return "\n".join(lines) if len(lines) == 1 else f"{display}: {len(lines)} errors\n" + "\n".join(lines)
+
+
+def _without_union_noise(error: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic reports an error for each member of a union such as `parity: auto | {rtol, atol}`,
+    with the member in the path ('Tol', "literal['auto']"). The path loses the member's name, and
+    the literal member's error goes when the other member's error says more (a wrong setting
+    inside the mapping rather than no mapping at all)."""
+    items = []
+    for item in error.errors():
+        loc = tuple(part for part in item["loc"] if not _union_member(part))
+        literal = any(str(part).startswith("literal[") for part in item["loc"])
+        items.append(item | {"loc": loc, "literal_member": literal})
+    others = [item for item in items if not item["literal_member"]]
+    specific = {item["loc"][:-1] for item in others} | \
+        {item["loc"] for item in others if item["type"] not in ("model_type", "dict_type")}
+    return [item for item in items if not (item["literal_member"] and item["loc"] in specific)]
+
+
+def _union_member(part: Any) -> bool:
+    return isinstance(part, str) and (part[:1].isupper() or part.startswith("literal["))
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
