@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from conformance import workers
-from conformance.backends import Unavailable, _compiled, _frameworks, _keras_common
+from conformance.backends import Unavailable, _frameworks, _keras_common
 from conformance.problem import Problem, Trajectory
 
 FRAMEWORK_MODULE = {"jax": "jax", "torch": "torch"}  # KERAS_BACKEND -> the module it needs
@@ -213,40 +213,20 @@ def _batches_class(keras: Any) -> type:
 
 
 def _recorder_class(keras: Any) -> type:
-    class EpochRecorder(keras.callbacks.Callback):
+    class EpochRecorder(_keras_common.EpochRecords, keras.callbacks.Callback):
         """Parameters and Keras's own epoch loss after every epoch (`self.model` brings JAX's
         training state back into the variables before they are read)."""
 
         def __init__(self, batches: Any) -> None:
             super().__init__()
             self.batches = batches
-            self.rows: list[np.ndarray] = []
-            self.losses: list[float] = []
-            self.ends: list[float] = []
-            self.started = 0.0
-
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            self.started = time.perf_counter()
+            self.reset_records()
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.batches.epoch = epoch
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            self.ends.append(time.perf_counter())
-            self.losses.append(float((logs or {}).get("loss", np.nan)))
             weights = self.model.layers[-1].weights
-            self.rows.append(np.concatenate([np.ravel(keras.ops.convert_to_numpy(w.value)) for w in weights]))
-
-        @property
-        def compile_seconds(self) -> float | None:
-            return _compiled.first_call_overhead(np.diff([self.started, *self.ends]))
-
-        @property
-        def history_params(self) -> np.ndarray:
-            return np.asarray(self.rows, dtype=np.float64)
-
-        @property
-        def history_loss(self) -> np.ndarray:
-            return np.asarray(self.losses, dtype=np.float64)
+            self.record(np.concatenate([np.ravel(keras.ops.convert_to_numpy(w.value)) for w in weights]), logs)
 
     return EpochRecorder

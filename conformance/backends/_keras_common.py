@@ -10,12 +10,14 @@ the same model the same way.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from conformance.backends import _compiled
 from conformance.problem import Optimizer, Problem
 
 
@@ -76,6 +78,39 @@ def model(keras: ModuleType, problem: Problem, steps_per_execution: int, jit_com
     built.compile(optimizer=optimizer(keras, problem.optimizer), loss=loss(keras, problem),
                   steps_per_execution=steps_per_execution, jit_compile=jit_compile)
     return built
+
+
+class EpochRecords:
+    """What a recorder callback keeps per case epoch: the parameters, Keras's own loss, and the
+    time at its end. A mixin for the callback classes, which are made at runtime because Keras is
+    imported lazily (and, in a worker, on another backend)."""
+
+    def reset_records(self) -> None:
+        self.rows: list[np.ndarray] = []
+        self.losses: list[float] = []
+        self.ends: list[float] = []  # perf_counter at the end of each case epoch
+        self.started = 0.0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def record(self, parameters: np.ndarray, logs: dict | None) -> None:
+        self.ends.append(time.perf_counter())
+        self.losses.append(float((logs or {}).get("loss", np.nan)))
+        self.rows.append(parameters)
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """The first epoch's time beyond a typical epoch's: tracing and compiling the step."""
+        return _compiled.first_call_overhead(np.diff([self.started, *self.ends]))
+
+    @property
+    def history_params(self) -> np.ndarray:
+        return np.asarray(self.rows, dtype=np.float64)
+
+    @property
+    def history_loss(self) -> np.ndarray:
+        return np.asarray(self.losses, dtype=np.float64)
 
 
 def loss(keras: ModuleType, problem: Problem) -> Any:

@@ -9,12 +9,11 @@ iterator for the whole run, the same `train_function`, and bit-identical paramet
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import numpy as np
 
-from conformance.backends import _compiled, _frameworks, _keras_common, _tensorflow
+from conformance.backends import _frameworks, _keras_common, _tensorflow
 from conformance.problem import Problem, Trajectory
 
 NAME = "keras"
@@ -90,7 +89,7 @@ def _recorder_class() -> type:
     """The callback class, made on first use because Keras is imported lazily."""
     keras = _tensorflow.keras()
 
-    class EpochRecorder(keras.callbacks.Callback):
+    class EpochRecorder(_keras_common.EpochRecords, keras.callbacks.Callback):
         """Parameters and Keras's own epoch loss after every epoch.
 
         per_execution: the whole training is one Keras epoch whose executions are the case's
@@ -100,31 +99,16 @@ def _recorder_class() -> type:
         def __init__(self, per_execution: bool) -> None:
             super().__init__()
             self.per_execution = per_execution
-            self.rows: list[np.ndarray] = []
-            self.losses: list[float] = []
-            self.ends: list[float] = []  # perf_counter at the end of each case epoch
-            self.started = 0.0
+            self.reset_records()
             self._read_and_reset: Any = None
-
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            self.started = time.perf_counter()
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             if self.per_execution:
-                self.ends.append(time.perf_counter())
-                self.losses.append(_loss_of(logs))
-                self.rows.append(self._read_parameters_and_reset_metrics())
+                self.record(self._read_parameters_and_reset_metrics(), logs)
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if not self.per_execution:
-                self.ends.append(time.perf_counter())
-                self.losses.append(_loss_of(logs))
-                self.rows.append(np.concatenate([np.ravel(v.numpy()) for v in self.model.layers[-1].weights]))
-
-        @property
-        def compile_seconds(self) -> float | None:
-            """The first epoch's time beyond a typical epoch's: tracing and compiling the step."""
-            return _compiled.first_call_overhead(np.diff([self.started, *self.ends]))
+                self.record(np.concatenate([np.ravel(v.numpy()) for v in self.model.layers[-1].weights]), logs)
 
         def _read_parameters_and_reset_metrics(self) -> np.ndarray:
             """The layer's parameters, flat, with the metrics zeroed as `reset_metrics` does.
@@ -146,16 +130,4 @@ def _recorder_class() -> type:
                 self._read_and_reset = tf.function(read_and_reset)
             return self._read_and_reset().numpy()
 
-        @property
-        def history_params(self) -> np.ndarray:
-            return np.asarray(self.rows, dtype=np.float64)
-
-        @property
-        def history_loss(self) -> np.ndarray:
-            return np.asarray(self.losses, dtype=np.float64)
-
     return EpochRecorder
-
-
-def _loss_of(logs: dict | None) -> float:
-    return float((logs or {}).get("loss", np.nan))
