@@ -76,9 +76,6 @@ class Expectations:
         matching = [entry for entry in self.entries if holds(entry.when, problem)]
         return applicable(matching, check, backend, device, versions)  # type: ignore[arg-type]
 
-    def index(self, entry: KnownDeviation) -> int:
-        return self.entries.index(entry)
-
 
 def load(path: Path | None) -> Expectations:
     """The file's entries; CaseError (file and field) when it is not valid; none without a file."""

@@ -96,12 +96,6 @@ def draw(seed: int, index: int) -> dict[str, Any]:
             "tolerance": {"parity": "auto", "lstsq": None}}
 
 
-def summary_of(case: dict[str, Any]) -> str:
-    """The draws as the case's description states them (for the report's table)."""
-    description = case.get("description") or ""
-    return description.split(": ", 1)[-1].rstrip(".")
-
-
 def _features(rng: np.random.Generator, n: int, features: int, scale: float) -> np.ndarray:
     """Standard normal columns, mixed to a condition number up to 1e3, scaled, maybe offset."""
     z = rng.normal(size=(n, features))
