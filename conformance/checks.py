@@ -1,29 +1,72 @@
-"""The checks of one case, run inside a test item; results are cached once per process.
+"""The checks of one case, run inside a test item, against its references and its results.
 
-A `CaseRun` holds a case's prepared problem, its references (replay, least squares) and the
-training results of its backends. Items of one case are scheduled onto one worker (see
-plugin.py), so each result is trained once; an item that needs a result its process has not
-trained (another item ran elsewhere, or was deselected) trains it itself, so pairwise
-comparisons are complete under any scheduling.
+`CaseRun` brings the three together: `CaseReferences` (what results are checked against),
+`TrainedResults` (what each backend trained, once per process) and the checks, each returning
+an `Outcome`: passed or not, the message, plain data for the report, and what was compared, so
+that an expected deviation can be held to its `bound`.
 """
 
 from __future__ import annotations
 
-import time
-import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from conformance import backends, compare, reference, timing, workers
+from conformance import compare, reference
 from conformance.case import LoadedCase
 from conformance.problem import Prepared, Trajectory, prepare
-from conformance.schema import DEFAULT_PARITY, Expect, Tol
+from conformance.records import curve, downsample, floats, plain
+from conformance.references import CaseReferences
+from conformance.results import Trained, TrainedResults, TrainingCrashed
+from conformance.schema import Expect, Tol
 
-CURVE_POINTS = 400
-PICTURE_POINTS = 400  # data points drawn in the report's picture of a one-feature case
+__all__ = ["CaseRun", "Compared", "Outcome", "Trained", "TrainingCrashed", "applicable", "make_run"]
+
+
+@dataclass
+class Compared:
+    """The values a check compared with its reference side, to measure a deviation's size."""
+
+    got: np.ndarray
+    expected: np.ndarray
+    label: Callable[[int], str]  # the name of value i in messages
+    who: str
+    against: str
+    where: str
+
+    def beyond(self, bound: Tol) -> str | None:
+        """None when every value is within `bound`; else the worst one, described."""
+        mismatch = compare.worst_mismatch(self.got, self.expected, bound, _Labels(self.label, self.got.size))
+        return None if mismatch is None else mismatch.describe(self.who, self.against, self.where)
+
+    def size(self, bound: Tol | None) -> dict[str, Any]:
+        """How large the deviation is: the largest |a - b| and relative difference, and the
+        largest share of the bound any value uses (above 1: larger than expected)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            difference = np.abs(self.got - self.expected)
+            sized = {"max_abs_diff": float(np.nanmax(difference, initial=0.0)),
+                     "max_rel_diff": compare.max_relative_difference(self.got, self.expected)}
+            if bound is not None:
+                limit = compare.allowed(self.expected, bound)
+                share = np.where(limit > 0, difference / np.where(limit > 0, limit, 1.0),
+                                 np.where(difference > 0, np.inf, 0.0))
+                sized |= {"bound": bound.model_dump(), "share_of_bound": float(np.nanmax(share, initial=0.0))}
+        return sized
+
+
+class _Labels:
+    """A list-like of value names, made on demand (a trajectory has epochs x parameters)."""
+
+    def __init__(self, label: Callable[[int], str], length: int) -> None:
+        self.label, self.length = label, length
+
+    def __getitem__(self, index: int) -> str:
+        return self.label(index)
+
+    def __len__(self) -> int:
+        return self.length
 
 
 @dataclass
@@ -34,250 +77,110 @@ class Outcome:
     message: str
     record: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False  # the check had nothing to compare: neither a pass nor a failure
-
-
-@dataclass
-class Trained:
-    """One backend's result on one device, parameters on the case's own features."""
-
-    backend: str
-    device: str
-    trajectory: Trajectory | None
-    seconds: float
-    error: str | None = None
-    repeat: dict[str, Any] | None = None  # with --determinism: how a second training compared
-    unavailable: str | None = None  # the backend could not run here after all (backends.Unavailable)
-    process_died: bool = False  # the error is the death of the worker process that trained it
-
-    @property
-    def label(self) -> str:
-        return f"{self.backend}, {self.device}"
-
-
-class TrainingCrashed(RuntimeError):
-    """A backend raised while training: an error with its traceback, not a mismatch.
-    process_died: the backend's worker process died (the item is reported as crashed)."""
-
-    def __init__(self, message: str, process_died: bool = False) -> None:
-        super().__init__(message)
-        self.process_died = process_died
+    compared: Compared | None = None  # for a bound on an expected deviation
 
 
 class CaseRun:
-    """Everything one process knows about one case."""
+    """Everything one process knows about one case: its references, results and checks."""
 
     def __init__(self, case: LoadedCase, prepared: Prepared, pairs: list[tuple[str, str]],
                  repeat: bool = False, parity_auto: bool = False, known: Any = None) -> None:
         self.case = case
         self.prepared = prepared
         self.pairs = pairs  # every (backend, device) of this case in this run
-        self.repeat = repeat  # train every result twice and demand bit-identical results
-        self.results: dict[tuple[str, str], Trained] = {}
-        self.parity_auto = parity_auto  # --parity auto: derive every case's parity band
+        self.refs = CaseReferences(case, prepared, parity_auto)
+        self.trained = TrainedResults(case.name, prepared.problem, prepared.to_original, repeat)
         self.known = known  # the run's expectations file (conformance.expectations), if any
+
+    @property
+    def results(self) -> dict[tuple[str, str], Trained]:
+        return self.trained.results
 
     @property
     def where(self) -> str:
         return f"case {self.case.name}, epoch {self.prepared.problem.epochs}"
 
-    @cached_property
-    def replay(self) -> Trajectory:
-        with timing.phase("references"):
-            trajectory = reference.replay(self.prepared.problem)
-            trajectory.params = self.prepared.to_original(trajectory.params)
-        return trajectory
-
-    @cached_property
-    def parity_band(self) -> tuple[Tol, dict[str, Any]]:
-        """The parity tolerance, and how it was set for the report: the case's own, or derived
-        from the case (`parity: auto`, or every case with --parity auto; then the hand-set one is
-        shown beside it)."""
-        own = self.case.spec.tolerance.parity
-        if own != "auto" and not self.parity_auto:
-            return own, own.model_dump()
-        with timing.phase("references"):
-            derived = reference.rounding_band(self.prepared.problem, self.replay, self.prepared.to_original)
-        tol = DEFAULT_PARITY if derived["rtol"] is None else Tol(rtol=derived["rtol"], atol=derived["atol"])
-        return tol, tol.model_dump() | {"auto": derived, "hand_set": None if own == "auto" else own.model_dump()}
-
-    @property
-    def too_sensitive(self) -> str | None:
-        """Why parity cannot be judged, when a derived band is wider than reference.AUTO_LIMIT:
-        rounding alone then moves the training that far (a chaotic run), and no band separates
-        a framework difference from it."""
-        _, described = self.parity_band
-        derived = described.get("auto") or {}
-        if derived.get("rtol") is not None and derived["rtol"] > reference.AUTO_LIMIT:
-            return (f"rounding alone moves this training by {derived['spread_relative']:.1e} relative "
-                    f"(derived parity rtol {derived['rtol']:.1e} > {reference.AUTO_LIMIT:g}): too sensitive to "
-                    f"compare frameworks [case {self.case.name}]")
-        return None
-
-    @cached_property
-    def objective_fit(self) -> tuple[np.ndarray | None, str | None]:
-        """The `lstsq` reference, the minimiser of the case's objective, or why there is none:
-        least squares (weighted with sample weights); the ridge solution when SGD has weight
-        decay; scipy's Huber fit; the logistic maximum-likelihood fit for `bce`."""
-        prepared, problem = self.prepared, self.prepared.problem
-        with timing.phase("references"):
-            try:
-                if self.has_weight_decay:  # on the trained features, with the decay's penalty
-                    weights, penalty = reference.decay_objective(problem)
-                    x, y = problem.x.astype(np.float64), problem.y.astype(np.float64)
-                    if problem.loss == "huber":
-                        fit = reference.huber_fit(x, y, problem.has_bias, problem.delta, weights, penalty)
-                    elif problem.loss == "bce":
-                        fit = reference.logistic_fit(x, y, problem.has_bias, weights, penalty)
-                    else:
-                        fit = reference.ridge(problem)
-                    return prepared.to_original(fit), None
-                x, y, weights = prepared.x_design, prepared.y, prepared.sample_weight
-                if problem.loss == "huber":
-                    return reference.huber_fit(x, y, problem.has_bias, problem.delta, weights), None
-                if problem.loss == "bce":
-                    return reference.logistic_fit(x, y, problem.has_bias, weights), None
-                if weights is not None:
-                    return reference.weighted_least_squares(x, y, problem.has_bias, weights), None
-            except reference.NoFiniteFit as reason:
-                return None, str(reason)
-        return self.ordinary_least_squares, None
-
-    @property
-    def least_squares(self) -> np.ndarray | None:
-        return self.objective_fit[0]
-
-    @cached_property
-    def data_picture(self) -> dict[str, Any] | None:
-        """For a case with one feature (before any polynomial expansion): the data (at most
-        PICTURE_POINTS samples, evenly spaced in file order), how to draw a fitted model over
-        it, and the reference fit, for the report's picture of the data and every fit."""
-        prepared, problem = self.prepared, self.prepared.problem
-        degree = self.case.spec.preprocess.polynomial or 1
-        if degree == 1 and prepared.x_design.shape[1] != 1:
-            return None
-        rows = np.unique(np.linspace(0, len(prepared.y) - 1, min(len(prepared.y), PICTURE_POINTS)).astype(int))
-        weights = prepared.sample_weight
-        reference_fit = self.least_squares
-        return {"x": _floats(prepared.x_design[rows, 0]), "y": _floats(prepared.y[rows]),
-                "weights": None if weights is None else _floats(weights[rows]), "degree": degree,
-                "has_bias": problem.has_bias, "sigmoid": problem.loss == "bce",
-                "reference": None if reference_fit is None else {"name": self.least_squares_name,
-                                                                 "params": _floats(reference_fit)}}
-
-    @cached_property
-    def ordinary_least_squares(self) -> np.ndarray:
-        """Least squares of the case's data: what certified values are checked against."""
-        with timing.phase("references"):
-            return reference.least_squares(self.prepared.x_design, self.prepared.y, self.prepared.problem.has_bias)
-
-    @property
-    def has_weight_decay(self) -> bool:
-        return bool(self.prepared.problem.optimizer.settings.get("weight_decay"))
-
-    @property
-    def least_squares_name(self) -> str:
-        """How the `lstsq` reference was computed, as messages and the report name it."""
-        problem = self.prepared.problem
-        decay = " (weight decay)" if self.has_weight_decay else ""
-        if problem.loss == "huber":
-            return "scipy Huber" + decay
-        if problem.loss == "bce":
-            return "scipy logistic maximum likelihood" + decay
-        method = reference.least_squares_method(len(self.prepared.y), problem.features + problem.has_bias)
-        if self.has_weight_decay:
-            return method.replace("least squares", "ridge (weight decay)")
-        return method.replace("least squares", "weighted least squares") if self.prepared.sample_weight is not None \
-            else method
-
-    def train(self, backend: str, device: str) -> Trained:
-        key = (backend, device)
-        if key not in self.results:
-            started = time.perf_counter()
-            try:
-                with timing.phase("training"):
-                    trajectory = backends.load(backend).train(self.prepared.problem, device)
-            except backends.Unavailable as reason:
-                self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
-                                            unavailable=str(reason))
-            except workers.WorkerDied as death:
-                self.results[key] = Trained(backend, device, None, time.perf_counter() - started, str(death),
-                                            process_died=True)
-            except Exception:  # any backend error is kept with its traceback and reported as a crash
-                self.results[key] = Trained(backend, device, None, time.perf_counter() - started,
-                                            traceback.format_exc())
-            else:
-                seconds = time.perf_counter() - started
-                with timing.phase("training"):
-                    repeat = (_second_training(backend, device, self.prepared.problem, trajectory)
-                              if self.repeat else None)
-                trajectory.params = self.prepared.to_original(trajectory.params)
-                self.results[key] = Trained(backend, device, trajectory, seconds, repeat=repeat)
-        return self.results[key]
-
-    def trained_or_raise(self, backend: str, device: str) -> Trained:
-        """The result; backends.Unavailable (a skip) or TrainingCrashed (an error) when there is none."""
-        result = self.train(backend, device)
-        if result.unavailable is not None:
-            raise backends.Unavailable(result.unavailable)
-        if result.error is not None:
-            what = "lost its worker process" if result.process_died else "raised"
-            raise TrainingCrashed(f"{backend} on {device} {what} while training [case {self.case.name}]:\n"
-                                  f"{result.error}", result.process_died)
-        return result
-
-    # ---- checks --------------------------------------------------------------------------
-
     def check_parity(self, backend: str, device: str) -> Outcome:
-        result = self.trained_or_raise(backend, device)
-        trajectory = result.trajectory
+        result = self.trained.trained_or_raise(backend, device)
+        trajectory, replay = result.trajectory, self.refs.replay
         record = self._result_record(result)
-        diverged = self._divergence(result)
-        if diverged:
-            return Outcome(False, diverged, record)
-        if result.repeat is not None and not result.repeat["identical"]:
-            return Outcome(False, f"not deterministic ({result.label}): a second training on the same device "
-                                  f"differs by up to {result.repeat['max_abs_diff']:.3g}, first at epoch "
-                                  f"{result.repeat['first_epoch']} [case {self.case.name}]", record)
-        tol, described = self.parity_band
-        replay = self.replay
-        if self.too_sensitive:
-            return Outcome(False, self.too_sensitive, record | {"tolerance": described}, skipped=True)
-        if self.data_picture is not None:
-            record["data"] = self.data_picture
+        failed = self._unusable(result, record)
+        if failed:
+            return failed
+        tol, described = self.refs.parity_band
+        if self.refs.too_sensitive:
+            return Outcome(False, self.refs.too_sensitive, record | {"tolerance": described}, skipped=True)
+        if self.refs.data_picture is not None:
+            record["data"] = self.refs.data_picture
         record |= {
             "replay_settled": compare.settled_epoch(replay.params), "epochs": len(replay.params),
             "max_rel_diff": compare.max_relative_difference(trajectory.final, replay.final),
             "first_epoch_outside": compare.first_epoch_outside(trajectory.params, replay.params, tol),
             "tolerance": described,
         }
+        compared = self._final_compared(result, replay, "float64 replay")
         mismatch = self._worst_mismatch(trajectory, replay, tol)
         if mismatch is None:
-            return Outcome(True, f"within {_tol(tol)} of the float64 replay", record)
+            return Outcome(True, f"within {_tol(tol)} of the float64 replay", record, compared=compared)
         message = mismatch.describe(result.label, "float64 replay", self.where)
         if record["first_epoch_outside"]:
             message += f"; first outside the tolerance at epoch {record['first_epoch_outside']}"
-        return Outcome(False, message, record)
+        return Outcome(False, message, record, compared=compared)
+
+    def check_trajectory(self, backend: str, device: str) -> Outcome:
+        """Every epoch's parameters and training loss against the replay's, each epoch in its
+        own band (`auto`) or the case's tolerance; the first epoch outside is named."""
+        result = self.trained.trained_or_raise(backend, device)
+        record = {"kind": "trajectory", "backend": backend, "device": device}
+        failed = self._unusable(result, record)
+        if failed:
+            return failed
+        bands, replay = self.refs.trajectory_bands, self.refs.replay
+        epochs = bands.comparable
+        record |= {"tolerance": self._trajectory_tolerance(), "epochs": len(replay.params), "comparable": epochs}
+        if epochs == 0:
+            return Outcome(False, f"rounding alone moves this training by more than {reference.AUTO_LIMIT:g} "
+                                  f"relative from epoch 1 on: too sensitive to compare paths [case {self.case.name}]",
+                           record, skipped=True)
+        path = _Path(result.trajectory, replay, bands, epochs, self.prepared.parameter_names)
+        if result.trajectory.info.get("loss_includes_l2_penalty"):
+            record["loss_compared"] = "the case's loss plus weight decay's L2 penalty, as the framework reports it"
+        record |= path.record()
+        compared = Compared(path.got, path.expected, path.label, result.label, "float64 replay",
+                            f"case {self.case.name}")
+        checked = f"epochs 1-{epochs}" + (f" of {len(replay.params)} (later ones: rounding alone moves the "
+                                          f"training by more than {reference.AUTO_LIMIT:g})"
+                                          if epochs < len(replay.params) else "")
+        first = path.first_outside()
+        if first is None:
+            return Outcome(True, f"every epoch within its band of the float64 replay ({checked})", record,
+                           compared=compared)
+        return Outcome(False, path.describe(first, result.label, self.case.name) + f"; checked {checked}", record,
+                       compared=compared)
 
     def check_lstsq(self, backend: str, device: str) -> Outcome:
-        result = self.trained_or_raise(backend, device)
-        tol = self.case.spec.tolerance.lstsq
+        result = self.trained.trained_or_raise(backend, device)
+        refs, tol = self.refs, self.case.spec.tolerance.lstsq
         record = {"kind": "lstsq", "backend": backend, "device": device, "tolerance": tol.model_dump(),
-                  "params": _floats(result.trajectory.final), "reference": self.least_squares_name}
-        if self.least_squares is None:
-            return Outcome(False, f"{self.least_squares_name}: {self.objective_fit[1]} [case {self.case.name}]",
+                  "params": floats(result.trajectory.final), "reference": refs.least_squares_name}
+        if refs.least_squares is None:
+            return Outcome(False, f"{refs.least_squares_name}: {refs.objective_fit[1]} [case {self.case.name}]",
                            record)
-        record["lstsq"] = _floats(self.least_squares)
+        record["lstsq"] = floats(refs.least_squares)
         diverged = self._divergence(result)
         if diverged:
             return Outcome(False, diverged, record)
-        record["max_rel_diff"] = compare.max_relative_difference(result.trajectory.final, self.least_squares)
+        record["max_rel_diff"] = compare.max_relative_difference(result.trajectory.final, refs.least_squares)
         if self.case.spec.certified is not None:
-            record["lre_certified"] = float(reference.lre(result.trajectory.final, self.certified_params).min())
-        mismatch = compare.worst_mismatch(result.trajectory.final, self.least_squares, tol,
-                                          self.prepared.parameter_names)
+            record["lre_certified"] = float(reference.lre(result.trajectory.final, refs.certified_params).min())
+        names = self.prepared.parameter_names
+        compared = Compared(result.trajectory.final, refs.least_squares, names.__getitem__, result.label,
+                            refs.least_squares_name, self.where)
+        mismatch = compare.worst_mismatch(result.trajectory.final, refs.least_squares, tol, names)
         if mismatch is None:
-            return Outcome(True, f"within {_tol(tol)} of the {self.least_squares_name}", record)
-        return Outcome(False, mismatch.describe(result.label, self.least_squares_name, self.where), record)
+            return Outcome(True, f"within {_tol(tol)} of the {refs.least_squares_name}", record, compared=compared)
+        return Outcome(False, mismatch.describe(result.label, refs.least_squares_name, self.where), record,
+                       compared=compared)
 
     def check_pairwise(self, deviant: dict[tuple[str, str], Any]) -> Outcome:
         """Every two results agree within the parity tolerance, in both directions.
@@ -287,11 +190,12 @@ class CaseRun:
         two results under the same entry share one known deviation, so they must still agree
         with each other (Keras's optimizer in `keras` and `keras_xla`, say).
         """
-        tol, described = self.parity_band
-        if self.too_sensitive:
-            return Outcome(False, self.too_sensitive, {"kind": "pairwise", "tolerance": described}, skipped=True)
-        results = [self.trained_or_raise(backend, device) for backend, device in self.pairs
-                   if self.train(backend, device).unavailable is None]
+        tol, described = self.refs.parity_band
+        if self.refs.too_sensitive:
+            return Outcome(False, self.refs.too_sensitive, {"kind": "pairwise", "tolerance": described},
+                           skipped=True)
+        results = [self.trained.trained_or_raise(backend, device) for backend, device in self.pairs
+                   if self.trained.train(backend, device).unavailable is None]
         usable = [result for result in results if not self._divergence(result)]
         rows, failures = [], []
         for index, first in enumerate(usable):
@@ -303,9 +207,9 @@ class CaseRun:
                 if problem and enforced:
                     failures.append(problem)
         record = {"kind": "pairwise", "pairs": rows, "tolerance": described,
-                  "replay": _curve_record(self.replay),
-                  "lstsq": None if self.least_squares is None else _floats(self.least_squares),
-                  "reference": self.least_squares_name,
+                  "replay": curve(self.refs.replay),
+                  "lstsq": None if self.refs.least_squares is None else floats(self.refs.least_squares),
+                  "reference": self.refs.least_squares_name,
                   "parameter_names": self.prepared.parameter_names,
                   "diverged": [result.label for result in results if self._divergence(result)]}
         if failures:
@@ -323,27 +227,58 @@ class CaseRun:
         return Outcome(True, f"{checked} pair(s) within {_tol(tol)} of each other{note}", record)
 
     def check_certified(self) -> Outcome:
-        certified = self.case.spec.certified
-        digits = reference.lre(self.ordinary_least_squares, self.certified_params)
-        ordinary = self.ordinary_least_squares
+        refs, certified = self.refs, self.case.spec.certified
+        ordinary = refs.ordinary_least_squares
+        digits = reference.lre(ordinary, refs.certified_params)
         method = reference.least_squares_method(len(self.prepared.y), ordinary.size)
-        record = {"kind": "certified", "certified": _floats(self.certified_params),
-                  "lstsq": _floats(ordinary), "reference": method, "lre": _floats(digits),
+        record = {"kind": "certified", "certified": floats(refs.certified_params),
+                  "lstsq": floats(ordinary), "reference": method, "lre": floats(digits),
                   "min_digits": certified.min_digits}
+        compared = Compared(ordinary, refs.certified_params, self.prepared.parameter_names.__getitem__, method,
+                            "certified", f"case {self.case.name}")
         worst = int(np.argmin(digits))
         name = self.prepared.parameter_names[worst]
         if digits[worst] >= certified.min_digits:
-            return Outcome(True, f"least squares agrees with the certified values to {digits.min():.1f} digits", record)
+            return Outcome(True, f"least squares agrees with the certified values to {digits.min():.1f} digits",
+                           record, compared=compared)
         return Outcome(False, f"{name}={ordinary[worst]:.15g} ({method}), but should be "
-                              f"{self.certified_params[worst]:.15g} to {certified.min_digits:g} significant digits "
-                              f"(certified); agrees to {digits[worst]:.1f} [case {self.case.name}]", record)
-
-    @cached_property
-    def certified_params(self) -> np.ndarray:
-        certified = self.case.spec.certified
-        return np.asarray(certified.weights + ([certified.bias] if certified.bias is not None else []))
+                              f"{refs.certified_params[worst]:.15g} to {certified.min_digits:g} significant digits "
+                              f"(certified); agrees to {digits[worst]:.1f} [case {self.case.name}]", record,
+                       compared=compared)
 
     # ---- helpers -------------------------------------------------------------------------
+
+    def _trajectory_tolerance(self) -> dict[str, Any]:
+        own = self.case.spec.tolerance.trajectory
+        bands = self.refs.trajectory_bands
+        if isinstance(own, Tol):
+            return own.model_dump()
+        return {"auto": {"method": bands.method, "runs": reference.AUTO_RUNS, "factor": reference.AUTO_FACTOR,
+                         "final": {"rtol": float(bands.rtol[-1]), "atol": float(bands.atol[-1])},
+                         "widest_rtol": float(np.max(bands.rtol[:bands.comparable], initial=0.0))}}
+
+    def _unusable(self, result: Trained, record: dict[str, Any]) -> Outcome | None:
+        """A failed Outcome when the result cannot be compared: it diverged, or it is not
+        deterministic under --determinism."""
+        diverged = self._divergence(result)
+        if diverged:
+            return Outcome(False, diverged, record)
+        if result.repeat is not None and not result.repeat["identical"]:
+            return Outcome(False, f"not deterministic ({result.label}): a second training on the same device "
+                                  f"differs by up to {result.repeat['max_abs_diff']:.3g}, first at epoch "
+                                  f"{result.repeat['first_epoch']} [case {self.case.name}]", record)
+        return None
+
+    def _final_compared(self, result: Trained, replay: Trajectory, against: str) -> Compared:
+        """Final parameters, then `predict` outputs, as one comparison."""
+        names = list(self.prepared.parameter_names)
+        got, expected = [result.trajectory.final], [replay.final]
+        if result.trajectory.predictions is not None and replay.predictions is not None:
+            got.append(np.asarray(result.trajectory.predictions, dtype=np.float64))
+            expected.append(np.asarray(replay.predictions, dtype=np.float64))
+            names += [f"predict[{index}]" for index in range(len(replay.predictions))]
+        return Compared(np.concatenate(got), np.concatenate(expected), names.__getitem__, result.label, against,
+                        self.where)
 
     def _worst_mismatch(self, got: Trajectory, reference_side: Trajectory, tol: Any) -> compare.Mismatch | None:
         """Final parameters first, then `predict` outputs, against the reference side."""
@@ -376,33 +311,88 @@ class CaseRun:
                 f"{last}; parameters then [{params}] [case {self.case.name}]")
 
     def _result_record(self, result: Trained) -> dict[str, Any]:
-        trajectory = result.trajectory
+        trajectory, replay = result.trajectory, self.refs.replay
         return {"kind": "parity", "backend": result.backend, "device": result.device,
-                "seconds": result.seconds, "params": _floats(trajectory.final),
-                "replay": _floats(self.replay.final),
-                "predictions": None if trajectory.predictions is None else _floats(trajectory.predictions),
-                "replay_predictions": None if self.replay.predictions is None else _floats(self.replay.predictions),
-                "curve": _curve_record(trajectory),
-                "distance": _downsample(compare.distance_per_epoch(trajectory.params, self.replay.params)),
-                "info": {key: _plain(value) for key, value in trajectory.info.items()},
+                "seconds": result.seconds, "params": floats(trajectory.final),
+                "replay": floats(replay.final),
+                "predictions": None if trajectory.predictions is None else floats(trajectory.predictions),
+                "replay_predictions": None if replay.predictions is None else floats(replay.predictions),
+                "curve": curve(trajectory),
+                "distance": downsample(compare.distance_per_epoch(trajectory.params, replay.params)),
+                "info": {key: plain(value) for key, value in trajectory.info.items()},
                 "deterministic": None if result.repeat is None else result.repeat["identical"]}
+
+
+class _Path:
+    """One result's trajectory against the replay's, epoch by epoch, in the per-epoch bands:
+    the parameters of every epoch, then the loss of every epoch, as one flat comparison."""
+
+    def __init__(self, got: Trajectory, replay: Trajectory, bands: reference.EpochBands, epochs: int,
+                 names: list[str]) -> None:
+        self.names, self.epochs = names + ["loss"], epochs
+        width = len(names)
+        self.params = (got.params[:epochs], replay.params[:epochs])
+        expected_loss = replay.loss
+        if got.info.get("loss_includes_l2_penalty") and replay.penalty is not None:
+            expected_loss = replay.loss + replay.penalty  # what the framework reports as its loss
+        self.loss = (got.loss[:epochs], expected_loss[:epochs])
+        self.allowed = np.column_stack([
+            bands.atol[:epochs, None] + bands.rtol[:epochs, None] * np.abs(self.params[1]),
+            bands.loss_atol[:epochs] + bands.loss_rtol[:epochs] * np.abs(self.loss[1])])
+        self.difference = np.abs(np.column_stack([self.params[0] - self.params[1], self.loss[0] - self.loss[1]]))
+        self.bands, self.width = bands, width
+        self.got = np.column_stack([self.params[0], self.loss[0]]).ravel()
+        self.expected = np.column_stack([self.params[1], self.loss[1]]).ravel()
+
+    def label(self, index: int) -> str:
+        epoch, column = divmod(index, self.width + 1)
+        return f"epoch {epoch + 1}: {self.names[column]}"
+
+    def outside(self) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return ~(self.difference <= self.allowed)
+
+    def first_outside(self) -> int | None:
+        """0-based first epoch with a value outside its band."""
+        rows = np.flatnonzero(self.outside().any(axis=1))
+        return int(rows[0]) if rows.size else None
+
+    def describe(self, epoch: int, who: str, case: str) -> str:
+        outside = self.outside()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            excess = np.where(outside[epoch], np.nan_to_num(self.difference[epoch] / self.allowed[epoch],
+                                                            nan=np.inf), -1.0)
+        column = int(np.argmax(excess))
+        is_loss = column == self.width
+        got, expected = (self.loss if is_loss else self.params)
+        got, expected = (got[epoch], expected[epoch]) if is_loss else (got[epoch, column], expected[epoch, column])
+        rtol, atol = ((self.bands.loss_rtol[epoch], self.bands.loss_atol[epoch]) if is_loss
+                      else self.bands.at(epoch))
+        epochs_out = np.flatnonzero(outside.any(axis=1))
+        return (f"first outside its band at epoch {epoch + 1}: {self.names[column]}={got:.10g} ({who}), but should be "
+                f"{expected:.10g} ± {self.allowed[epoch, column]:.1e} (float64 replay; band there rtol {rtol:.1e}, "
+                f"atol {atol:.1e}) [case {case}]; {epochs_out.size} epoch(s) outside, the last at epoch "
+                f"{epochs_out[-1] + 1}")
+
+    def record(self) -> dict[str, Any]:
+        """For the report: per epoch, the distance of the parameter (or loss) nearest to
+        leaving its band, and that band: the curve crosses the band where the check fails."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.nan_to_num(np.where(self.allowed > 0, self.difference / self.allowed,
+                                           np.where(self.difference > 0, np.inf, 0.0)), nan=np.inf)
+        worst = np.argmax(share, axis=1)
+        rows = np.arange(self.epochs)
+        first = self.first_outside()
+        return {"first_epoch_outside": None if first is None else first + 1,
+                "epochs_outside": int(self.outside().any(axis=1).sum()),
+                "worst_share": float(np.max(share, initial=0.0)),
+                "band_distance": downsample(self.difference[rows, worst]),
+                "band": downsample(self.allowed[rows, worst])}
 
 
 def make_run(case: LoadedCase, pairs: list[tuple[str, str]], repeat: bool = False,
              parity_auto: bool = False, known: Any = None) -> CaseRun:
     return CaseRun(case, prepare(case), pairs, repeat, parity_auto, known)
-
-
-def _second_training(backend: str, device: str, problem: Any, first: Trajectory) -> dict[str, Any]:
-    """Train again on the same device and compare bit for bit (parameters, losses, predictions)."""
-    second = backends.load(backend).train(problem, device)
-    same_rows = [np.array_equal(a, b, equal_nan=True) for a, b in zip(first.params, second.params)]
-    identical = all(same_rows) and np.array_equal(first.loss, second.loss, equal_nan=True) and (
-        first.predictions is None or np.array_equal(first.predictions, second.predictions, equal_nan=True))
-    with np.errstate(invalid="ignore"):
-        difference = float(np.nanmax(np.abs(first.params - second.params), initial=0.0))
-    first_epoch = next((epoch + 1 for epoch, same in enumerate(same_rows) if not same), None)
-    return {"identical": bool(identical), "max_abs_diff": difference, "first_epoch": first_epoch}
 
 
 def applicable(expect: list[Expect], check: str, backend: str | None, device: str | None,
@@ -424,24 +414,6 @@ def applicable(expect: list[Expect], check: str, backend: str | None, device: st
         except InvalidVersion:
             continue
     return None
-
-
-def _curve_record(trajectory: Trajectory) -> dict[str, Any]:
-    return {"loss": _downsample(trajectory.loss), "params": [_downsample(column) for column in trajectory.params.T]}
-
-
-def _downsample(values: np.ndarray) -> dict[str, list]:
-    """At most CURVE_POINTS (epoch, value) points, always keeping the first and last epoch."""
-    epochs = np.unique(np.linspace(0, len(values) - 1, min(len(values), CURVE_POINTS)).round().astype(int))
-    return {"epoch": [int(e) + 1 for e in epochs], "value": _floats(np.asarray(values)[epochs])}
-
-
-def _floats(values: Any) -> list[float | None]:
-    return [float(value) if np.isfinite(value) else None for value in np.asarray(values, dtype=np.float64).ravel()]
-
-
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 def _tol(tol: Any) -> str:

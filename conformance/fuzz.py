@@ -189,23 +189,26 @@ def shrunk_folder(source: Path) -> Path | None:
     return None
 
 
-def shrink_failure(source: Path, backend: str, device: str, message: str, known: Any = None) -> Path:
-    """Shrink the generated case in `source` whose parity failed on (backend, device) with
-    `message`; write the shrunk case file and return its path."""
+def shrink_failure(source: Path, backend: str, device: str, message: str, known: Any = None,
+                   check: str = "parity") -> Path:
+    """Shrink the generated case in `source` whose `check` (parity or trajectory) failed on
+    (backend, device) with `message`; write the shrunk case file and return its path."""
     from conformance import shrink
 
     folder = shrunk_folder(source)
     assert folder is not None, source
     case = yaml.safe_load(source.read_text(encoding="utf-8"))
-    smaller, reduction = shrink.shrink(case, backend, device, shrink.failure_kind(message), folder, known)
+    smaller, reduction = shrink.shrink(case, backend, device, shrink.failure_kind(message), folder, known,
+                                       check)
     if reduction:
-        smaller["description"] = shrink.describe(case["name"], backend, device, reduction) + " " + \
+        smaller["description"] = shrink.describe(case["name"], backend, device, reduction, check) + " " + \
             case["description"]
     else:
         smaller = dict(case, name=f"{case['name']}-shrunk",
                        description=f"No smaller case failed the same way; {case['name']} as generated. "
                                    + case["description"])
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{case['name']}-{backend}-{device.replace(':', '')}.yaml"
+    suffix = "" if check == "parity" else f"-{check}"
+    path = folder / f"{case['name']}-{backend}-{device.replace(':', '')}{suffix}.yaml"
     path.write_text(to_yaml(smaller), encoding="utf-8")
     return path

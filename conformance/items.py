@@ -1,6 +1,7 @@
 """From case files to planned test items, and what one item does when it runs.
 
-Item ids read `<case>-<backend>-<device>-<check>` for checks of one result (parity, lstsq),
+Item ids read `<case>-<backend>-<device>-<check>` for checks of one result (parity, trajectory,
+lstsq),
 `<case>-pairwise` and `<case>-certified` for checks of the whole case, and `<case>-load` for a
 case file that cannot be run.
 """
@@ -20,7 +21,7 @@ from conformance.case import CaseError, LoadedCase, discover, load, seeds
 from conformance.checks import CaseRun, Outcome, TrainingCrashed, applicable, make_run
 from conformance.expectations import Expectations
 
-RESULT_CHECKS = ("parity", "lstsq")
+RESULT_CHECKS = ("parity", "trajectory", "lstsq")
 CASE_CHECKS = ("pairwise", "certified", "load")
 _ID = re.compile(
     r"^(?P<case>.+?)-(?:(?P<backend>{})-(?P<device>[a-z]+(?::\d+)?)-(?:{}|unavailable)|{})$".format(
@@ -138,6 +139,8 @@ def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[st
             else:
                 pairs.append((backend, device))
                 items.append(ItemSpec(case.name, "parity", source, backend, device))
+                if spec.tolerance.trajectory is not None:
+                    items.append(ItemSpec(case.name, "trajectory", source, backend, device))
                 if spec.tolerance.lstsq is not None:
                     items.append(ItemSpec(case.name, "lstsq", source, backend, device))
     try:
@@ -186,48 +189,84 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
     record.update(outcome.record, message=outcome.message, environment=versions)
     if outcome.skipped:
         pytest.skip(f"{spec.source}: {outcome.message}")
-    expected = _expectation(spec, run, versions)
-    if expected is None and run.known is not None and spec.check != "pairwise":
-        known = run.known.applicable(run.prepared.problem, spec.check, spec.backend, spec.device, versions)
-        if known is not None:  # not strict: the deviation may or may not show in this case
-            reason = f"{run.known.source}: known deviation of {', '.join(known.backend_names) or 'any backend'} " \
-                     f"{known.check}: {known.reason}"
-            if outcome.passed:
-                record["known_deviation_not_seen"] = known.reason
-                return
-            record["expected"] = known.reason
-            pytest.xfail(f"{reason} -- {outcome.message}")
-    if expected is None and not outcome.passed and spec.check == "parity" and fuzz.shrunk_folder(run.case.source.path):
-        shrunk = fuzz.shrink_failure(run.case.source.path, spec.backend, spec.device, outcome.message, run.known)
-        record["shrunk_case"] = str(shrunk.relative_to(shrunk.parents[2]))  # relative to the report folder
-        pytest.fail(f"{outcome.message}\nshrunk to {shrunk}: run it alone with --cases {shrunk}", pytrace=False)
-    if expected is not None:
-        record["expected"] = expected.reason
-        covered = ", ".join(expected.backend_names) or "any backend"
-        reason = f"{spec.source}: expect {covered} {expected.check}: {expected.reason}"
-        if outcome.passed:
-            pytest.fail(f"expected deviation did not happen (strict): {reason}", pytrace=False)
-        pytest.xfail(f"{reason} -- {outcome.message}")
-    if not outcome.passed:
-        pytest.fail(outcome.message, pytrace=False)
+    covering = _covering(spec, run, versions)
+    if covering is None:
+        if not outcome.passed and spec.check in SHRUNK_CHECKS and fuzz.shrunk_folder(run.case.source.path):
+            shrunk = fuzz.shrink_failure(run.case.source.path, spec.backend, spec.device, outcome.message, run.known,
+                                         spec.check)
+            record["shrunk_case"] = str(shrunk.relative_to(shrunk.parents[2]))  # relative to the report folder
+            pytest.fail(f"{outcome.message}\nshrunk to {shrunk}: run it alone with --cases {shrunk}", pytrace=False)
+        if not outcome.passed:
+            pytest.fail(outcome.message, pytrace=False)
+        return
+    if outcome.passed:
+        if covering.strict:
+            pytest.fail(f"expected deviation did not happen (strict): {covering.reason}", pytrace=False)
+        record["known_deviation_not_seen"] = covering.entry.reason
+        return
+    entry = covering.entry
+    record["expected"] = entry.reason
+    if outcome.compared is not None:
+        record["deviation"] = outcome.compared.size(entry.bound)
+        beyond = outcome.compared.beyond(entry.bound) if entry.bound is not None else None
+        if beyond is not None:
+            measured = record["deviation"]
+            pytest.fail(f"deviation larger than expected: {beyond}; measured max |a - b| {measured['max_abs_diff']:.2e} "
+                        f"(relative {measured['max_rel_diff']:.2e}), {measured['share_of_bound']:.3g} x the bound "
+                        f"rtol {entry.bound.rtol:.1e}, atol {entry.bound.atol:.1e} of: {covering.reason}",
+                        pytrace=False)
+    pytest.xfail(f"{covering.reason} -- {outcome.message}")
+
+
+SHRUNK_CHECKS = ("parity", "trajectory")  # a generated case failing these is shrunk
+
+
+@dataclass(frozen=True)
+class Covering:
+    """The known deviation an item is judged under: a case's own `expect` entry (strict: it
+    must show), or one that applies without being strict (a `parity` entry over the trajectory
+    item of the same result, an entry of the expectations file)."""
+
+    entry: Any
+    strict: bool
+    reason: str
+
+
+def _covering(spec: ItemSpec, run: CaseRun, versions: dict[str, str | None]) -> Covering | None:
+    """The entry covering this item, if any, in this order: the case's own entry for the check;
+    for `trajectory`, the case's `parity` entry (a known difference at the end is one along the
+    way too; its bound then holds at every epoch); the expectations file's, likewise. The
+    pairwise item has none: its pairs with an expected deviation are shown but not enforced
+    (see CaseRun.check_pairwise)."""
+    if spec.check == "pairwise":
+        return None
+    checks = [spec.check] + (["parity"] if spec.check == "trajectory" else [])
+    source = run.case.source.display
+    for check in checks:
+        entry = applicable(run.case.spec.expect, check, spec.backend, spec.device, versions)
+        if entry is not None:
+            covered = ", ".join(entry.backend_names) or "any backend"
+            inherited = " (covers the trajectory)" if check != spec.check else ""
+            return Covering(entry, check == spec.check, f"{source}: expect {covered} {check}{inherited}: "
+                                                        f"{entry.reason}")
+    for check in checks if run.known is not None else []:
+        entry = run.known.applicable(run.prepared.problem, check, spec.backend, spec.device, versions)
+        if entry is not None:
+            covered = ", ".join(entry.backend_names) or "any backend"
+            return Covering(entry, False, f"{run.known.source}: known deviation of {covered} {check}: {entry.reason}")
+    return None
 
 
 def _check(spec: ItemSpec, run: CaseRun, versions: dict[str, str | None]) -> Outcome:
     if spec.check == "parity":
         return run.check_parity(spec.backend, spec.device)
+    if spec.check == "trajectory":
+        return run.check_trajectory(spec.backend, spec.device)
     if spec.check == "lstsq":
         return run.check_lstsq(spec.backend, spec.device)
     if spec.check == "pairwise":
         return run.check_pairwise(_deviant(run, versions))
     return run.check_certified()
-
-
-def _expectation(spec: ItemSpec, run: CaseRun, versions: dict[str, str | None]) -> Any:
-    """The `expect` entry covering this item. The pairwise item has none: its pairs with an
-    expected deviation are shown but not enforced (see CaseRun.check_pairwise)."""
-    if spec.check == "pairwise":
-        return None
-    return applicable(run.case.spec.expect, spec.check, spec.backend, spec.device, versions)
 
 
 def _deviant(run: CaseRun, versions: dict[str, str | None]) -> dict[tuple[str, str], Any]:

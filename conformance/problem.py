@@ -235,6 +235,9 @@ class Trajectory:
     loss: np.ndarray
     predictions: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # the replay's only: per epoch, the mean over its batches of weight decay's L2 penalty
+    # (decay / 2 * ||params||^2 before each step), which Keras's reported loss includes
+    penalty: np.ndarray | None = None
 
     @property
     def final(self) -> np.ndarray:

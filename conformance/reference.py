@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -60,82 +61,181 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
     update = make_update(problem.optimizer)
     history = np.empty((problem.epochs, params.size))
     losses = np.empty(problem.epochs)
+    decay = float(problem.optimizer.settings.get("weight_decay") or 0.0)
+    penalties = np.zeros(problem.epochs)
     with np.errstate(all="ignore"):
         for epoch in range(problem.epochs):
-            total = 0.0
+            total = penalty = 0.0
             for batch in problem.batches(epoch):
                 loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction,
                                                problem.loss, problem.delta, None if w is None else w[batch],
                                                None if rounding is None else output_bias[batch])
                 if rounding is not None:
                     grad = grad * (1.0 + (gradient_bias - 1.0) * np.sqrt(len(y[batch])))
+                penalty += decay / 2 * float(params @ params) * len(y[batch])
                 params = update(params, grad)
                 if rounding is not None:
                     params = jitter(params, unit)
                 total += loss * len(y[batch])
             history[epoch] = params
             losses[epoch] = total / problem.n
+            penalties[epoch] = penalty / problem.n
     predictions = None
     if problem.predict_x is not None:
         predictions = predict(params, problem.predict_x.astype(np.float64), problem.has_bias)
         if problem.loss == "bce":  # `predict` compares probabilities
             predictions = scipy.special.expit(predictions)
-    return Trajectory(history, losses, predictions)
+    return Trajectory(history, losses, predictions, penalty=penalties if decay else None)
 
 
 AUTO_RUNS = 4  # perturbed replays per case
 AUTO_FACTOR = 10.0  # the band is this many times the largest spread they show
 AUTO_SCALE_FRACTION = 1e-3  # parameters near 0 are judged against this fraction of the largest one
 AUTO_LIMIT = 1e-2  # a derived rtol above this: rounding alone moves the training too far to compare
+TRAJECTORY_WINDOW = 2  # the per-epoch band is the widest of this many epochs either side
+
+
+@dataclass
+class RoundingSpread:
+    """How far rounding alone moves one training: for each value, the largest distance of
+    AUTO_RUNS perturbed float64 replays from the unperturbed one (see `rounding_spread`)."""
+
+    params: np.ndarray  # (epochs, P): every epoch's parameters, on the case's own features
+    loss: np.ndarray  # (epochs,): every epoch's training loss
+    predictions: np.ndarray  # (K,): the final `predict` outputs (empty without `predict`)
+    unit: float  # the training dtype's unit roundoff
+
+
+def rounding_spread(problem: Problem, unperturbed: Trajectory,
+                    to_original: Callable[[np.ndarray], np.ndarray]) -> RoundingSpread:
+    """The Monte Carlo arithmetic experiment behind `auto` bands, run once per case.
+
+    AUTO_RUNS replays of the same training in float64, each with every step perturbed by
+    random relative errors the size of the training dtype's unit roundoff
+    (`replay(problem, rounding=...)`), kept at every epoch: the parity band reads the last
+    epoch, the trajectory band every epoch.
+    """
+    params = np.zeros_like(unperturbed.params)
+    loss = np.zeros_like(unperturbed.loss)
+    predictions = np.zeros_like(_predictions(unperturbed))
+    with np.errstate(invalid="ignore"):
+        for seed in range(AUTO_RUNS):
+            perturbed = replay(problem, rounding=np.random.default_rng(seed))
+            perturbed.params = to_original(perturbed.params)
+            params = np.maximum(params, np.abs(perturbed.params - unperturbed.params))
+            loss = np.maximum(loss, np.abs(perturbed.loss - unperturbed.loss))
+            predictions = np.maximum(predictions, np.abs(_predictions(perturbed) - _predictions(unperturbed)))
+    return RoundingSpread(params, loss, predictions, UNIT_ROUNDOFF[problem.dtype])
+
+
+def band_from_spread(values: np.ndarray, spread: np.ndarray, unit: float,
+                     factor: float = AUTO_FACTOR) -> tuple[float, float, float] | None:
+    """(rtol, atol, relative spread) of the band around `values` that holds `factor` times the
+    spread everywhere, or None when no value is finite.
+
+    With F = factor, scale = the largest |value| and floor = AUTO_SCALE_FRACTION * scale:
+    rtol = F * max s_j / |v_j| over the values above the floor (at least 4 u), and
+    atol = F * max over all values of (s_j - rtol / F * |v_j|), or 0, so that
+    atol + rtol |v_j| >= F * s_j for every value. Values near 0 (a prediction that cancels, a
+    parameter through zero) set atol and leave rtol to the others.
+    """
+    finite = np.isfinite(values) & np.isfinite(spread)
+    if not finite.any():
+        return None
+    values, spread = np.abs(values[finite]), spread[finite]
+    large = values > AUTO_SCALE_FRACTION * (float(np.max(values)) or 1.0)
+    relative = float(np.max(spread[large] / values[large])) if large.any() else 0.0
+    rtol = max(factor * relative, 4 * unit)
+    atol = factor * max(0.0, float(np.max(spread - rtol / factor * values)))
+    return rtol, atol, relative
 
 
 def rounding_band(problem: Problem, unperturbed: Trajectory,
-                  to_original: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+                  to_original: Callable[[np.ndarray], np.ndarray],
+                  spread: RoundingSpread | None = None) -> dict[str, Any]:
     """`tolerance.parity: auto`: the parity band this case's training allows from rounding alone.
 
-    Method (a small Monte Carlo arithmetic experiment): AUTO_RUNS replays of the same training
-    in float64, each with every step perturbed by random relative errors the size of the
-    training dtype's unit roundoff (`replay(problem, rounding=...)`), show how far rounding
-    alone moves the final parameters and predictions: the spread s_j, the largest distance of a
-    perturbed run from the unperturbed replay. With F = AUTO_FACTOR, scale = the largest |value|
-    and floor = AUTO_SCALE_FRACTION * scale, the band is
-
-        rtol = F * max s_j / |theta_j| over the values above the floor (at least 4 u),
-        atol = F * max over all values of (s_j - rtol / F * |theta_j|), or 0,
-
-    so that atol + rtol |theta_j| >= F * s_j for every value: ten times what rounding was seen
-    to do, everywhere. Values near 0 (a prediction that cancels, a parameter through zero) set
-    atol and leave rtol to the others. Assumptions: a framework rounds each
-    operation about as the model does (a few units in the last place; sums within sqrt(m) u),
-    and the four runs see the sensitivity that matters. A real difference smaller than ten
-    rounding spreads is not separated from rounding.
+    The spread s_j of the final parameters and predictions over the perturbed replays
+    (`rounding_spread`), made a band by `band_from_spread`: ten times what rounding was seen to
+    do, everywhere. Assumptions: a framework rounds each operation about as the model does (a
+    few units in the last place; sums within sqrt(m) u), and the four runs see the sensitivity
+    that matters. A real difference smaller than ten rounding spreads is not separated from
+    rounding.
     """
-    unit = UNIT_ROUNDOFF[problem.dtype]
-    reference = _final_values(unperturbed)
-    spread = np.zeros_like(reference)
-    for seed in range(AUTO_RUNS):
-        perturbed = replay(problem, rounding=np.random.default_rng(seed))
-        perturbed.params = to_original(perturbed.params)
-        spread = np.maximum(spread, np.abs(_final_values(perturbed) - reference))
-    finite = np.isfinite(reference) & np.isfinite(spread)
-    if not finite.any():
+    spread = spread or rounding_spread(problem, unperturbed, to_original)
+    final_spread = np.concatenate([spread.params[-1], spread.predictions])
+    band = band_from_spread(_final_values(unperturbed), final_spread, spread.unit)
+    if band is None:
         return {"rtol": None, "atol": None, "method": "no finite replay to measure rounding on"}
-    values, spread = np.abs(reference[finite]), spread[finite]
-    large = values > AUTO_SCALE_FRACTION * (float(np.max(values)) or 1.0)
-    relative = float(np.max(spread[large] / values[large])) if large.any() else 0.0
-    rtol = max(AUTO_FACTOR * relative, 4 * unit)
-    atol = AUTO_FACTOR * max(0.0, float(np.max(spread - rtol / AUTO_FACTOR * values)))
+    rtol, atol, relative = band
+    finite = final_spread[np.isfinite(final_spread)]
     return {"rtol": rtol, "atol": atol, "spread_relative": relative,
-            "spread_max": float(np.max(spread)), "runs": AUTO_RUNS, "factor": AUTO_FACTOR,
-            "unit_roundoff": unit,
+            "spread_max": float(np.max(finite)) if finite.size else 0.0, "runs": AUTO_RUNS, "factor": AUTO_FACTOR,
+            "unit_roundoff": spread.unit,
             "method": f"{AUTO_FACTOR:g} x the largest spread of {AUTO_RUNS} float64 replays with every step "
                       f"perturbed by the {problem.dtype} unit roundoff"}
 
 
+@dataclass
+class EpochBands:
+    """A band per epoch, for parameters and for the training loss; `comparable` epochs (from
+    the first) are those before rounding alone moves the training by more than AUTO_LIMIT."""
+
+    rtol: np.ndarray
+    atol: np.ndarray
+    loss_rtol: np.ndarray
+    loss_atol: np.ndarray
+    comparable: int
+    method: str
+
+    def at(self, epoch: int) -> tuple[float, float]:
+        """(rtol, atol) of the parameters' band at this 0-based epoch."""
+        return float(self.rtol[epoch]), float(self.atol[epoch])
+
+
+def trajectory_bands(unperturbed: Trajectory, spread: RoundingSpread, window: int = TRAJECTORY_WINDOW) -> EpochBands:
+    """`tolerance.trajectory: auto`: the band at every epoch, from the rounding spread there.
+
+    Each epoch's parameters get the parity construction (`band_from_spread`) on that epoch's
+    values and spread, and so does its loss (with an atol floor of F u times the first epoch's
+    loss: a loss that falls to rounding level has no relative digits left). The band at epoch e
+    holds what rounding did up to that epoch: the widest of epochs 1 .. e + window. The spread
+    of one epoch over AUTO_RUNS runs is a small sample, and a band that dips where the runs
+    happened to agree would fail honest frameworks (measured: 0.8 of a per-epoch band).
+    """
+    epochs = len(unperturbed.params)
+    rtol, atol, loss_rtol, loss_atol = (np.full(epochs, np.inf) for _ in range(4))
+    loss_floor = AUTO_FACTOR * spread.unit * abs(float(unperturbed.loss[0])) if epochs else 0.0
+    for epoch in range(epochs):
+        band = band_from_spread(unperturbed.params[epoch], spread.params[epoch], spread.unit)
+        if band is not None:
+            rtol[epoch], atol[epoch], _ = band
+        band = band_from_spread(unperturbed.loss[epoch:epoch + 1], spread.loss[epoch:epoch + 1], spread.unit)
+        if band is not None:
+            loss_rtol[epoch], loss_atol[epoch] = band[0], max(band[1], loss_floor)
+    widest = [np.maximum.accumulate(_window_max(values, window)) if epochs else values
+              for values in (rtol, atol, loss_rtol, loss_atol)]
+    beyond = np.flatnonzero(~(widest[0] <= AUTO_LIMIT))
+    comparable = int(beyond[0]) if beyond.size else epochs
+    return EpochBands(*widest, comparable=comparable,
+                      method=f"per epoch: {AUTO_FACTOR:g} x the largest spread of {AUTO_RUNS} perturbed float64 "
+                             f"replays, the widest up to that epoch (+{window})")
+
+
+def _window_max(values: np.ndarray, window: int) -> np.ndarray:
+    if window <= 0 or values.size == 0:
+        return values
+    padded = np.pad(values, window, mode="edge")
+    return np.lib.stride_tricks.sliding_window_view(padded, 2 * window + 1).max(axis=1)
+
+
+def _predictions(trajectory: Trajectory) -> np.ndarray:
+    return np.asarray([] if trajectory.predictions is None else trajectory.predictions, dtype=np.float64)
+
+
 def _final_values(trajectory: Trajectory) -> np.ndarray:
     """The values the parity check compares: final parameters, then `predict` outputs."""
-    predictions = [] if trajectory.predictions is None else trajectory.predictions
-    return np.concatenate([trajectory.params[-1], np.asarray(predictions, dtype=np.float64)])
+    return np.concatenate([trajectory.params[-1], _predictions(trajectory)])
 
 
 def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias: bool, reduction: str,

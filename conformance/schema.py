@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 
 BACKEND_NAMES = ("keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "torch_compile", "jax",
                  "keras_jax", "keras_torch")
-CHECK_NAMES = ("parity", "lstsq", "certified")
+CHECK_NAMES = ("parity", "lstsq", "certified", "trajectory")
 DEVICE_PATTERN = r"^(cpu|cuda:[0-9]+|mps)$"
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
@@ -56,13 +56,15 @@ class Strict(BaseModel):
 def one_of(choices: dict[str, Any], *, bare: tuple[Any, ...] = ()) -> Any:
     """A value that is a mapping with exactly one key from `choices` (or one of `bare`).
 
-    `bare` values stand for themselves (`init: zeros`, `shuffle: false`, `loss: mse`).
+    `bare` values stand for themselves (`init: zeros`, `shuffle: false`, `loss: mse`). A bare
+    value may share its word with a key (`loss: mse` and `loss: {mse: {...}}`): bare values are
+    tagged apart from keys, so each form reaches its own branch.
     """
 
     def tag(value: Any) -> str | None:
         for word in bare:
             if value is word or (isinstance(word, str) and value == word):
-                return str(word)
+                return _bare_tag(word)
         if isinstance(value, dict) and len(value) == 1:
             return str(next(iter(value)))
         if isinstance(value, BaseModel):
@@ -71,7 +73,7 @@ def one_of(choices: dict[str, Any], *, bare: tuple[Any, ...] = ()) -> Any:
 
     shown = {False: "false", True: "true"}
     expected = ", ".join([shown.get(word, str(word)) for word in bare] + [f"{{{key}: ...}}" for key in choices])
-    members = [Annotated[Literal[word], Tag(str(word))] for word in bare]  # type: ignore[valid-type]
+    members = [Annotated[Literal[word], Tag(_bare_tag(word))] for word in bare]  # type: ignore[valid-type]
     for key, inner in choices.items():
         wrapper = create_model(f"{key.title().replace('_', '')}Choice", __base__=Strict, **{key: (inner, ...)})
         members.append(Annotated[wrapper, Tag(key)])
@@ -83,6 +85,10 @@ def one_of(choices: dict[str, Any], *, bare: tuple[Any, ...] = ()) -> Any:
             custom_error_message=f"expected exactly one of: {expected}",
         ),
     ]
+
+
+def _bare_tag(word: Any) -> str:
+    return f"={word}"
 
 
 def choice(value: Any) -> tuple[str, Any]:
@@ -283,6 +289,9 @@ class Tolerance(Strict):
     # "auto" (v1.1): derived from how far rounding alone moves this case (reference.rounding_band)
     parity: Union[Literal["auto"], Tol] = DEFAULT_PARITY
     lstsq: Optional[Tol] = DEFAULT_LSTSQ
+    # v1.2: every epoch's parameters and loss against the replay's; auto: a band per epoch
+    # (reference.trajectory_bands); null: not checked
+    trajectory: Union[Literal["auto"], Tol, None] = "auto"
 
 
 class Certified(Strict):
@@ -301,6 +310,8 @@ class Expect(Strict):
     check: Literal[CHECK_NAMES]  # type: ignore[valid-type]
     reason: Annotated[str, Field(min_length=1)]
     versions: dict[str, str] = {}
+    # v1.2: how large the deviation may be (against the check's reference side); larger fails
+    bound: Optional[Tol] = None
 
     @field_validator("versions")
     @classmethod

@@ -29,9 +29,10 @@ def failure_kind(message: str) -> str:
 
 
 def shrink(case: dict[str, Any], backend: str, device: str, kind: str, folder: Path,
-           known: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The smallest reduction of `case` whose parity item on (backend, device) still fails with
-    `kind`; and the reductions chosen. The case itself when no smaller one fails."""
+           known: Any = None, check: str = "parity") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The smallest reduction of `case` whose `check` item (parity or trajectory) on (backend,
+    device) still fails with `kind`; and the reductions chosen. The case itself when no smaller
+    one fails."""
     from hypothesis import HealthCheck, Phase, find, settings
     from hypothesis.errors import NoSuchExample
 
@@ -40,7 +41,7 @@ def shrink(case: dict[str, Any], backend: str, device: str, kind: str, folder: P
     def fails(reduction: dict[str, Any]) -> bool:
         if time.perf_counter() - started > BUDGET_SECONDS:
             return False
-        return still_fails(reduced(case, reduction), backend, device, kind, folder, known)
+        return still_fails(reduced(case, reduction), backend, device, kind, folder, known, check)
 
     try:
         found = find(reductions(case), fails, settings=settings(
@@ -120,14 +121,16 @@ def reduced(case: dict[str, Any], reduction: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def still_fails(case: dict[str, Any], backend: str, device: str, kind: str, folder: Path, known: Any) -> bool:
-    """Whether `case`'s parity check on (backend, device) fails with `kind` (not a skip, not a
-    case that cannot be loaded)."""
+def still_fails(case: dict[str, Any], backend: str, device: str, kind: str, folder: Path, known: Any,
+                check: str = "parity") -> bool:
+    """Whether `case`'s `check` on (backend, device) fails with `kind` (not a skip, not a case
+    that cannot be loaded)."""
     from conformance.checks import make_run
 
     try:
         loaded = loaded_case(case, folder)
-        outcome = make_run(loaded, [(backend, device)], known=known).check_parity(backend, device)
+        run = make_run(loaded, [(backend, device)], known=known)
+        outcome = getattr(run, f"check_{check}")(backend, device)
     except Exception:  # an invalid reduction, or a backend error: not the same failure
         return False
     return not outcome.passed and not outcome.skipped and failure_kind(outcome.message) == kind
@@ -138,9 +141,9 @@ def loaded_case(case: dict[str, Any], folder: Path) -> LoadedCase:
     return LoadedCase(CaseFile(folder / f"{case['name']}.yaml", folder), case["name"], spec)
 
 
-def describe(original: str, backend: str, device: str, reduction: dict[str, Any]) -> str:
+def describe(original: str, backend: str, device: str, reduction: dict[str, Any], check: str = "parity") -> str:
     kept = {key: value for key, value in reduction.items() if not key.startswith("keep_")}
     reset = [key[5:] for key, value in reduction.items() if key.startswith("keep_") and not value]
-    return (f"Shrunk by Hypothesis from {original}, whose parity failed on {backend}, {device}: kept "
+    return (f"Shrunk by Hypothesis from {original}, whose {check} failed on {backend}, {device}: kept "
             + ", ".join(f"{key} {value}" for key, value in kept.items())
             + (f"; reset to the defaults: {', '.join(reset)}" if reset else "") + ".")

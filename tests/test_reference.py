@@ -324,7 +324,7 @@ def test_the_lstsq_item_of_separable_data_fails_with_the_reason(write_case):
         tolerance: {parity: {rtol: 1.0e-5, atol: 1.0e-6}, lstsq: {rtol: 1.0e-5, atol: 1.0e-6}}
         """)
     run = make_run(load(discover([path])[0]), [("torch", "cpu")], False)
-    replayed = run.replay
+    replayed = run.refs.replay
     run.results[("torch", "cpu")] = Trained("torch", "cpu", Trajectory(replayed.params, replayed.loss), 0.0)
     outcome = run.check_lstsq("torch", "cpu")
     assert not outcome.passed

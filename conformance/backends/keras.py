@@ -59,7 +59,8 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
     if jit_compile:
         info |= {"xla": _tensorflow.keras_xla_evidence(model, problem), "compile_seconds": recorder.compile_seconds}
     if problem.optimizer.settings.get("weight_decay"):
-        info["loss_note"] = "Keras's loss includes the L2 term that carries weight decay"
+        info |= {"loss_note": "Keras's loss includes the L2 term that carries weight decay",
+                 "loss_includes_l2_penalty": True}  # the trajectory check adds the replay's penalty
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info)
 
 

@@ -1,0 +1,31 @@
+"""Plain data for the report: numbers as JSON-safe floats, long curves downsampled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from conformance.problem import Trajectory
+
+CURVE_POINTS = 400
+
+
+def curve(trajectory: Trajectory) -> dict[str, Any]:
+    """The loss and every parameter over the epochs."""
+    return {"loss": downsample(trajectory.loss), "params": [downsample(column) for column in trajectory.params.T]}
+
+
+def downsample(values: np.ndarray) -> dict[str, list]:
+    """At most CURVE_POINTS (epoch, value) points, always keeping the first and last epoch."""
+    epochs = np.unique(np.linspace(0, len(values) - 1, min(len(values), CURVE_POINTS)).round().astype(int))
+    return {"epoch": [int(e) + 1 for e in epochs], "value": floats(np.asarray(values)[epochs])}
+
+
+def floats(values: Any) -> list[float | None]:
+    """Every value as a float, non-finite ones as None (JSON has no NaN)."""
+    return [float(value) if np.isfinite(value) else None for value in np.asarray(values, dtype=np.float64).ravel()]
+
+
+def plain(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)

@@ -1,0 +1,161 @@
+"""What one case's results are checked against, computed once per process and kept.
+
+The float64 replay, the bands derived from rounding (`auto`: parity at the end, trajectory at
+every epoch, both read off one set of perturbed replays), the minimiser of the case's objective
+(the `lstsq` reference) and its name, the certified values, and the data picture of the report.
+The numerics live in `reference.py`; this class decides which of them a case needs.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from conformance import reference, timing
+from conformance.case import LoadedCase
+from conformance.problem import Prepared, Trajectory
+from conformance.records import floats
+from conformance.schema import DEFAULT_PARITY, Tol
+
+PICTURE_POINTS = 400  # data points drawn in the report's picture of a one-feature case
+
+
+class CaseReferences:
+    """The references of one case."""
+
+    def __init__(self, case: LoadedCase, prepared: Prepared, parity_auto: bool = False) -> None:
+        self.case = case
+        self.prepared = prepared
+        self.parity_auto = parity_auto  # --parity auto: derive every case's parity band
+
+    @cached_property
+    def replay(self) -> Trajectory:
+        with timing.phase("references"):
+            trajectory = reference.replay(self.prepared.problem)
+            trajectory.params = self.prepared.to_original(trajectory.params)
+        return trajectory
+
+    @cached_property
+    def rounding(self) -> reference.RoundingSpread:
+        """How far rounding alone moves this training, at every epoch (perturbed replays)."""
+        with timing.phase("references"):
+            return reference.rounding_spread(self.prepared.problem, self.replay, self.prepared.to_original)
+
+    @cached_property
+    def parity_band(self) -> tuple[Tol, dict[str, Any]]:
+        """The parity tolerance, and how it was set for the report: the case's own, or derived
+        from the case (`parity: auto`, or every case with --parity auto; then the hand-set one is
+        shown beside it)."""
+        own = self.case.spec.tolerance.parity
+        if own != "auto" and not self.parity_auto:
+            return own, own.model_dump()
+        derived = reference.rounding_band(self.prepared.problem, self.replay, self.prepared.to_original,
+                                          self.rounding)
+        tol = DEFAULT_PARITY if derived["rtol"] is None else Tol(rtol=derived["rtol"], atol=derived["atol"])
+        return tol, tol.model_dump() | {"auto": derived, "hand_set": None if own == "auto" else own.model_dump()}
+
+    @cached_property
+    def trajectory_bands(self) -> reference.EpochBands:
+        """The trajectory band at every epoch: derived (`auto`, the default) or the case's own."""
+        own = self.case.spec.tolerance.trajectory
+        epochs = len(self.replay.params)
+        if isinstance(own, Tol):
+            rtol, atol = np.full(epochs, own.rtol), np.full(epochs, own.atol)
+            return reference.EpochBands(rtol, atol, rtol, atol, epochs, "the case's own tolerance at every epoch")
+        return reference.trajectory_bands(self.replay, self.rounding)
+
+    @property
+    def too_sensitive(self) -> str | None:
+        """Why parity cannot be judged, when a derived band is wider than reference.AUTO_LIMIT:
+        rounding alone then moves the training that far (a chaotic run), and no band separates
+        a framework difference from it."""
+        _, described = self.parity_band
+        derived = described.get("auto") or {}
+        if derived.get("rtol") is not None and derived["rtol"] > reference.AUTO_LIMIT:
+            return (f"rounding alone moves this training by {derived['spread_relative']:.1e} relative "
+                    f"(derived parity rtol {derived['rtol']:.1e} > {reference.AUTO_LIMIT:g}): too sensitive to "
+                    f"compare frameworks [case {self.case.name}]")
+        return None
+
+    @cached_property
+    def objective_fit(self) -> tuple[np.ndarray | None, str | None]:
+        """The `lstsq` reference, the minimiser of the case's objective, or why there is none:
+        least squares (weighted with sample weights); the ridge solution when SGD has weight
+        decay; scipy's Huber fit; the logistic maximum-likelihood fit for `bce`."""
+        prepared, problem = self.prepared, self.prepared.problem
+        with timing.phase("references"):
+            try:
+                if self.has_weight_decay:  # on the trained features, with the decay's penalty
+                    weights, penalty = reference.decay_objective(problem)
+                    x, y = problem.x.astype(np.float64), problem.y.astype(np.float64)
+                    if problem.loss == "huber":
+                        fit = reference.huber_fit(x, y, problem.has_bias, problem.delta, weights, penalty)
+                    elif problem.loss == "bce":
+                        fit = reference.logistic_fit(x, y, problem.has_bias, weights, penalty)
+                    else:
+                        fit = reference.ridge(problem)
+                    return prepared.to_original(fit), None
+                x, y, weights = prepared.x_design, prepared.y, prepared.sample_weight
+                if problem.loss == "huber":
+                    return reference.huber_fit(x, y, problem.has_bias, problem.delta, weights), None
+                if problem.loss == "bce":
+                    return reference.logistic_fit(x, y, problem.has_bias, weights), None
+                if weights is not None:
+                    return reference.weighted_least_squares(x, y, problem.has_bias, weights), None
+            except reference.NoFiniteFit as reason:
+                return None, str(reason)
+        return self.ordinary_least_squares, None
+
+    @property
+    def least_squares(self) -> np.ndarray | None:
+        return self.objective_fit[0]
+
+    @cached_property
+    def ordinary_least_squares(self) -> np.ndarray:
+        """Least squares of the case's data: what certified values are checked against."""
+        with timing.phase("references"):
+            return reference.least_squares(self.prepared.x_design, self.prepared.y, self.prepared.problem.has_bias)
+
+    @property
+    def has_weight_decay(self) -> bool:
+        return bool(self.prepared.problem.optimizer.settings.get("weight_decay"))
+
+    @property
+    def least_squares_name(self) -> str:
+        """How the `lstsq` reference was computed, as messages and the report name it."""
+        problem = self.prepared.problem
+        decay = " (weight decay)" if self.has_weight_decay else ""
+        if problem.loss == "huber":
+            return "scipy Huber" + decay
+        if problem.loss == "bce":
+            return "scipy logistic maximum likelihood" + decay
+        method = reference.least_squares_method(len(self.prepared.y), problem.features + problem.has_bias)
+        if self.has_weight_decay:
+            return method.replace("least squares", "ridge (weight decay)")
+        return method.replace("least squares", "weighted least squares") if self.prepared.sample_weight is not None \
+            else method
+
+    @cached_property
+    def certified_params(self) -> np.ndarray:
+        certified = self.case.spec.certified
+        return np.asarray(certified.weights + ([certified.bias] if certified.bias is not None else []))
+
+    @cached_property
+    def data_picture(self) -> dict[str, Any] | None:
+        """For a case with one feature (before any polynomial expansion): the data (at most
+        PICTURE_POINTS samples, evenly spaced in file order), how to draw a fitted model over
+        it, and the reference fit, for the report's picture of the data and every fit."""
+        prepared, problem = self.prepared, self.prepared.problem
+        degree = self.case.spec.preprocess.polynomial or 1
+        if degree == 1 and prepared.x_design.shape[1] != 1:
+            return None
+        rows = np.unique(np.linspace(0, len(prepared.y) - 1, min(len(prepared.y), PICTURE_POINTS)).astype(int))
+        weights = prepared.sample_weight
+        reference_fit = self.least_squares
+        return {"x": floats(prepared.x_design[rows, 0]), "y": floats(prepared.y[rows]),
+                "weights": None if weights is None else floats(weights[rows]), "degree": degree,
+                "has_bias": problem.has_bias, "sigmoid": problem.loss == "bce",
+                "reference": None if reference_fit is None else {"name": self.least_squares_name,
+                                                                 "params": floats(reference_fit)}}
