@@ -48,6 +48,13 @@ class ItemSpec:
         return f"{self.case}-{self.backend}-{self.device}-{self.check}"
 
 
+def result_of(item_id: str) -> tuple[str, str, str] | None:
+    """(case, backend, device) of an item that checks one result; None for case checks."""
+    match = _ID.match(item_id)
+    return (match.group("case"), match.group("backend"), match.group("device")) if match and match.group("backend") \
+        else None
+
+
 def case_of(item_id: str) -> str:
     """The case name inside an item id (used to keep one case's items on one xdist worker)."""
     match = _ID.match(item_id)
@@ -211,8 +218,9 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
         beyond = outcome.compared.beyond(entry.bound) if entry.bound is not None else None
         if beyond is not None:
             measured = record["deviation"]
-            pytest.fail(f"deviation larger than expected: {beyond}; measured max |a - b| {measured['max_abs_diff']:.2e} "
-                        f"(relative {measured['max_rel_diff']:.2e}), {measured['share_of_bound']:.3g} x the bound "
+            pytest.fail(f"deviation larger than expected: {beyond}; measured max |a - b| "
+                        f"{measured['max_abs_diff']:.2e} (relative {measured['max_rel_diff']:.2e}), "
+                        f"{measured['share_of_bound']:.3g} x the bound "
                         f"rtol {entry.bound.rtol:.1e}, atol {entry.bound.atol:.1e} of: {covering.reason}",
                         pytrace=False)
     pytest.xfail(f"{covering.reason} -- {outcome.message}")

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from conformance import backends, expectations, fuzz, timing
-from conformance.items import Plan, case_of, plan
+from conformance.items import Plan, case_of, plan, result_of
 from conformance.report.collector import DEVICES
 from conformance.schema import DEVICE_PATTERN
 
@@ -194,6 +194,14 @@ def case_runs(request: pytest.FixtureRequest) -> dict:
     return request.config.stash[PLAN].runs
 
 
+NOT_RERUN: dict[str, str] = {}  # nodeid -> the item whose worker died training the same result
+
+
+def _result_of_node(nodeid: str) -> tuple[str, str, str] | None:
+    match = _PARAM.search(nodeid)
+    return result_of(match.group(1)) if match and "test_parity.py" in nodeid else None
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under `-n`, keep every item of a case on one worker, so each result is trained once and
@@ -220,8 +228,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             running = next((nodeids[0] for nodeids in pending.values() if nodeids), None)
             if running is None:
                 return None
+            # The other checks of the result whose training killed the worker would kill the
+            # next one too: they are not run again, and the report marks them crashed.
+            crashed = _result_of_node(running)
             for scope, nodeids in pending.items():
-                left = {nodeid: False for nodeid in nodeids if nodeid != running}
+                siblings = [nodeid for nodeid in nodeids if nodeid != running and crashed is not None
+                            and _result_of_node(nodeid) == crashed]
+                for nodeid in siblings:
+                    NOT_RERUN[nodeid] = running
+                left = {nodeid: False for nodeid in nodeids if nodeid != running and nodeid not in siblings}
                 if left:
                     self.workqueue[scope] = left
             for other in self.assigned_work:

@@ -45,7 +45,7 @@ def test_a_strangers_cases_in_their_own_folder_get_the_right_outcomes_under_xdis
                                              "torch", "--report-label", "e2e", "-p", "no:cacheprovider", *extra)
 
     result = run("-n", "2", "-rA")
-    result.assert_outcomes(passed=2, failed=2, skipped=1)
+    result.assert_outcomes(passed=4, failed=2, skipped=1)  # parity and trajectory of good and too-tight
     output = result.stdout.str()
     assert "PASSED" in output and "good-torch-cpu-parity" in output
     assert "too-tight-torch-cpu-lstsq" in output and "but should be" in output and "(exact least squares)" in output
@@ -54,8 +54,9 @@ def test_a_strangers_cases_in_their_own_folder_get_the_right_outcomes_under_xdis
     reports = pytester.path / "reports"
     report = json.loads((reports / "e2e" / "results.json").read_text())
     ids = sorted(item["id"] for item in report["items"])
-    assert ids == ["good-torch-cpu-parity", "gpu-only-torch-cuda:0-unavailable", "too-tight-torch-cpu-lstsq",
-                   "too-tight-torch-cpu-parity", "typo-load"]
+    assert ids == ["good-torch-cpu-parity", "good-torch-cpu-trajectory", "gpu-only-torch-cuda:0-unavailable",
+                   "too-tight-torch-cpu-lstsq", "too-tight-torch-cpu-parity", "too-tight-torch-cpu-trajectory",
+                   "typo-load"]
     assert report["meta"]["complete"] is True
     assert report["meta"]["devices"]["torch"]["not_found"] == ["cuda", "mps"]  # from the workers
     assert sorted(report["meta"]["time"]) == ["gw0", "gw1"]  # where each worker's time went
@@ -65,7 +66,8 @@ def test_a_strangers_cases_in_their_own_folder_get_the_right_outcomes_under_xdis
     folder = reports / "e2e"
     assert sorted(path.name for path in (folder / "cases").iterdir()) == [
         "good.html", "gpu-only.html", "too-tight.html", "typo.html"]
-    assert (folder / "cases" / "good.html").read_text().count("<svg") == 2  # the curves; the data and the fits
+    # the curves; the trajectory and its band; the data and the fits
+    assert (folder / "cases" / "good.html").read_text().count("<svg") == 3
     assert "unknown key &#39;learning_rat&#39;" in (folder / "cases" / "typo.html").read_text()
     before = (folder / "results.json").read_bytes()
     collected = run("--collect-only", "-q")
@@ -79,7 +81,7 @@ def test_pairwise_check_is_complete_when_items_spread_over_workers(pytester, cas
     pytest.importorskip("tensorflow")
     result = run(pytester, case_folder, tmp_path, "-n", "2", "--dist", "worksteal", "-k", "good",
                  "--backend", "gradient_tape")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=5)  # parity and trajectory of each backend, and pairwise
     report = json.loads((tmp_path / "reports" / "e2e" / "results.json").read_text())
     pairwise = next(item for item in report["items"] if item["id"] == "good-pairwise")
     assert [pair["a"] + pair["b"] for pair in pairwise["pairs"]] == [["gradient_tape", "cpu", "torch", "cpu"]]

@@ -18,7 +18,7 @@ pytest.importorskip("xdist")
 CASE = """\
 dataset: {inline: {x: [-1, 0, 1, 2, 3, 4], y: [-3, -1, 1, 3, 5, 7]}}
 training: {epochs: 20, optimizer: {sgd: {learning_rate: 0.05}}}
-tolerance: {lstsq: null}
+tolerance: {lstsq: null, trajectory: null}  # one item per result: these tests are about crashes
 """
 MISBEHAVE = '''
 import os

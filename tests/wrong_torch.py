@@ -5,11 +5,13 @@ on purpose, by case name (the name's last part after '-', or the WRONG_TORCH var
     latemomentum   SGD momentum applied one step late: the step uses the buffer before this
                    step's gradient is added to it
     skip           the third optimizer step skipped
+    nonesterov     SGD built with nesterov=False whatever the case asks (a dropped keyword)
 
 Any other name trains correctly. Loaded with `-p tests.wrong_torch` in pytester runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import conformance.backends.torch as backend
@@ -57,8 +59,10 @@ def train_steps(problem, device, compile_step):
 
 
 def make_optimizer(torch, parameters, optimizer):
-    inner = _make_optimizer(torch, parameters, optimizer)
     mistake = _current["mistake"]
+    if mistake == "nonesterov" and optimizer.settings.get("nesterov"):
+        optimizer = dataclasses.replace(optimizer, settings=optimizer.settings | {"nesterov": False})
+    inner = _make_optimizer(torch, parameters, optimizer)
     return WrongOptimizer(inner, mistake) if mistake in ("lr", "latemomentum", "skip") else inner
 
 

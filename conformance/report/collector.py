@@ -101,6 +101,7 @@ class ReportCollector:
         if not self.entries and not self.expected_ids:
             (self.folder / JOURNAL).unlink(missing_ok=True)
             return
+        self._not_rerun()
         missing = sorted(self.expected_ids - set(self.entries))
         from conformance.report.writer import write_run  # jinja: controller only, at the end
 
@@ -109,6 +110,17 @@ class ReportCollector:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_sep("-", f"conformance report: {path}")
+
+    def _not_rerun(self) -> None:
+        """Items left out after a worker died training their result (plugin.NOT_RERUN): crashed."""
+        from conformance.plugin import NOT_RERUN
+
+        for nodeid, running in NOT_RERUN.items():
+            if nodeid not in self.entries:
+                message = (f"not run: the worker died in {running} while training the same result, "
+                           f"and would die again")
+                self.entries[nodeid] = {**_record_from_nodeid(nodeid), "nodeid": nodeid, "status": "crashed",
+                                        "failure": message, "message": message, "duration": 0.0}
 
     def _meta(self, exitstatus: int, missing: list[str]) -> dict[str, Any]:
         interrupted = int(exitstatus) == pytest.ExitCode.INTERRUPTED

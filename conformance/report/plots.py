@@ -64,6 +64,29 @@ def curves_svg(results: list[dict[str, Any]], replay: dict[str, Any] | None) -> 
             + "</svg>")
 
 
+def trajectory_svg(trajectories: list[dict[str, Any]]) -> str:
+    """One panel: per epoch, each result's distance from the replay at the value nearest to
+    leaving its band (solid), and that band (thin, same colour): the check fails where a
+    solid line crosses its band."""
+    lines: list[Series] = []
+    for index, record in enumerate(trajectories):
+        if not record.get("band_distance"):
+            continue
+        label, color = f"{record['backend']}, {record['device']}", COLORS[index % len(COLORS)]
+        distance, band = record["band_distance"], record["band"]
+        values = [None if v is None else max(v, DISTANCE_FLOOR) for v in distance["value"]]
+        lines.append(Series(label, distance["epoch"], values, color, DASHES.get(record["backend"], OTHER_DASH)))
+        lines.append(Series(f"{label}: band", band["epoch"], band["value"], color, "2 2", width=0.8, opacity=0.6))
+    if not lines:
+        return ""
+    legend, legend_height = _legend(lines, HEIGHT)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT + legend_height:.0f}" '
+            f'width="100%" style="max-width:{WIDTH}px" font-family="sans-serif" font-size="11" '
+            f'role="img" aria-label="distance from the float64 replay per epoch, with the trajectory band">'
+            + _panel(lines, "trajectory: distance from the replay and its band", "|value - replay|", 0, legend)
+            + "</svg>")
+
+
 def _panel(series: list[Series], title: str, ylabel: str, x_offset: int, legend: str) -> str:
     right, bottom = WIDTH - RIGHT, HEIGHT - BOTTOM
     parts = [f'<g transform="translate({x_offset},0)">', legend,

@@ -19,7 +19,7 @@ from typing import Any
 
 import jinja2
 
-from conformance.report.plots import curves_svg, fit_svg
+from conformance.report.plots import curves_svg, fit_svg, trajectory_svg
 
 STATUSES = ("passed", "failed", "xfailed", "skipped", "error", "crashed")
 SEVERITY = ("crashed", "error", "failed", "not run", "xfailed", "skipped", "passed")
@@ -153,6 +153,7 @@ def _case_view(name: str, items: list[dict[str, Any]], columns: list[tuple[str, 
     case_checks = {e["check"]: e for e in items if not e.get("backend")}
     pairwise = case_checks.get("pairwise", {})
     results = [_with_lstsq(e, items) for e in items if e.get("kind") == "parity"]
+    trajectories = [e for e in items if e.get("kind") == "trajectory"]
     return {
         "name": name, "page": page_name(name), "cells": cells, "case_checks": case_checks,
         "status": worst([e.get("status", "not run") for e in items]), "entries": items,
@@ -160,6 +161,7 @@ def _case_view(name: str, items: list[dict[str, Any]], columns: list[tuple[str, 
         "results": results, "pairwise": pairwise, "certified": case_checks.get("certified"),
         "plot": curves_svg(results, pairwise.get("replay")) if results else "",
         "fit_plot": _fit_plot(results),
+        "trajectories": trajectories, "trajectory_plot": trajectory_svg(trajectories),
         "expected": [e for e in items if e.get("expected")],
         "failures": [e for e in items if e.get("status") in ("failed", "error", "crashed")],
     }

@@ -1,0 +1,122 @@
+"""The trajectory check and bounded deviations.
+
+Unit part: results planted in a case's run (the guide allows fakes for such paths; comparing
+them is the real code): the replay's own path passes; a path that ends at the same point
+through different epochs fails, naming the epoch, the parameter, both values and the band.
+Framework part: real torch made wrong on purpose (tests/wrong_torch.py): SGD that ignores
+`nesterov` passes the shipped nesterov case's parity and fails its trajectory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conformance.case import CaseFile, load
+from conformance.checks import Trained, make_run
+from conformance.problem import Trajectory
+from conformance.schema import Tol
+from tests.conftest import ROOT
+
+CASE = """\
+dataset: {inline: {x: [0, 1, 2, 3], y: [1, 3, 5, 7]}}
+training: {epochs: 400, optimizer: {sgd: {learning_rate: 0.05}}, dtype: DTYPE}
+"""
+
+
+@pytest.fixture(params=["float32", "float64"])
+def case_run(request, write_case):
+    path = write_case("path", CASE.replace("DTYPE", request.param))
+    return make_run(load(CaseFile(path, path.parent)), [("torch", "cpu")])
+
+
+def plant(run, params: np.ndarray, loss: np.ndarray) -> None:
+    run.results[("torch", "cpu")] = Trained("torch", "cpu", Trajectory(params, loss), 0.0)
+
+
+def test_the_replays_own_path_passes(case_run):
+    replay = case_run.refs.replay
+    plant(case_run, replay.params.copy(), replay.loss.copy())
+    outcome = case_run.check_trajectory("torch", "cpu")
+    assert outcome.passed, outcome.message
+    assert outcome.record["first_epoch_outside"] is None and outcome.record["worst_share"] == 0.0
+
+
+def test_a_detour_that_ends_at_the_same_point_fails_at_its_first_epoch(case_run):
+    """Epoch 5's weight moved by 1e-4 relative, every other epoch the replay's own: the parity
+    check (the end point) passes, the trajectory fails at epoch 5 and says so."""
+    replay = case_run.refs.replay
+    params = replay.params.copy()
+    params[4, 0] *= 1 + 1e-4
+    plant(case_run, params, replay.loss.copy())
+    assert case_run.check_parity("torch", "cpu").passed
+    outcome = case_run.check_trajectory("torch", "cpu")
+    assert not outcome.passed
+    assert outcome.message.startswith("first outside its band at epoch 5: weights[0]=")
+    assert f"{params[4, 0]:.10g}" in outcome.message and f"{replay.params[4, 0]:.10g}" in outcome.message
+    assert "band there rtol" in outcome.message and "1 epoch(s) outside, the last at epoch 5" in outcome.message
+    assert outcome.record["first_epoch_outside"] == 5 and outcome.record["worst_share"] > 1
+
+
+def test_the_loss_is_checked_too(case_run):
+    replay = case_run.refs.replay
+    loss = replay.loss.copy()
+    loss[0] *= 1.01
+    plant(case_run, replay.params.copy(), loss)
+    outcome = case_run.check_trajectory("torch", "cpu")
+    assert not outcome.passed and "epoch 1: loss=" in outcome.message
+
+
+def test_the_band_never_narrows_and_ends_near_the_parity_band(case_run):
+    bands = case_run.refs.trajectory_bands
+    assert np.all(np.diff(bands.rtol) >= 0) and np.all(np.diff(bands.atol) >= 0)
+    assert bands.comparable == len(bands.rtol)
+    dtype = case_run.prepared.problem.dtype
+    assert bands.rtol[0] >= 4 * {"float32": 2.0**-24, "float64": 2.0**-53}[dtype]
+
+
+def test_a_bound_measures_the_deviation_and_names_the_worst_value(case_run):
+    replay = case_run.refs.replay
+    params = replay.params.copy()
+    params[:, 1] *= 1 + 1e-3
+    plant(case_run, params, replay.loss.copy())
+    compared = case_run.check_trajectory("torch", "cpu").compared
+    size = compared.size(Tol(rtol=2e-3, atol=0))
+    assert size["max_rel_diff"] == pytest.approx(1e-3, rel=1e-6) and size["share_of_bound"] == pytest.approx(0.5, 1e-5)
+    assert compared.beyond(Tol(rtol=2e-3, atol=0)) is None
+    beyond = compared.beyond(Tol(rtol=5e-4, atol=0))
+    assert beyond is not None and ": bias=" in beyond
+
+
+def test_hand_set_trajectory_tolerance_and_null(write_case):
+    path = write_case("own", CASE.replace("DTYPE", "float64") + "tolerance: {trajectory: {rtol: 1.0e-3, atol: 0}}\n")
+    run = make_run(load(CaseFile(path, path.parent)), [("torch", "cpu")])
+    assert np.all(run.refs.trajectory_bands.rtol == 1e-3)
+    off = write_case("off", CASE.replace("DTYPE", "float64") + "tolerance: {trajectory: null}\n")
+    assert load(CaseFile(off, off.parent)).spec.tolerance.trajectory is None
+
+
+def _run_torch(pytester, tmp_path, monkeypatch, cases, mistake: str) -> dict[str, str]:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("WRONG_TORCH", mistake)
+    reports = tmp_path / "reports"
+    result = pytester.runpytest_subprocess(
+        str(ROOT / "conformance"), "--rootdir", str(ROOT), *[arg for case in cases for arg in ("--cases", case)],
+        "--backend", "torch", "--reports-dir", str(reports), "--report-label", "run", "-p", "tests.wrong_torch",
+        "-p", "no:cacheprovider", timeout=300)
+    data = json.loads((reports / "run" / "results.json").read_text())
+    return {item["id"]: item["status"] for item in data["items"]} | {"stdout": result.stdout.str()[-2000:]}
+
+
+def test_sgd_ignoring_nesterov_passes_parity_and_fails_the_trajectory(pytester, tmp_path, monkeypatch):
+    """The mutant of issue 25: shipped nesterov.yaml runs to convergence, so its end point
+    cannot tell; its path can."""
+    if importlib.util.find_spec("torch") is None:  # not imported here: the run is a subprocess
+        pytest.skip("torch is not installed")
+    statuses = _run_torch(pytester, tmp_path, monkeypatch, [str(ROOT / "cases/features/nesterov.yaml")], "nonesterov")
+    assert statuses["nesterov-torch-cpu-parity"] == "passed", statuses
+    assert statuses["nesterov-torch-cpu-trajectory"] == "failed", statuses
