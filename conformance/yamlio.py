@@ -50,7 +50,9 @@ def read_yaml(path: Path) -> Any:
         raise YamlError(f"file is {size} bytes; a case file may have at most {MAX_CASE_BYTES}")
     text = path.read_text(encoding="utf-8")
     try:
-        _check_expansion(yaml.compose(text, Loader=CaseLoader))
+        root = yaml.compose(text, Loader=CaseLoader)
+        _check_expansion(root)
+        _check_unique_keys(root)
         return yaml.load(text, Loader=CaseLoader)  # CaseLoader is a SafeLoader
     except yaml.YAMLError as error:
         raise YamlError(f"not valid YAML: {_one_line(error)}") from None
@@ -94,6 +96,32 @@ def _check_expansion(root: yaml.Node | None) -> None:
         in_progress.add(key)
         stack.append((node, True))
         stack.extend((child, False) for child in children if id(child) not in size)
+
+
+def _check_unique_keys(root: yaml.Node | None) -> None:
+    """Refuse a key repeated in one mapping (YAML 1.2 requires unique keys; PyYAML keeps the
+    last value without a word, so `epochs: 5` then `epochs: 500000` trains 500,000 epochs).
+    The error names the key's path and both lines. Runs after `_check_expansion`, so the walk
+    is bounded; aliased nodes are checked once."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, f"{path}[{index}]") for index, child in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+                where = f"{path}.{name}" if path else name
+                if isinstance(key, yaml.ScalarNode) and name in lines:
+                    raise yaml.YAMLError(f"duplicate key {where!r}: first on line {lines[name]}, again on line "
+                                         f"{key.start_mark.line + 1}; a key may appear once in a mapping")
+                lines[name] = key.start_mark.line + 1
+                stack.append((value, where))
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

@@ -71,3 +71,17 @@ def test_an_alias_bomb_is_refused_in_well_under_a_second(tmp_path):
     with pytest.raises(CaseError, match="its aliases expand to more than"):
         load(CaseFile(root / "billion-laughs.yaml", root))
     assert time.perf_counter() - started < 0.5
+
+
+def test_a_repeated_key_is_an_error_naming_the_path_and_both_lines(tmp_path):
+    from conformance.yamlio import YamlError, read_yaml
+
+    path = tmp_path / "twice.yaml"
+    path.write_text("dataset: {inline: {x: [1, 2], y: [1, 2]}}\ntraining:\n  epochs: 5\n"
+                    "  optimizer: {sgd: {learning_rate: 0.1}}\n  epochs: 500000\n")
+    with pytest.raises(YamlError, match=r"duplicate key 'training.epochs': first on line 3, again on line 5"):
+        read_yaml(path)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("expect:\n  - {check: parity, reason: a, reason: b}\n")
+    with pytest.raises(YamlError, match=r"duplicate key 'expect\[0\].reason'"):
+        read_yaml(nested)
