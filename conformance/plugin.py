@@ -61,7 +61,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--report-label", default=None, metavar="LABEL",
                     help="report folder name under the reports folder; default: $TOX_ENV_NAME or 'local'")
     group.addoption("--reports-dir", default=None, metavar="DIR",
-                    help="where reports go; default: reports/ under the rootdir")
+                    help="where reports go; default: reports/ in the folder pytest is started in")
 
 
 def runs_conformance(config: pytest.Config) -> bool:
