@@ -85,6 +85,9 @@ def active(config: pytest.Config) -> bool:
     return config.stash.get(ACTIVE, False)
 
 
+FRAMEWORK_MODULES = ("torch", "tensorflow", "keras", "jax", "jaxlib", "optax")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[ACTIVE] = runs_conformance(config)
     if not active(config):
@@ -96,6 +99,8 @@ def pytest_configure(config: pytest.Config) -> None:
     bad_devices = [name for name in config.getoption("device") if not re.match(DEVICE_PATTERN, name)]
     if bad_devices:
         raise pytest.UsageError(f"--device {', '.join(bad_devices)}: expected cpu, cuda:N or mps")
+    for framework in FRAMEWORK_MODULES:  # their own deprecations: nothing a user of the suite can act on
+        config.addinivalue_line("filterwarnings", f"ignore::DeprecationWarning:{framework}.*")
     timing.restart()
     label = config.getoption("report_label") or os.environ.get("TOX_ENV_NAME") or "local"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or label in (".", ".."):

@@ -179,6 +179,19 @@ def _receive(stream: BinaryIO | None) -> Any:
     return pickle.load(stream)
 
 
+EXTRA_SETUP = "CONFORMANCE_WORKER_SETUP"
+
+
+def extra_setup() -> list[str]:
+    """Call the `module:function`s named (comma-separated) in CONFORMANCE_WORKER_SETUP, after a
+    worker's own setup has imported its frameworks: how the suite's own tests put a
+    deliberately wrong framework into a worker (tests/mutants.py). Returns what it called."""
+    names = [name.strip() for name in os.environ.get(EXTRA_SETUP, "").split(",") if name.strip()]
+    for name in names:
+        resolve(name)()
+    return names
+
+
 def resolve(function: str) -> Any:
     module, _, name = function.partition(":")
     return getattr(importlib.import_module(module), name)

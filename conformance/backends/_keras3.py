@@ -85,7 +85,7 @@ def setup() -> dict[str, Any]:
 
     if keras.backend.backend() != backend:
         raise RuntimeError(f"Keras runs on {keras.backend.backend()!r}, expected {backend!r} (KERAS_BACKEND)")
-    return {"keras": keras.__version__, "backend": backend}
+    return {"keras": keras.__version__, "backend": backend, "extra_setup": workers.extra_setup()}
 
 
 def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:

@@ -1,0 +1,243 @@
+"""A catalogue of deliberately wrong frameworks: the suite's own mutation testing.
+
+Each mutant is one small, realistic bug put into a real framework (a wrong default, a constant
+off by a little, a formula variant, a dtype silently lowered), by patching the framework's own
+class or function the way a bad release would change it. The suite is as good as the mutants it
+catches: `benchmarks/mutation.py` runs the shipped cases against each one and prints the score.
+
+Loaded as a pytest plugin, with the mutant named in the environment:
+
+    CONFORMANCE_MUTANT=torch-sgd-nesterov-ignored pytest conformance -p tests.mutants --backend torch
+
+The plugin patches the test process (torch, TensorFlow and Keras on it, JAX and optax) and asks
+the Keras worker processes (Keras on JAX, on PyTorch) to load the same mutant when they start
+(`CONFORMANCE_WORKER_SETUP`, read by conformance/workers.py). Without CONFORMANCE_MUTANT, or
+with a name that is not here, nothing is patched (an unknown name is an error).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+VARIABLE = "CONFORMANCE_MUTANT"
+TF_KERAS = ("keras", "keras_xla", "gradient_tape", "gradient_tape_xla")  # Keras's optimizers on TensorFlow
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    backends: tuple[str, ...]  # the backends that train with the mutated code: the ones that must catch it
+    process: str  # where the patch goes: "main" (the test process) or a Keras worker ("keras_jax", "keras_torch")
+    bug: str  # what is wrong, in a user's words
+    apply: Callable[[], None]
+
+
+def _patch_init(cls: type, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Make `cls(...)` see `change(keyword arguments)`: the backends pass every setting by name."""
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **change(dict(kwargs)))
+
+    cls.__init__ = __init__
+
+
+def _patch_function(owner: Any, name: str, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **change(dict(kwargs)))
+
+    setattr(owner, name, patched)
+
+
+def _set(**values: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda kwargs: kwargs | values
+
+
+def _scaled(name: str, factor: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda kwargs: kwargs | {name: kwargs[name] * factor}
+
+
+def _one_minus_scaled(name: str, factor: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A beta whose 1 - beta is `factor` times the given one (a decay constant off by a little)."""
+    return lambda kwargs: kwargs | {name: 1 - (1 - kwargs[name]) * factor}
+
+
+# ---- torch ------------------------------------------------------------------------------------
+
+def _torch() -> Any:
+    from conformance.backends import _frameworks
+
+    return _frameworks.torch()
+
+
+def _torch_adam_amsgrad_ignored() -> None:
+    _patch_init(_torch().optim.Adam, _set(amsgrad=False))
+
+
+def _torch_huber_as_smooth_l1() -> None:
+    """HuberLoss computing SmoothL1Loss(beta=delta), which is Huber / delta (the confusion the
+    case format's note warns about)."""
+    torch = _torch()
+    original = torch.nn.HuberLoss.forward
+
+    def forward(self: Any, input: Any, target: Any) -> Any:
+        return original(self, input, target) / self.delta
+
+    torch.nn.HuberLoss.forward = forward
+
+
+def _torch_adam_betas(kwargs: dict[str, Any]) -> dict[str, Any]:
+    beta_1, beta_2 = kwargs["betas"]
+    return kwargs | {"betas": (beta_1, 1 - (1 - beta_2) * 1.01)}
+
+
+# ---- TensorFlow and Keras ------------------------------------------------------------------------
+
+def _tf_keras() -> Any:
+    from conformance.backends import _tensorflow
+
+    return _tensorflow.keras()
+
+
+def _keras_here() -> Any:
+    """Keras in a worker process, on the backend KERAS_BACKEND names."""
+    import keras
+
+    return keras
+
+
+def _tape_logits_loss_written_out() -> None:
+    """tf.nn.sigmoid_cross_entropy_with_logits as the textbook formula on sigmoid(z): log(0) once
+    a logit saturates, instead of the stable max(z, 0) - z y + log(1 + exp(-|z|))."""
+    from conformance.backends import _frameworks
+
+    tf = _frameworks.tensorflow()
+
+    def written_out(labels: Any = None, logits: Any = None, name: Any = None) -> Any:
+        p = tf.math.sigmoid(logits)
+        return -(labels * tf.math.log(p) + (1 - labels) * tf.math.log(1 - p))
+
+    tf.nn.sigmoid_cross_entropy_with_logits = written_out
+
+
+# ---- JAX and optax ------------------------------------------------------------------------------
+
+def _optax() -> Any:
+    from conformance.backends import _frameworks
+
+    _frameworks.jax()
+    import optax
+
+    return optax
+
+
+def _optax_updates_float32() -> None:
+    """optax.apply_updates rounding every update to float32 before adding it (a dtype lowered)."""
+    optax = _optax()
+    import jax
+    import jax.numpy as jnp
+
+    original = optax.apply_updates
+
+    def apply_updates(params: Any, updates: Any) -> Any:
+        return original(params, jax.tree.map(lambda u: u.astype(jnp.float32).astype(u.dtype), updates))
+
+    optax.apply_updates = apply_updates
+
+
+CATALOGUE = [Mutant(*fields) for fields in [
+    ("torch-sgd-nesterov-ignored", ("torch", "torch_compile"), "main",
+     "torch.optim.SGD drops nesterov=True (issue 25's mutant)",
+     lambda: _patch_init(_torch().optim.SGD, _set(nesterov=False))),
+    ("torch-sgd-lr-1e-4", ("torch", "torch_compile"), "main",
+     "torch.optim.SGD's learning rate 1e-4 (relative) too large",
+     lambda: _patch_init(_torch().optim.SGD, _scaled("lr", 1 + 1e-4))),
+    ("torch-adam-amsgrad-ignored", ("torch", "torch_compile"), "main",
+     "torch.optim.Adam drops amsgrad=True", _torch_adam_amsgrad_ignored),
+    ("torch-adam-beta2-off", ("torch", "torch_compile"), "main",
+     "torch.optim.Adam's 1 - beta_2 1% too large",
+     lambda: _patch_init(_torch().optim.Adam, _torch_adam_betas)),
+    ("torch-rmsprop-alpha-default", ("torch", "torch_compile"), "main",
+     "torch.optim.RMSprop keeps its own default alpha 0.99 over the one given",
+     lambda: _patch_init(_torch().optim.RMSprop, _set(alpha=0.99))),
+    ("torch-adagrad-accumulator-ignored", ("torch", "torch_compile"), "main",
+     "torch.optim.Adagrad starts its accumulator at 0 whatever initial_accumulator_value says",
+     lambda: _patch_init(_torch().optim.Adagrad, _set(initial_accumulator_value=0.0))),
+    ("torch-huber-as-smooth-l1", ("torch", "torch_compile"), "main",
+     "torch.nn.HuberLoss computes SmoothL1Loss(beta=delta) = Huber / delta", _torch_huber_as_smooth_l1),
+    ("keras-adam-beta1-off", TF_KERAS, "main",
+     "Keras's Adam with 1 - beta_1 1% too large (issue 25's mutant)",
+     lambda: _patch_init(_tf_keras().optimizers.Adam, _one_minus_scaled("beta_1", 1.01))),
+    ("keras-sgd-nesterov-ignored", TF_KERAS, "main",
+     "Keras's SGD drops nesterov=True",
+     lambda: _patch_init(_tf_keras().optimizers.SGD, _set(nesterov=False))),
+    ("keras-rmsprop-centered-ignored", TF_KERAS, "main",
+     "Keras's RMSprop drops centered=True",
+     lambda: _patch_init(_tf_keras().optimizers.RMSprop, _set(centered=False))),
+    ("keras-huber-delta-default", ("keras", "keras_xla"), "main",
+     "keras.losses.Huber keeps its default delta 1.0 over the one given",
+     lambda: _patch_init(_tf_keras().losses.Huber, _set(delta=1.0))),
+    ("tape-logits-loss-written-out", ("gradient_tape", "gradient_tape_xla", "keras", "keras_xla"), "main",
+     "tf.nn.sigmoid_cross_entropy_with_logits written out on sigmoid(z) (unstable once a logit saturates)",
+     _tape_logits_loss_written_out),
+    ("optax-sgd-nesterov-ignored", ("jax",), "main",
+     "optax.sgd drops nesterov=True",
+     lambda: _patch_function(_optax(), "sgd", _set(nesterov=False))),
+    ("optax-adam-eps-in-root", ("jax",), "main",
+     "optax.adam puts epsilon inside the square root (eps_root) instead of outside",
+     lambda: _patch_function(_optax(), "adam", lambda kwargs: kwargs | {"eps_root": kwargs["eps"], "eps": 0.0})),
+    ("optax-updates-float32", ("jax",), "main",
+     "optax.apply_updates rounds every update to float32", _optax_updates_float32),
+    ("keras-jax-sgd-nesterov-ignored", ("keras_jax",), "keras_jax",
+     "Keras on JAX: SGD drops nesterov=True",
+     lambda: _patch_init(_keras_here().optimizers.SGD, _set(nesterov=False))),
+    ("keras-jax-rmsprop-rho-off", ("keras_jax",), "keras_jax",
+     "Keras on JAX: RMSprop's 1 - rho 1% too large",
+     lambda: _patch_init(_keras_here().optimizers.RMSprop, _one_minus_scaled("rho", 1.01))),
+    ("keras-torch-adam-beta2-off", ("keras_torch",), "keras_torch",
+     "Keras on PyTorch: Adam's 1 - beta_2 1% too large",
+     lambda: _patch_init(_keras_here().optimizers.Adam, _one_minus_scaled("beta_2", 1.01))),
+    ("keras-torch-adagrad-accumulator-default", ("keras_torch",), "keras_torch",
+     "Keras on PyTorch: Adagrad keeps Keras's default initial accumulator 0.1 over the one given",
+     lambda: _patch_init(_keras_here().optimizers.Adagrad, _set(initial_accumulator_value=0.1))),
+]]
+BY_NAME = {mutant.name: mutant for mutant in CATALOGUE}
+
+
+def selected() -> Mutant | None:
+    """The mutant CONFORMANCE_MUTANT names; None without one; ValueError for an unknown name."""
+    name = os.environ.get(VARIABLE)
+    if not name:
+        return None
+    if name not in BY_NAME:
+        raise ValueError(f"{VARIABLE}={name!r} is not in the catalogue ({', '.join(BY_NAME)})")
+    return BY_NAME[name]
+
+
+def in_worker() -> None:
+    """Called by a Keras worker process at start: patch it when the mutant lives there."""
+    mutant = selected()
+    if mutant is not None and mutant.process == _worker_process():
+        mutant.apply()
+
+
+def _worker_process() -> str:
+    return {"jax": "keras_jax", "torch": "keras_torch"}.get(os.environ.get("KERAS_BACKEND", ""), "")
+
+
+def pytest_configure(config: Any) -> None:
+    mutant = selected()
+    if mutant is None:
+        return
+    if mutant.process == "main":
+        mutant.apply()
+    else:
+        os.environ["CONFORMANCE_WORKER_SETUP"] = "tests.mutants:in_worker"
