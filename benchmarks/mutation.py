@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.mutants import CATALOGUE, BY_NAME, Mutant  # noqa: E402
+from tests.mutants import BY_NAME, CATALOGUE, Mutant  # noqa: E402
 
 COMPILED = ("keras_xla", "gradient_tape_xla", "torch_compile")
 
@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     union = sorted({name for mutant in chosen for name in backends_to_run(mutant)})
     honest = run(union, None, options.cases, options.workers, reports)
     failing_anyway = {item for item, (status, _, _) in honest["items"].items() if status == "failed"}
+    listed = ": " + ", ".join(sorted(failing_anyway)) if failing_anyway else ""
     print(f"honest run ({', '.join(union)}): {len(honest['items'])} items in {honest['seconds']:.0f} s, "
-          f"{len(failing_anyway)} failing without a mutant{': ' + ', '.join(sorted(failing_anyway)) if failing_anyway else ''}")
+          f"{len(failing_anyway)} failing without a mutant{listed}")
     rows = []
     for mutant in chosen:
         backends = backends_to_run(mutant)
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mutant.name:42s} {verdict:24s} {found['seconds']:5.0f} s  {', '.join(caught[:4])}"
               f"{' ...' if len(caught) > 4 else ''}", flush=True)
     score = sum(row["caught"] for row in rows)
-    print(f"\nmutation score: {score}/{len(rows)} caught ({100 * score / max(len(rows), 1):.0f}%); reports under {reports}")
+    percent = 100 * score / max(len(rows), 1)
+    print(f"\nmutation score: {score}/{len(rows)} caught ({percent:.0f}%); reports under {reports}")
     if options.json:
         options.json.write_text(json.dumps({"score": [score, len(rows)], "mutants": rows}, indent=1) + "\n")
     return 0

@@ -14,6 +14,10 @@ entry's reason) or may not (the item passes, and the report says which entry app
       reason: Keras rounds momentum to float32 in float64 training (cases/features/float64-momentum.yaml)
 
 A setting's condition is a value (equality) or a comparison: "> 0", ">= 0.5", "< 1e-3", "!= 0".
+
+A run reads the shipped file, then every file given with `--expectations FILE` on top of it
+(`--expectations none` drops the files before it, the shipped one included); an item takes
+the first entry that applies, in that order, and its message names the file.
 """
 
 from __future__ import annotations
@@ -64,10 +68,18 @@ ENTRIES = TypeAdapter(list[KnownDeviation])
 
 @dataclass(frozen=True)
 class Expectations:
-    """The entries of one file (or none), with where they came from for messages."""
+    """The entries of one or more files (or none), each with the file it came from."""
 
     entries: tuple[KnownDeviation, ...] = ()
-    source: str = ""
+    sources: tuple[str, ...] = ()  # per entry: the file it came from, for messages
+
+    @property
+    def source(self) -> str:
+        """Every file that gave entries, in order (for the report)."""
+        return ", ".join(dict.fromkeys(self.sources))
+
+    def source_of(self, entry: KnownDeviation) -> str:
+        return next(source for candidate, source in zip(self.entries, self.sources) if candidate is entry)
 
     def applicable(self, problem: Problem, check: str, backend: str | None, device: str | None,
                    versions: dict[str, str | None]) -> KnownDeviation | None:
@@ -75,6 +87,9 @@ class Expectations:
 
         matching = [entry for entry in self.entries if holds(entry.when, problem)]
         return applicable(matching, check, backend, device, versions)  # type: ignore[arg-type]
+
+    def __add__(self, other: Expectations) -> Expectations:
+        return Expectations(self.entries + other.entries, self.sources + other.sources)
 
 
 def load(path: Path | None) -> Expectations:
@@ -87,9 +102,18 @@ def load(path: Path | None) -> Expectations:
     except (YamlError, OSError, UnicodeDecodeError) as error:
         raise CaseError(f"{display}: {error}") from None
     try:
-        return Expectations(tuple(ENTRIES.validate_python(data or [])), display)
+        entries = tuple(ENTRIES.validate_python(data or []))
     except ValidationError as error:
         raise CaseError(format_errors(display, error)) from None
+    return Expectations(entries, (display,) * len(entries))
+
+
+def load_all(paths: list[Path]) -> Expectations:
+    """Every file's entries, in order: the first file's entries are looked at first."""
+    combined = Expectations()
+    for path in paths:
+        combined += load(path)
+    return combined
 
 
 def holds(when: When, problem: Problem) -> bool:

@@ -261,7 +261,8 @@ def _covering(spec: ItemSpec, run: CaseRun, versions: dict[str, str | None]) -> 
         entry = run.known.applicable(run.prepared.problem, check, spec.backend, spec.device, versions)
         if entry is not None:
             covered = ", ".join(entry.backend_names) or "any backend"
-            return Covering(entry, False, f"{run.known.source}: known deviation of {covered} {check}: {entry.reason}")
+            return Covering(entry, False, f"{run.known.source_of(entry)}: known deviation of {covered} {check}: "
+                                          f"{entry.reason}")
     return None
 
 

@@ -55,9 +55,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "to a smaller case that fails the same way, written under reports/<label>/fuzz/")
     group.addoption("--fuzz-seed", type=int, default=0, metavar="S",
                     help="seed of the generated cases (default 0): the same seed gives the same cases everywhere")
-    group.addoption("--expectations", default=None, metavar="FILE",
-                    help="known deviations applied to every case (YAML; default: the file shipped with the "
-                         "harness, conformance/expectations.yaml); 'none' for no file")
+    group.addoption("--expectations", action="append", default=[], metavar="FILE",
+                    help="known deviations applied to every case (YAML), on top of the file shipped with the "
+                         "harness (conformance/expectations.yaml); repeatable; 'none' drops the files before it, "
+                         "the shipped one included")
     group.addoption("--report-label", default=None, metavar="LABEL",
                     help="report folder name under the reports folder; default: $TOX_ENV_NAME or 'local'")
     group.addoption("--reports-dir", default=None, metavar="DIR",
@@ -113,7 +114,7 @@ def pytest_configure(config: pytest.Config) -> None:
                              "devices": config.getoption("device"), "label": label, "reports": reports,
                              "determinism": config.getoption("determinism"),
                              "parity_auto": config.getoption("parity") == "auto",
-                             "expectations": _expectations_file(config.getoption("expectations"), here),
+                             "expectations": _expectations_files(config.getoption("expectations"), here),
                              "fuzz": (config.getoption("fuzz"), config.getoption("fuzz_seed"))}
     if config.getoption("fuzz") < 0:
         raise pytest.UsageError(f"--fuzz {config.getoption('fuzz')}: expected a number of cases >= 0")
@@ -128,17 +129,23 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(ReportCollector(config, reports / label, time.time()), "conformance-report")
 
 
-def _expectations_file(option: str | None, here: Path) -> Path | None:
-    """The expectations file of this run: --expectations (relative to where pytest started),
-    'none', or the one shipped with the harness."""
-    if option is None:
-        return Path(__file__).resolve().parent / "expectations.yaml"
-    if option == "none":
-        return None
-    path = here / option
-    if not path.is_file():
-        raise pytest.UsageError(f"--expectations {option}: no such file ({path})")
-    return path
+SHIPPED_EXPECTATIONS = Path(__file__).resolve().parent / "expectations.yaml"
+
+
+def _expectations_files(options: list[str], here: Path) -> list[Path]:
+    """The expectations files of this run, in the order they are looked at: the shipped file,
+    then each --expectations FILE (relative to where pytest started); 'none' drops the files
+    before it."""
+    files = [SHIPPED_EXPECTATIONS]
+    for option in options:
+        if option == "none":
+            files = []
+            continue
+        path = here / option
+        if not path.is_file():
+            raise pytest.UsageError(f"--expectations {option}: no such file ({path})")
+        files.append(path)
+    return files
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -154,7 +161,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 generated = fuzz.write_cases(fuzz_folder / "generated", seed, count) if count else []
                 config.stash[PLAN] = plan(options["cases"] + generated, options["backends"], options["devices"],
                                           repeat=options["determinism"], parity_auto=options["parity_auto"],
-                                          known=expectations.load(options["expectations"]))
+                                          known=expectations.load_all(options["expectations"]))
         except Exception as error:  # a missing --cases path and the like: one clear sentence
             raise pytest.UsageError(str(error)) from None
         config.stash[DEVICES] = config.stash[PLAN].devices

@@ -124,3 +124,14 @@ def test_report_renders_in_headless_chromium(two_runs):
     shots = screenshot.shoot(two_runs / "current", two_runs / "shots", ["drifts"], size=(800, 600))
     assert [shot.name for shot in shots] == ["index.png", "drifts.png"]
     assert all(shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000 for shot in shots)
+
+
+def test_gate_exits_1_on_a_regression_and_0_otherwise(two_runs, capsys):
+    """`drifts` passed in tf215 and fails in current: a regression. Against itself, none."""
+    assert main(["gate", str(two_runs / "tf215"), str(two_runs / "current")]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED drifts-torch-cpu-parity: passed in" in out and "now failed: <b>bold</b> message" in out
+    assert "1 item(s) new here: only-new-torch-cpu-parity" in out and "gate: 1 regression(s)" in out
+    assert main(["gate", str(two_runs / "current"), str(two_runs / "current")]) == 0
+    assert main(["gate", str(two_runs / "current"), str(two_runs / "tf215")]) == 0  # failed -> passed: better
+    assert main(["gate", str(two_runs / "nope"), str(two_runs / "tf215")]) == 2

@@ -3,6 +3,9 @@
     python -m conformance.report merge reports/tf215 reports/torch23 reports/local -o reports/compare
     python -m conformance.report screenshot reports/local -o shots/
     python -m conformance.report recover reports/local/.journal-died-<time>.jsonl -o reports/local-recovered
+    python -m conformance.report gate reports/main reports/local    # exit 1 when an item regressed
+
+`merge` always exits 0 when it could merge; `gate` is the one to fail a CI job on.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from conformance.report import merge, screenshot
+from conformance.report import gate, merge, screenshot
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     recovering = commands.add_parser("recover", help="build the report of a run whose process died, from its journal")
     recovering.add_argument("journal", type=Path, help="the .journal-died-*.jsonl file the dead run left")
     recovering.add_argument("-o", "--output", type=Path, required=True, help="folder for the recovered report")
+    gating = commands.add_parser("gate", help="exit 1 when an item that passed in BASELINE fails in CURRENT")
+    gating.add_argument("baseline", type=Path, help="the baseline run's folder (holding results.json)")
+    gating.add_argument("current", type=Path, help="this run's folder")
     arguments = parser.parse_args(argv)
     try:
+        if arguments.command == "gate":
+            return gate.gate(arguments.baseline, arguments.current)
         if arguments.command == "merge":
             found = sorted(path.parent for path in arguments.all_under.glob("*/results.json")) \
                 if arguments.all_under else []

@@ -122,6 +122,11 @@ class ReportCollector:
                 self.entries[nodeid] = {**_record_from_nodeid(nodeid), "nodeid": nodeid, "status": "crashed",
                                         "failure": message, "message": message, "duration": 0.0}
 
+    def _options(self) -> dict[str, Any]:
+        from conformance.plugin import OPTIONS
+
+        return self.config.stash.get(OPTIONS, {})
+
     def _meta(self, exitstatus: int, missing: list[str]) -> dict[str, Any]:
         interrupted = int(exitstatus) == pytest.ExitCode.INTERRUPTED
         return {
@@ -138,6 +143,7 @@ class ReportCollector:
             "versions": environment.versions(),
             "workers": getattr(self.config.option, "numprocesses", None) or 0,
             "determinism": bool(self.config.getoption("determinism", False)),
+            "expectations": [str(path) for path in self._options().get("expectations", [])],
             "time": dict(sorted(self.worker_time.items())) or {"main": timing.summary()},
         }
 

@@ -1,0 +1,46 @@
+"""The expectations files of a run: the shipped one, the user's on top, `none` to drop them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conformance import expectations
+from conformance.case import CaseFile, load
+from conformance.checks import make_run
+from conformance.plugin import SHIPPED_EXPECTATIONS, _expectations_files
+
+MINE = """\
+- check: parity
+  backend: torch
+  when: {optimizer: sgd}
+  reason: my own finding
+"""
+CASE = """\
+dataset: {inline: {x: [0, 1, 2], y: [1, 3, 5]}}
+training: {epochs: 3, optimizer: {sgd: {learning_rate: 0.1}}}
+"""
+
+
+def test_a_users_file_adds_to_the_shipped_one_and_none_drops_what_came_before(tmp_path):
+    (tmp_path / "mine.yaml").write_text(MINE)
+    assert _expectations_files([], tmp_path) == [SHIPPED_EXPECTATIONS]
+    assert _expectations_files(["mine.yaml"], tmp_path) == [SHIPPED_EXPECTATIONS, tmp_path / "mine.yaml"]
+    assert _expectations_files(["none", "mine.yaml"], tmp_path) == [tmp_path / "mine.yaml"]
+    assert _expectations_files(["mine.yaml", "none"], tmp_path) == []
+    with pytest.raises(pytest.UsageError, match="--expectations nope.yaml: no such file"):
+        _expectations_files(["nope.yaml"], tmp_path)
+
+
+def test_entries_keep_the_file_they_came_from(tmp_path, write_case):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(MINE)
+    known = expectations.load_all([SHIPPED_EXPECTATIONS, mine])
+    shipped = expectations.load(SHIPPED_EXPECTATIONS)
+    assert len(known.entries) == len(shipped.entries) + 1 and known.source == f"{SHIPPED_EXPECTATIONS}, {mine}"
+    path = write_case("sgd", CASE)
+    run = make_run(load(CaseFile(path, path.parent)), [("torch", "cpu")], known=known)
+    entry = known.applicable(run.prepared.problem, "parity", "torch", "cpu", {})
+    assert entry is not None and entry.reason == "my own finding" and known.source_of(entry) == str(mine)
+    assert expectations.load_all([]).entries == () and Path(known.source_of(known.entries[0])) == SHIPPED_EXPECTATIONS
