@@ -88,14 +88,47 @@ def _without_union_noise(error: ValidationError) -> list[dict[str, Any]]:
     the literal member's error goes when the other member's error says more (a wrong setting
     inside the mapping rather than no mapping at all)."""
     items = []
-    for item in error.errors():
-        loc = tuple(part for part in item["loc"] if not _union_member(part))
+    for item in _meant_branch(error.errors()):
+        loc = tuple(part for part in item["loc"] if not (_union_member(part) or _type_tag(part)))
         literal = any(str(part).startswith("literal[") for part in item["loc"])
         items.append(item | {"loc": loc, "literal_member": literal})
     others = [item for item in items if not item["literal_member"]]
     specific = {item["loc"][:-1] for item in others} | \
         {item["loc"] for item in others if item["type"] not in ("model_type", "dict_type")}
     return [item for item in items if not (item["literal_member"] and item["loc"] in specific)]
+
+
+def _meant_branch(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For a union of shapes (`x`: numbers or rows of numbers), only the errors of the branch the
+    value was meant for: the one with the fewest errors (then the deepest), so that a bad number
+    in a list of numbers is not also reported as three list shapes the value never had. Unions
+    with a literal member (`auto | {rtol, atol}`) are left to _without_union_noise."""
+    branches: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = {}
+    for item in errors:
+        where = _first_member(item["loc"])
+        if where is not None:
+            branches.setdefault(item["loc"][:where], {}).setdefault(item["loc"][where], []).append(item)
+    dropped: set[int] = set()
+    for members in branches.values():
+        if len(members) < 2 or any(str(member).startswith("literal[") for member in members):
+            continue
+        meant = min(members, key=lambda member: (len(members[member]),
+                                                 -max(len(item["loc"]) for item in members[member])))
+        dropped |= {id(item) for member, found in members.items() if member != meant for item in found}
+    return [item for item in errors if id(item) not in dropped]
+
+
+def _first_member(loc: tuple[Any, ...]) -> int | None:
+    """Where the first union member's tag is in an error's path, if anywhere."""
+    for index, part in enumerate(loc):
+        if _union_member(part) or _type_tag(part):
+            return index
+    return None
+
+
+def _type_tag(part: Any) -> bool:
+    """A union member named by its type in an error's path: 'list[float]', 'function-after[...]'."""
+    return isinstance(part, str) and "[" in part
 
 
 def _union_member(part: Any) -> bool:

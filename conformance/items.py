@@ -1,9 +1,9 @@
 """From case files to planned test items, and what one item does when it runs.
 
 Item ids read `<case>-<backend>-<device>-<check>` for checks of one result (parity, trajectory,
-lstsq),
-`<case>-pairwise` and `<case>-certified` for checks of the whole case, and `<case>-load` for a
-case file that cannot be run.
+lstsq; `unavailable` for a backend or device that cannot run here), `<case>-pairwise` and
+`<case>-certified` for checks of the whole case, and `<file stem>-load` for a case file that
+cannot be run (`<case>-load` when it loads but cannot be planned).
 """
 
 from __future__ import annotations

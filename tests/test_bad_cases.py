@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conformance.case import CaseError, CaseFile, load
 from conformance.items import plan
 from tests.conftest import ROOT
 
@@ -85,3 +86,14 @@ def test_a_repeated_key_is_an_error_naming_the_path_and_both_lines(tmp_path):
     nested.write_text("expect:\n  - {check: parity, reason: a, reason: b}\n")
     with pytest.raises(YamlError, match=r"duplicate key 'expect\[0\].reason'"):
         read_yaml(nested)
+
+
+def test_a_bad_value_in_a_union_reports_only_the_branch_it_was_meant_for(write_case):
+    """x is numbers or rows of numbers: an infinite number is one error, not also three list
+    shapes the value never had."""
+    path = write_case("inf", "dataset: {inline: {x: [1, 2, 1e400], y: [1, 2, 3]}}\n"
+                             "training: {epochs: 3, optimizer: {sgd: {learning_rate: 0.01}}}\n")
+    with pytest.raises(CaseError) as error:
+        load(CaseFile(path, path.parent))
+    assert str(error.value) == f"{path}: dataset.inline.x[2]: expected a finite number (no NaN or infinity), " \
+                               "got Infinity (number)"

@@ -1,4 +1,5 @@
-"""PyTorch: `nn.Linear` + `nn.MSELoss` + `torch.optim`, the loop its tutorials write."""
+"""PyTorch: `nn.Linear`, the case's loss module (`MSELoss`, `HuberLoss`, `BCEWithLogitsLoss` or `BCELoss`)
+and `torch.optim`: the loop its tutorials write."""
 
 from __future__ import annotations
 

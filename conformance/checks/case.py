@@ -1,0 +1,103 @@
+"""The checks of a whole case: `pairwise` (every two results agree) and `certified` (the
+least-squares reference against published certified values)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from conformance import compare, reference
+from conformance.checks.outcome import Compared, Outcome, tol_text
+from conformance.records import curve, floats
+from conformance.results import Trained
+
+if TYPE_CHECKING:
+    from conformance.checks.run import CaseRun
+
+
+class CaseChecks:
+    """pairwise and certified of one case run."""
+
+    def __init__(self, run: CaseRun) -> None:
+        self.run = run
+        self.case, self.prepared, self.refs, self.trained = run.case, run.prepared, run.refs, run.trained
+        self.results = run.result_checks
+
+    @property
+    def where(self) -> str:
+        return self.run.where
+
+    def pairwise(self, deviant: dict[tuple[str, str], Any]) -> Outcome:
+        """Every two results agree within the parity tolerance, in both directions.
+
+        `deviant` maps the results expected to deviate to their `expect` parity entry. A pair
+        of one such result with any other is shown in the report but does not fail the item;
+        two results under the same entry share one known deviation, so they must still agree
+        with each other (Keras's optimizer in `keras` and `keras_xla`, say).
+        """
+        tol, described = self.refs.parity_band
+        if self.refs.too_sensitive:
+            return Outcome(False, self.refs.too_sensitive, {"kind": "pairwise", "tolerance": described},
+                           skipped=True)
+        results = [self.trained.trained_or_raise(backend, device) for backend, device in self.run.pairs
+                   if self.trained.train(backend, device).unavailable is None]
+        usable = [result for result in results if not self.results.divergence(result)]
+        rows, failures = [], []
+        for index, first in enumerate(usable):
+            for second in usable[index + 1:]:
+                a, b = (first.backend, first.device), (second.backend, second.device)
+                enforced = deviant.get(a) == deviant.get(b)
+                row, problem = self._compare_pair(first, second, tol)
+                rows.append(row | {"enforced": enforced})
+                if problem and enforced:
+                    failures.append(problem)
+        record = {"kind": "pairwise", "pairs": rows, "tolerance": described,
+                  "replay": curve(self.refs.replay),
+                  "lstsq": None if self.refs.least_squares is None else floats(self.refs.least_squares),
+                  "reference": self.refs.least_squares_name,
+                  "parameter_names": self.prepared.parameter_names,
+                  "diverged": [result.label for result in results if self.results.divergence(result)]}
+        if failures:
+            return Outcome(False, "\n".join(failures), record)
+        checked = sum(row["enforced"] for row in rows)
+        skipped = len(rows) - checked
+        note = f"; {skipped} pair(s) with an expected deviation shown, not enforced" if skipped else ""
+        if not checked:  # a check that compared nothing must not pass
+            why = [f"{len(results) - len(usable)} of {len(results)} result(s) diverged"] if len(usable) < len(results) \
+                else []
+            why += [f"{skipped} pair(s) involve an expected deviation"] if skipped else []
+            why += [f"{len(results)} result(s) could run here"] if len(results) < 2 else []
+            return Outcome(False, f"nothing to compare: {'; '.join(why)}; 0 pairs checked [case {self.case.name}]",
+                           record, skipped=True)
+        return Outcome(True, f"{checked} pair(s) within {tol_text(tol)} of each other{note}", record)
+
+    def certified(self) -> Outcome:
+        refs, certified = self.refs, self.case.spec.certified
+        ordinary = refs.ordinary_least_squares
+        digits = reference.lre(ordinary, refs.certified_params)
+        method = reference.least_squares_method(len(self.prepared.y), ordinary.size)
+        record = {"kind": "certified", "certified": floats(refs.certified_params),
+                  "lstsq": floats(ordinary), "reference": method, "lre": floats(digits),
+                  "min_digits": certified.min_digits}
+        compared = Compared(ordinary, refs.certified_params, self.prepared.parameter_names.__getitem__, method,
+                            "certified", f"case {self.case.name}")
+        worst = int(np.argmin(digits))
+        name = self.prepared.parameter_names[worst]
+        if digits[worst] >= certified.min_digits:
+            return Outcome(True, f"least squares agrees with the certified values to {digits.min():.1f} digits",
+                           record, compared=compared)
+        return Outcome(False, f"{name}={ordinary[worst]:.15g} ({method}), but should be "
+                              f"{refs.certified_params[worst]:.15g} to {certified.min_digits:g} significant digits "
+                              f"(certified); agrees to {digits[worst]:.1f} [case {self.case.name}]", record,
+                       compared=compared)
+
+    def _compare_pair(self, first: Trained, second: Trained, tol: Any) -> tuple[dict[str, Any], str | None]:
+        a, b = first.trajectory, second.trajectory
+        row = {"a": [first.backend, first.device], "b": [second.backend, second.device],
+               "max_rel_diff": compare.max_relative_difference(a.final, b.final)}
+        for got, ref, who, against in ((a, b, first, second), (b, a, second, first)):
+            mismatch = self.results.worst_mismatch(got, ref, tol)
+            if mismatch is not None:
+                return row | {"passed": False}, mismatch.describe(who.label, against.label, self.where)
+        return row | {"passed": True}, None

@@ -1,0 +1,72 @@
+"""What a check returns: `Outcome` (passed or not, the message, plain data for the report) and
+`Compared` (the values it compared, to hold an expected deviation to its `bound`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from conformance import compare
+from conformance.schema import Tol
+
+
+@dataclass
+class Compared:
+    """The values a check compared with its reference side, to measure a deviation's size."""
+
+    got: np.ndarray
+    expected: np.ndarray
+    label: Callable[[int], str]  # the name of value i in messages
+    who: str
+    against: str
+    where: str
+
+    def beyond(self, bound: Tol) -> str | None:
+        """None when every value is within `bound`; else the worst one, described."""
+        mismatch = compare.worst_mismatch(self.got, self.expected, bound, _Labels(self.label, self.got.size))
+        return None if mismatch is None else mismatch.describe(self.who, self.against, self.where)
+
+    def size(self, bound: Tol | None) -> dict[str, Any]:
+        """How large the deviation is: the largest |a - b| and relative difference, and the
+        largest share of the bound any value uses (above 1: larger than expected)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            difference = np.abs(self.got - self.expected)
+            sized = {"max_abs_diff": float(np.nanmax(difference, initial=0.0)),
+                     "max_rel_diff": compare.max_relative_difference(self.got, self.expected)}
+            if bound is not None:
+                limit = compare.allowed(self.expected, bound)
+                share = np.where(limit > 0, difference / np.where(limit > 0, limit, 1.0),
+                                 np.where(difference > 0, np.inf, 0.0))
+                sized |= {"bound": bound.model_dump(), "share_of_bound": float(np.nanmax(share, initial=0.0))}
+        return sized
+
+
+class _Labels:
+    """A list-like of value names, made on demand (a trajectory has epochs x parameters)."""
+
+    def __init__(self, label: Callable[[int], str], length: int) -> None:
+        self.label, self.length = label, length
+
+    def __getitem__(self, index: int) -> str:
+        return self.label(index)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass
+class Outcome:
+    """What a check found: passed or not, the message, and plain data for the report."""
+
+    passed: bool
+    message: str
+    record: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False  # the check had nothing to compare: neither a pass nor a failure
+    compared: Compared | None = None  # for a bound on an expected deviation
+
+
+def tol_text(tol: Any) -> str:
+    return f"rtol {tol.rtol:.1e}, atol {tol.atol:.1e}"

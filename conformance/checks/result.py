@@ -1,0 +1,138 @@
+"""The checks of one result against the case's references: `parity` (the end point against the
+float64 replay) and `lstsq` (against the objective's fit), and what every check of a result
+needs first: whether the result is usable at all (finite, deterministic where asked)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from conformance import compare, reference
+from conformance.checks.outcome import Compared, Outcome, tol_text
+from conformance.problem import Trajectory
+from conformance.records import curve, downsample, floats, plain
+from conformance.results import Trained
+
+if TYPE_CHECKING:
+    from conformance.checks.run import CaseRun
+
+
+class ResultChecks:
+    """parity and lstsq of one (backend, device) result of a case run."""
+
+    def __init__(self, run: CaseRun) -> None:
+        self.run = run
+        self.case, self.prepared, self.refs, self.trained = run.case, run.prepared, run.refs, run.trained
+
+    @property
+    def where(self) -> str:
+        return self.run.where
+
+    def parity(self, backend: str, device: str) -> Outcome:
+        result = self.trained.trained_or_raise(backend, device)
+        trajectory, replay = result.trajectory, self.refs.replay
+        record = self._result_record(result)
+        failed = self.unusable(result, record)
+        if failed:
+            return failed
+        tol, described = self.refs.parity_band
+        if self.refs.too_sensitive:
+            return Outcome(False, self.refs.too_sensitive, record | {"tolerance": described}, skipped=True)
+        if self.refs.data_picture is not None:
+            record["data"] = self.refs.data_picture
+        record |= {
+            "replay_settled": compare.settled_epoch(replay.params), "epochs": len(replay.params),
+            "max_rel_diff": compare.max_relative_difference(trajectory.final, replay.final),
+            "first_epoch_outside": compare.first_epoch_outside(trajectory.params, replay.params, tol),
+            "tolerance": described,
+        }
+        compared = self._final_compared(result, replay, "float64 replay")
+        mismatch = self.worst_mismatch(trajectory, replay, tol)
+        if mismatch is None:
+            return Outcome(True, f"within {tol_text(tol)} of the float64 replay", record, compared=compared)
+        message = mismatch.describe(result.label, "float64 replay", self.where)
+        if record["first_epoch_outside"]:
+            message += f"; first outside the tolerance at epoch {record['first_epoch_outside']}"
+        return Outcome(False, message, record, compared=compared)
+
+    def lstsq(self, backend: str, device: str) -> Outcome:
+        result = self.trained.trained_or_raise(backend, device)
+        refs, tol = self.refs, self.case.spec.tolerance.lstsq
+        record = {"kind": "lstsq", "backend": backend, "device": device, "tolerance": tol.model_dump(),
+                  "params": floats(result.trajectory.final), "reference": refs.least_squares_name}
+        if refs.least_squares is None:
+            return Outcome(False, f"{refs.least_squares_name}: {refs.objective_fit[1]} [case {self.case.name}]",
+                           record)
+        record["lstsq"] = floats(refs.least_squares)
+        diverged = self.divergence(result)
+        if diverged:
+            return Outcome(False, diverged, record)
+        record["max_rel_diff"] = compare.max_relative_difference(result.trajectory.final, refs.least_squares)
+        if self.case.spec.certified is not None:
+            record["lre_certified"] = float(reference.lre(result.trajectory.final, refs.certified_params).min())
+        names = self.prepared.parameter_names
+        compared = Compared(result.trajectory.final, refs.least_squares, names.__getitem__, result.label,
+                            refs.least_squares_name, self.where)
+        mismatch = compare.worst_mismatch(result.trajectory.final, refs.least_squares, tol, names)
+        if mismatch is None:
+            return Outcome(True, f"within {tol_text(tol)} of the {refs.least_squares_name}", record, compared=compared)
+        return Outcome(False, mismatch.describe(result.label, refs.least_squares_name, self.where), record,
+                       compared=compared)
+
+    def unusable(self, result: Trained, record: dict[str, Any]) -> Outcome | None:
+        """A failed Outcome when the result cannot be compared: it diverged, or it is not
+        deterministic under --determinism."""
+        diverged = self.divergence(result)
+        if diverged:
+            return Outcome(False, diverged, record)
+        if result.repeat is not None and not result.repeat["identical"]:
+            return Outcome(False, f"not deterministic ({result.label}): a second training on the same device "
+                                  f"differs by up to {result.repeat['max_abs_diff']:.3g}, first at epoch "
+                                  f"{result.repeat['first_epoch']} [case {self.case.name}]", record)
+        return None
+
+    def divergence(self, result: Trained) -> str | None:
+        epoch = result.trajectory.first_nonfinite_epoch()
+        if epoch is None:
+            return None
+        trajectory = result.trajectory
+        finite = np.flatnonzero(np.isfinite(trajectory.loss[: epoch - 1]))
+        last = f"last finite loss {trajectory.loss[finite[-1]]:.6g} at epoch {finite[-1] + 1}" if finite.size \
+            else "no finite loss"
+        params = ", ".join(f"{value:.6g}" for value in trajectory.params[epoch - 1])
+        return (f"training diverged ({result.label}): loss or parameters became non-finite at epoch {epoch}; "
+                f"{last}; parameters then [{params}] [case {self.case.name}]")
+
+    def _final_compared(self, result: Trained, replay: Trajectory, against: str) -> Compared:
+        """Final parameters, then `predict` outputs, as one comparison."""
+        names = list(self.prepared.parameter_names)
+        got, expected = [result.trajectory.final], [replay.final]
+        if result.trajectory.predictions is not None and replay.predictions is not None:
+            got.append(np.asarray(result.trajectory.predictions, dtype=np.float64))
+            expected.append(np.asarray(replay.predictions, dtype=np.float64))
+            names += [f"predict[{index}]" for index in range(len(replay.predictions))]
+        return Compared(np.concatenate(got), np.concatenate(expected), names.__getitem__, result.label, against,
+                        self.where)
+
+    def worst_mismatch(self, got: Trajectory, reference_side: Trajectory, tol: Any) -> compare.Mismatch | None:
+        """Final parameters first, then `predict` outputs, against the reference side."""
+        mismatch = compare.worst_mismatch(got.final, reference_side.final, tol, self.prepared.parameter_names)
+        if mismatch is None and got.predictions is not None:
+            labels = [f"predict[{index}]" for index in range(len(reference_side.predictions))]
+            mismatch = compare.worst_mismatch(got.predictions, reference_side.predictions, tol, labels)
+        return mismatch
+
+    def _result_record(self, result: Trained) -> dict[str, Any]:
+        trajectory, replay = result.trajectory, self.refs.replay
+        return {"kind": "parity", "backend": result.backend, "device": result.device,
+                "seconds": result.seconds, "params": floats(trajectory.final),
+                "replay": floats(replay.final),
+                "predictions": None if trajectory.predictions is None else floats(trajectory.predictions),
+                "replay_predictions": None if replay.predictions is None else floats(replay.predictions),
+                "curve": curve(trajectory),
+                "distance": downsample(compare.distance_per_epoch(trajectory.params, replay.params)),
+                "info": {key: plain(value) for key, value in trajectory.info.items()},
+                "deterministic": None if result.repeat is None else result.repeat["identical"]}
+
+

@@ -1,0 +1,135 @@
+"""The `trajectory` check: every epoch's parameters and training loss of a result against the
+float64 replay's, each epoch in its own band (`auto`: the spread of the perturbed replays up to
+that epoch) or the case's tolerance. A run that ends where the replay ends through another path
+fails here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from conformance import reference
+from conformance.checks.outcome import Compared, Outcome
+from conformance.problem import Trajectory
+from conformance.records import downsample
+from conformance.schema import Tol
+
+if TYPE_CHECKING:
+    from conformance.checks.run import CaseRun
+
+
+class TrajectoryCheck:
+    """The trajectory item of each result of one case run."""
+
+    def __init__(self, run: CaseRun) -> None:
+        self.run = run
+        self.case, self.prepared, self.refs, self.trained = run.case, run.prepared, run.refs, run.trained
+        self.results = run.result_checks
+
+    def check(self, backend: str, device: str) -> Outcome:
+        """Every epoch's parameters and training loss against the replay's, each epoch in its
+        own band (`auto`) or the case's tolerance; the first epoch outside is named."""
+        result = self.trained.trained_or_raise(backend, device)
+        record = {"kind": "trajectory", "backend": backend, "device": device}
+        failed = self.results.unusable(result, record)
+        if failed:
+            return failed
+        bands, replay = self.refs.trajectory_bands, self.refs.replay
+        epochs = bands.comparable
+        record |= {"tolerance": self.tolerance(), "epochs": len(replay.params), "comparable": epochs}
+        if epochs == 0:
+            return Outcome(False, f"rounding alone moves this training by more than {reference.AUTO_LIMIT:g} "
+                                  f"relative from epoch 1 on: too sensitive to compare paths [case {self.case.name}]",
+                           record, skipped=True)
+        path = _Path(result.trajectory, replay, bands, epochs, self.prepared.parameter_names)
+        if result.trajectory.info.get("loss_includes_l2_penalty"):
+            record["loss_compared"] = "the case's loss plus weight decay's L2 penalty, as the framework reports it"
+        record |= path.record()
+        compared = Compared(path.got, path.expected, path.label, result.label, "float64 replay",
+                            f"case {self.case.name}")
+        checked = f"epochs 1-{epochs}" + (f" of {len(replay.params)} (later ones: rounding alone moves the "
+                                          f"training by more than {reference.AUTO_LIMIT:g})"
+                                          if epochs < len(replay.params) else "")
+        first = path.first_outside()
+        if first is None:
+            return Outcome(True, f"every epoch within its band of the float64 replay ({checked})", record,
+                           compared=compared)
+        return Outcome(False, path.describe(first, result.label, self.case.name) + f"; checked {checked}", record,
+                       compared=compared)
+
+    def tolerance(self) -> dict[str, Any]:
+        own = self.case.spec.tolerance.trajectory
+        bands = self.refs.trajectory_bands
+        if isinstance(own, Tol):
+            return own.model_dump()
+        return {"auto": {"method": bands.method, "runs": reference.AUTO_RUNS, "factor": reference.AUTO_FACTOR,
+                         "final": {"rtol": float(bands.rtol[-1]), "atol": float(bands.atol[-1])},
+                         "widest_rtol": float(np.max(bands.rtol[:bands.comparable], initial=0.0))}}
+
+
+class _Path:
+    """One result's trajectory against the replay's, epoch by epoch, in the per-epoch bands:
+    the parameters of every epoch, then the loss of every epoch, as one flat comparison."""
+
+    def __init__(self, got: Trajectory, replay: Trajectory, bands: reference.EpochBands, epochs: int,
+                 names: list[str]) -> None:
+        self.names, self.epochs = names + ["loss"], epochs
+        width = len(names)
+        self.params = (got.params[:epochs], replay.params[:epochs])
+        expected_loss = replay.loss
+        if got.info.get("loss_includes_l2_penalty") and replay.penalty is not None:
+            expected_loss = replay.loss + replay.penalty  # what the framework reports as its loss
+        self.loss = (got.loss[:epochs], expected_loss[:epochs])
+        self.allowed = np.column_stack([
+            bands.atol[:epochs, None] + bands.rtol[:epochs, None] * np.abs(self.params[1]),
+            bands.loss_atol[:epochs] + bands.loss_rtol[:epochs] * np.abs(self.loss[1])])
+        self.difference = np.abs(np.column_stack([self.params[0] - self.params[1], self.loss[0] - self.loss[1]]))
+        self.bands, self.width = bands, width
+        self.got = np.column_stack([self.params[0], self.loss[0]]).ravel()
+        self.expected = np.column_stack([self.params[1], self.loss[1]]).ravel()
+
+    def label(self, index: int) -> str:
+        epoch, column = divmod(index, self.width + 1)
+        return f"epoch {epoch + 1}: {self.names[column]}"
+
+    def outside(self) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return ~(self.difference <= self.allowed)
+
+    def first_outside(self) -> int | None:
+        """0-based first epoch with a value outside its band."""
+        rows = np.flatnonzero(self.outside().any(axis=1))
+        return int(rows[0]) if rows.size else None
+
+    def describe(self, epoch: int, who: str, case: str) -> str:
+        outside = self.outside()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            excess = np.where(outside[epoch], np.nan_to_num(self.difference[epoch] / self.allowed[epoch],
+                                                            nan=np.inf), -1.0)
+        column = int(np.argmax(excess))
+        is_loss = column == self.width
+        got, expected = (self.loss if is_loss else self.params)
+        got, expected = (got[epoch], expected[epoch]) if is_loss else (got[epoch, column], expected[epoch, column])
+        rtol, atol = ((self.bands.loss_rtol[epoch], self.bands.loss_atol[epoch]) if is_loss
+                      else self.bands.at(epoch))
+        epochs_out = np.flatnonzero(outside.any(axis=1))
+        return (f"first outside its band at epoch {epoch + 1}: {self.names[column]}={got:.10g} ({who}), but should be "
+                f"{expected:.10g} ± {self.allowed[epoch, column]:.1e} (float64 replay; band there rtol {rtol:.1e}, "
+                f"atol {atol:.1e}) [case {case}]; {epochs_out.size} epoch(s) outside, the last at epoch "
+                f"{epochs_out[-1] + 1}")
+
+    def record(self) -> dict[str, Any]:
+        """For the report: per epoch, the distance of the parameter (or loss) nearest to
+        leaving its band, and that band: the curve crosses the band where the check fails."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.nan_to_num(np.where(self.allowed > 0, self.difference / self.allowed,
+                                           np.where(self.difference > 0, np.inf, 0.0)), nan=np.inf)
+        worst = np.argmax(share, axis=1)
+        rows = np.arange(self.epochs)
+        first = self.first_outside()
+        return {"first_epoch_outside": None if first is None else first + 1,
+                "epochs_outside": int(self.outside().any(axis=1).sum()),
+                "worst_share": float(np.max(share, initial=0.0)),
+                "band_distance": downsample(self.difference[rows, worst]),
+                "band": downsample(self.allowed[rows, worst])}
