@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from conformance import compare, reference
-from conformance.checks.outcome import Compared, Outcome, tol_text
+from conformance.checks.outcome import Compared, OfRun, Outcome, tol_text
 from conformance.records import curve, floats
 from conformance.results import Trained
 
@@ -16,17 +16,12 @@ if TYPE_CHECKING:
     from conformance.checks.run import CaseRun
 
 
-class CaseChecks:
+class CaseChecks(OfRun):
     """pairwise and certified of one case run."""
 
     def __init__(self, run: CaseRun) -> None:
-        self.run = run
-        self.case, self.prepared, self.refs, self.trained = run.case, run.prepared, run.refs, run.trained
+        super().__init__(run)
         self.results = run.result_checks
-
-    @property
-    def where(self) -> str:
-        return self.run.where
 
     def pairwise(self, deviant: dict[tuple[str, str], Any]) -> Outcome:
         """Every two results agree within the parity tolerance, in both directions.

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from conformance import compare
 from conformance.schema import Tol
+
+if TYPE_CHECKING:
+    from conformance.checks.run import CaseRun
 
 
 @dataclass
@@ -70,3 +73,16 @@ class Outcome:
 
 def tol_text(tol: Any) -> str:
     return f"rtol {tol.rtol:.1e}, atol {tol.atol:.1e}"
+
+
+class OfRun:
+    """What every group of checks reads from its case run: the case, its prepared problem, its
+    references and its trained results, and where a message says it happened."""
+
+    def __init__(self, run: CaseRun) -> None:
+        self.run = run
+        self.case, self.prepared, self.refs, self.trained = run.case, run.prepared, run.refs, run.trained
+
+    @property
+    def where(self) -> str:
+        return self.run.where

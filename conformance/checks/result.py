@@ -9,25 +9,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from conformance import compare, reference
-from conformance.checks.outcome import Compared, Outcome, tol_text
+from conformance.checks.outcome import Compared, OfRun, Outcome, tol_text
 from conformance.problem import Trajectory
 from conformance.records import curve, downsample, floats, plain
 from conformance.results import Trained
 
 if TYPE_CHECKING:
-    from conformance.checks.run import CaseRun
+    pass
 
 
-class ResultChecks:
+class ResultChecks(OfRun):
     """parity and lstsq of one (backend, device) result of a case run."""
 
-    def __init__(self, run: CaseRun) -> None:
-        self.run = run
-        self.case, self.prepared, self.refs, self.trained = run.case, run.prepared, run.refs, run.trained
-
-    @property
-    def where(self) -> str:
-        return self.run.where
 
     def parity(self, backend: str, device: str) -> Outcome:
         result = self.trained.trained_or_raise(backend, device)

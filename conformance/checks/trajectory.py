@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from conformance import reference
-from conformance.checks.outcome import Compared, Outcome
+from conformance.checks.outcome import Compared, OfRun, Outcome
 from conformance.problem import Trajectory
 from conformance.records import downsample
 from conformance.schema import Tol
@@ -19,12 +19,11 @@ if TYPE_CHECKING:
     from conformance.checks.run import CaseRun
 
 
-class TrajectoryCheck:
+class TrajectoryCheck(OfRun):
     """The trajectory item of each result of one case run."""
 
     def __init__(self, run: CaseRun) -> None:
-        self.run = run
-        self.case, self.prepared, self.refs, self.trained = run.case, run.prepared, run.refs, run.trained
+        super().__init__(run)
         self.results = run.result_checks
 
     def check(self, backend: str, device: str) -> Outcome:
