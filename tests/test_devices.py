@@ -210,3 +210,18 @@ def test_doctor_explains_a_backend_that_cannot_run(machine, monkeypatch, capsys)
     found = json.loads(capsys.readouterr().out)
     assert found["backends"]["keras_xla"]["unavailable"].startswith("this TensorFlow build has no XLA")
     assert "(its items skip, with the reason above, for: keras_xla, gradient_tape_xla)" in doctor.render(found)
+
+
+def test_native_lines_repeated_at_tensorflow_import_are_passed_on_once(capfd):
+    """TensorFlow >= 2.19 logs its oneDNN notice twice at import, with two time stamps; the
+    import keeps it once, and keeps every other line."""
+    import os
+
+    from conformance.backends._frameworks import _repeated_stderr_lines_once
+
+    with _repeated_stderr_lines_once():
+        os.write(2, b"I0000 00:00:1796352369.057947   18004 port.cc:153] oneDNN custom operations are on.\n")
+        os.write(2, b"something else\n")
+        os.write(2, b"I0000 00:00:1796352373.719982   18004 port.cc:153] oneDNN custom operations are on.\n")
+    assert capfd.readouterr().err.splitlines() == [
+        "I0000 00:00:1796352369.057947   18004 port.cc:153] oneDNN custom operations are on.", "something else"]

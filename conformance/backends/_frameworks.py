@@ -7,9 +7,14 @@ process), Keras runs on the TensorFlow backend, and TF32 is off in both framewor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -54,7 +59,7 @@ def tensorflow() -> ModuleType:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if installed("torch"):
         torch()
-    with timing.phase("imports"):
+    with timing.phase("imports"), _repeated_stderr_lines_once():
         import tensorflow as tf
 
     tf.config.experimental.enable_tensor_float_32_execution(False)
@@ -62,6 +67,35 @@ def tensorflow() -> ModuleType:
         tf.config.experimental.enable_op_determinism()
     tf.get_logger().setLevel("ERROR")
     return tf
+
+
+_GLOG_PREFIX = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ ")
+
+
+@contextlib.contextmanager
+def _repeated_stderr_lines_once() -> Iterator[None]:
+    """Pass on what the native code writes to stderr meanwhile, each distinct line once.
+
+    TensorFlow >= 2.19 logs its oneDNN notice from two of its libraries at import, before its
+    logging reads TF_CPP_MIN_LOG_LEVEL (no variable silences it): the same line twice in every
+    process that imports it. The notice matters (oneDNN changes rounding), so it is kept, once.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            seen: set[bytes] = set()
+            for line in captured.read().splitlines(keepends=True):
+                key = _GLOG_PREFIX.sub(b"", line)  # the same message, logged at another time
+                if key not in seen:
+                    seen.add(key)
+                    os.write(2, line)
 
 
 @functools.cache
