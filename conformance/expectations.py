@@ -4,7 +4,8 @@ A case's own `expect` entries are about that case: strict (an expected deviation
 happen fails the item), with the deviation's measured size. The expectations file generalises
 them for cases nobody wrote by hand, in the spirit of array-api-tests' xfails file: each entry
 is an `expect` entry plus `when`, the conditions under which the deviation can appear (dtype,
-optimizer and its settings, loss and its settings; `versions` as in `expect`). A file entry is
+optimizer and its settings, loss and its settings, schedule and its settings, clip; `versions`
+as in `expect`). A file entry is
 not strict: where the condition holds, the deviation may show (the item is then xfailed with the
 entry's reason) or may not (the item passes, and the report says which entry applied).
 
@@ -48,13 +49,16 @@ class When(Strict):
     settings: dict[str, Condition] = {}  # the optimizer's settings
     loss: OneOrMany | None = None
     loss_settings: dict[str, Condition] = {}  # delta, from_logits, reduction
+    schedule: OneOrMany | None = None  # v1.2: exponential, piecewise, cosine
+    schedule_settings: dict[str, Condition] = {}  # the schedule's settings, and every (step, epoch)
+    clip: OneOrMany | None = None  # v1.2: global_norm, norm, value
 
-    @field_validator("settings", "loss_settings")
+    @field_validator("settings", "loss_settings", "schedule_settings")
     @classmethod
     def _comparisons(cls, conditions: dict[str, Condition]) -> dict[str, Condition]:
         for name, condition in conditions.items():
             if isinstance(condition, str) and not isinstance(condition, bool) and not COMPARISON.match(condition) \
-                    and condition not in ("mean", "sum"):
+                    and condition not in ("mean", "sum", "step", "epoch"):
                 raise ValueError(f"{name}: {condition!r}; expected a value or a comparison such as '> 0'")
         return conditions
 
@@ -124,8 +128,15 @@ def holds(when: When, problem: Problem) -> bool:
         return False
     if when.loss is not None and problem.loss not in _names(when.loss):
         return False
+    if when.schedule is not None and (problem.schedule is None or problem.schedule["kind"] not in _names(when.schedule)):
+        return False
+    if when.clip is not None and (problem.clip is None or problem.clip["kind"] not in _names(when.clip)):
+        return False
     loss_settings = {"delta": problem.delta, "from_logits": problem.from_logits, "reduction": problem.reduction}
-    return _all_hold(when.settings, problem.optimizer.settings) and _all_hold(when.loss_settings, loss_settings)
+    schedule_settings = {} if problem.schedule is None else problem.schedule["settings"] | {
+        "every": problem.schedule["every"]}
+    return (_all_hold(when.settings, problem.optimizer.settings) and _all_hold(when.loss_settings, loss_settings)
+            and _all_hold(when.schedule_settings, schedule_settings))
 
 
 def _names(value: str | list[str]) -> list[str]:

@@ -43,19 +43,22 @@ import numpy as np
 
 from conformance.problem import Optimizer
 
-Update = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Update = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 
 
 def make_update(optimizer: Optimizer) -> Update:
-    """A stateful function (params, grad) -> new params for one optimizer's settings."""
+    """A stateful function (params, grad, learning_rate) -> new params for one optimizer's
+    settings. The rate is the step's own (a schedule's, or the constant one): every state above
+    is kept without it, and it multiplies the whole step, as in PyTorch and optax."""
     builders = {"sgd": _sgd, "adam": _adam, "rmsprop": _rmsprop, "adagrad": _adagrad}
-    return builders[optimizer.name](**optimizer.settings)
+    settings = {name: value for name, value in optimizer.settings.items() if name != "learning_rate"}
+    return builders[optimizer.name](**settings)
 
 
-def _sgd(learning_rate: float, momentum: float, nesterov: bool, weight_decay: float) -> Update:
+def _sgd(momentum: float, nesterov: bool, weight_decay: float) -> Update:
     buffer: list[np.ndarray] = []
 
-    def update(params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    def update(params: np.ndarray, grad: np.ndarray, learning_rate: float) -> np.ndarray:
         grad = grad + weight_decay * params
         if momentum:
             if buffer:
@@ -68,10 +71,10 @@ def _sgd(learning_rate: float, momentum: float, nesterov: bool, weight_decay: fl
     return update
 
 
-def _adam(learning_rate: float, beta_1: float, beta_2: float, epsilon: float, amsgrad: bool) -> Update:
+def _adam(beta_1: float, beta_2: float, epsilon: float, amsgrad: bool) -> Update:
     state = {"t": 0, "m": 0.0, "v": 0.0, "v_max": 0.0}
 
-    def update(params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    def update(params: np.ndarray, grad: np.ndarray, learning_rate: float) -> np.ndarray:
         state["t"] += 1
         t = state["t"]
         state["m"] = beta_1 * state["m"] + (1 - beta_1) * grad
@@ -85,10 +88,10 @@ def _adam(learning_rate: float, beta_1: float, beta_2: float, epsilon: float, am
     return update
 
 
-def _rmsprop(learning_rate: float, rho: float, epsilon: float, momentum: float, centered: bool) -> Update:
+def _rmsprop(rho: float, epsilon: float, momentum: float, centered: bool) -> Update:
     state = {"v": 0.0, "a": 0.0, "b": 0.0}
 
-    def update(params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    def update(params: np.ndarray, grad: np.ndarray, learning_rate: float) -> np.ndarray:
         state["v"] = rho * state["v"] + (1 - rho) * grad * grad
         second = state["v"]
         if centered:
@@ -103,10 +106,10 @@ def _rmsprop(learning_rate: float, rho: float, epsilon: float, momentum: float, 
     return update
 
 
-def _adagrad(learning_rate: float, initial_accumulator_value: float, epsilon: float) -> Update:
+def _adagrad(initial_accumulator_value: float, epsilon: float) -> Update:
     state = {"s": initial_accumulator_value}
 
-    def update(params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    def update(params: np.ndarray, grad: np.ndarray, learning_rate: float) -> np.ndarray:
         state["s"] = state["s"] + grad * grad
         return params - learning_rate * grad / (np.sqrt(state["s"]) + epsilon)
 

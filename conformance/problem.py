@@ -49,6 +49,9 @@ class Problem:
     delta: float = 1.0  # huber's delta
     from_logits: bool = True  # bce: the model outputs logits (else a sigmoid, and the probability loss)
     sample_weight: np.ndarray | None = None  # per sample, in the training dtype; None: all 1
+    # v1.2, as plain data (conformance/schedules.py): {"kind", "settings", "every"} and {"kind", "threshold"}
+    schedule: dict[str, Any] | None = None
+    clip: dict[str, Any] | None = None
 
     @property
     def n(self) -> int:
@@ -82,6 +85,14 @@ class Problem:
         Keras's history reports it (the backends that record per step use this)."""
         sizes = np.diff(np.append(np.arange(0, self.n, self.batch_size), self.n))
         return np.asarray(step_losses, dtype=np.float64).reshape(self.epochs, len(sizes)) @ sizes / self.n
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.settings["learning_rate"])
+
+    @property
+    def schedule_every_epoch(self) -> bool:
+        return self.schedule is not None and self.schedule["every"] == "epoch"
 
     def initial_params(self) -> np.ndarray:
         bias = [] if self.init_bias is None else [float(self.init_bias)]
@@ -149,6 +160,8 @@ def prepare(case: LoadedCase) -> Prepared:
         optimizer=_optimizer(case),
         dtype=str(dtype),
         predict_x=_predict(case, x_raw.shape[1], standardizer, dtype),
+        schedule=_schedule(case, steps // spec.training.epochs),
+        clip=_clip(spec.training.clip),
     )
     names = [f"weights[{index}]" for index in range(d)] + (["bias"] if bias is not None else [])
     _check_certified(case, d)
@@ -199,6 +212,29 @@ def _optimizer(case: LoadedCase) -> Optimizer:
     return Optimizer(name, settings.model_dump())
 
 
+def _schedule(case: LoadedCase, steps_per_epoch: int) -> dict[str, Any] | None:
+    """The case's schedule as plain data; CaseError for a warm-up longer than the training."""
+    schedule = case.spec.training.schedule
+    if schedule is None:
+        return None
+    plain = {"kind": schedule.kind, "settings": schedule.settings.model_dump(), "every": schedule.every}
+    epochs = case.spec.training.epochs
+    units = epochs if schedule.every == "epoch" else epochs * steps_per_epoch
+    warmup = plain["settings"].get("warmup_steps", 0)
+    if warmup > units:
+        unit = "epochs" if schedule.every == "epoch" else "optimizer steps"
+        raise CaseError(f"{case.source.display}: training.schedule.cosine.warmup_steps: {warmup} is longer than the "
+                        f"training ({units} {unit}, every: {schedule.every}); expected at most {units}")
+    return plain
+
+
+def _clip(clip: Any) -> dict[str, Any] | None:
+    if clip is None:
+        return None
+    kind, threshold = choice(clip)
+    return {"kind": kind, "threshold": float(threshold)}
+
+
 def _predict(case: LoadedCase, width: int, standardizer: Standardizer | None, dtype: np.dtype) -> np.ndarray | None:
     if case.spec.predict is None:
         return None
@@ -238,6 +274,9 @@ class Trajectory:
     # the replay's only: per epoch, the mean over its batches of weight decay's L2 penalty
     # (decay / 2 * ||params||^2 before each step), which Keras's reported loss includes
     penalty: np.ndarray | None = None
+    # with a schedule: per epoch, the learning rate of its last optimizer step, as the framework
+    # reports it (the replay's: the case format's formula)
+    rates: np.ndarray | None = None
 
     @property
     def final(self) -> np.ndarray:

@@ -28,6 +28,7 @@ import scipy.linalg
 import scipy.optimize
 import scipy.special
 
+from conformance import schedules
 from conformance.optimizers import make_update
 from conformance.problem import Problem, Trajectory
 
@@ -59,6 +60,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
     params = problem.initial_params()
     gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), unit)
     update = make_update(problem.optimizer)
+    rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs, problem.steps_per_epoch)
     history = np.empty((problem.epochs, params.size))
     losses = np.empty(problem.epochs)
     decay = float(problem.optimizer.settings.get("weight_decay") or 0.0)
@@ -66,14 +68,15 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
     with np.errstate(all="ignore"):
         for epoch in range(problem.epochs):
             total = penalty = 0.0
-            for batch in problem.batches(epoch):
+            for step, batch in enumerate(problem.batches(epoch)):
                 loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction,
                                                problem.loss, problem.delta, None if w is None else w[batch],
                                                None if rounding is None else output_bias[batch])
                 if rounding is not None:
                     grad = grad * (1.0 + (gradient_bias - 1.0) * np.sqrt(len(y[batch])))
                 penalty += decay / 2 * float(params @ params) * len(y[batch])
-                params = update(params, grad)
+                grad = schedules.clip(grad, problem.clip, problem.features)
+                params = update(params, grad, rates[epoch, step])
                 if rounding is not None:
                     params = jitter(params, unit)
                 total += loss * len(y[batch])
@@ -85,7 +88,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
         predictions = predict(params, problem.predict_x.astype(np.float64), problem.has_bias)
         if problem.loss == "bce":  # `predict` compares probabilities
             predictions = scipy.special.expit(predictions)
-    return Trajectory(history, losses, predictions, penalty=penalties if decay else None)
+    return Trajectory(history, losses, predictions, penalty=penalties if decay else None,
+                      rates=rates[:, -1] if problem.schedule is not None else None)
 
 
 AUTO_RUNS = 4  # perturbed replays per case

@@ -262,6 +262,73 @@ class BceSettings(Strict):
     reduction: Literal["mean", "sum"] = "mean"
 
 
+# v1.2 learning-rate schedules. t counts optimizer steps taken before this one (every: step) or
+# epochs completed (every: epoch); the formulas are in conformance/schedules.py.
+Steps = Annotated[int, Field(ge=1)]
+
+
+class ExponentialDecay(Strict):
+    decay_rate: Positive
+    decay_steps: Steps
+    staircase: bool = False
+
+
+class PiecewiseConstant(Strict):
+    boundaries: Annotated[list[Steps], Field(min_length=1)]
+    values: Annotated[list[Positive], Field(min_length=2)]
+
+    @model_validator(mode="after")
+    def _one_value_per_interval(self) -> "PiecewiseConstant":
+        if len(self.values) != len(self.boundaries) + 1:
+            raise PydanticCustomError("piecewise", "values: {values} values for {boundaries} boundaries; expected "
+                                      "{wanted} (one more than boundaries)",
+                                      {"values": len(self.values), "boundaries": len(self.boundaries),
+                                       "wanted": len(self.boundaries) + 1})
+        if any(later <= earlier for earlier, later in zip(self.boundaries, self.boundaries[1:])):
+            raise PydanticCustomError("piecewise", "boundaries: {boundaries} do not increase; expected each "
+                                      "boundary larger than the one before", {"boundaries": self.boundaries})
+        return self
+
+
+class CosineDecay(Strict):
+    decay_steps: Steps
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+
+
+SCHEDULE_KINDS = ("exponential", "piecewise", "cosine")
+
+
+class Schedule(Strict):
+    """Exactly one schedule kind, and the unit of t."""
+
+    exponential: Optional[ExponentialDecay] = None
+    piecewise: Optional[PiecewiseConstant] = None
+    cosine: Optional[CosineDecay] = None
+    every: Literal["step", "epoch"] = "step"
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> "Schedule":
+        given = [kind for kind in SCHEDULE_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError("one_of", "{given}; expected exactly one of: {kinds} (and optionally every)",
+                                      {"given": f"{len(given)} schedule kinds given ({', '.join(given)})"
+                                       if given else "no schedule kind given", "kinds": ", ".join(SCHEDULE_KINDS)})
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in SCHEDULE_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def settings(self) -> Strict:
+        return getattr(self, self.kind)
+
+
+# v1.2 gradient clipping: of the loss's gradient, before weight decay is added.
+Clip = one_of({"global_norm": Positive, "norm": Positive, "value": Positive})
+
+
 class Training(Strict):
     epochs: Annotated[int, Field(ge=1, le=10_000_000)]
     batch_size: Optional[Annotated[int, Field(ge=1)]] = None
@@ -270,6 +337,19 @@ class Training(Strict):
                  bare=("mse",)) = "mse"
     optimizer: Optimizer  # type: ignore[valid-type]
     dtype: Literal["float32", "float64"] = "float32"
+    schedule: Optional[Schedule] = None  # v1.2
+    clip: Optional[Clip] = None  # type: ignore[valid-type]  # v1.2
+
+    @model_validator(mode="after")
+    def _piecewise_starts_at_the_rate(self) -> "Training":
+        if self.schedule is not None and self.schedule.piecewise is not None:
+            rate = choice(self.optimizer)[1].learning_rate
+            first = self.schedule.piecewise.values[0]
+            if rate != first:
+                raise PydanticCustomError("piecewise", "schedule.piecewise.values[0] is {first}, optimizer "
+                                          "learning_rate is {rate}; expected them equal (the rate before the "
+                                          "first boundary)", {"first": first, "rate": rate})
+        return self
 
 
 

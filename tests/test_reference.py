@@ -95,7 +95,7 @@ def run_steps(name: str, **settings) -> np.ndarray:
     update = make_update(Optimizer(name, settings))
     params = np.array([1.0, -1.0])
     for grad in GRADIENTS:
-        params = update(params, grad)
+        params = update(params, grad, settings["learning_rate"])
     return params
 
 

@@ -107,8 +107,10 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
                               "keras/src/backend/common/dtypes.py), so this float64 case would train partly "
                               "in float32")
         batches = _batches_class(keras)(problem)
-        recorder = _recorder_class(keras)(batches)
-        model.fit(batches, epochs=problem.epochs, verbose=0, shuffle=False, callbacks=[recorder])
+        recorder = _recorder_class(keras)(problem, batches)
+        scheduler = _keras_common.epoch_scheduler(keras, problem)
+        model.fit(batches, epochs=problem.epochs, verbose=0, shuffle=False,
+                  callbacks=[recorder] if scheduler is None else [scheduler, recorder])
         if batches.served != [problem.steps_per_epoch] * problem.epochs:
             raise RuntimeError(f"fit took {batches.served} batches per epoch; expected {problem.steps_per_epoch} "
                                f"in each of {problem.epochs} epochs")
@@ -122,7 +124,8 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
     if problem.optimizer.settings.get("weight_decay"):
         info |= {"loss_note": "Keras's loss includes the L2 term that carries weight decay",
                  "loss_includes_l2_penalty": True}  # the trajectory check adds the replay's penalty
-    return Trajectory(recorder.history_params, recorder.history_loss, predictions, info).to_data()
+    return Trajectory(recorder.history_params, recorder.history_loss, predictions, info,
+                      rates=recorder.history_rates).to_data()
 
 
 @functools.cache
@@ -218,9 +221,9 @@ def _recorder_class(keras: Any) -> type:
         """Parameters and Keras's own epoch loss after every epoch (`self.model` brings JAX's
         training state back into the variables before they are read)."""
 
-        def __init__(self, batches: Any) -> None:
+        def __init__(self, problem: Problem, batches: Any) -> None:
             super().__init__()
-            self.batches = batches
+            self.problem, self.batches = problem, batches
             self.reset_records()
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -229,5 +232,6 @@ def _recorder_class(keras: Any) -> type:
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             weights = self.model.layers[-1].weights
             self.record(np.concatenate([np.ravel(keras.ops.convert_to_numpy(w.value)) for w in weights]), logs)
+            self.record_rate(keras)
 
     return EpochRecorder

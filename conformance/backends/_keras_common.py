@@ -33,17 +33,24 @@ def floatx(keras: ModuleType, dtype: str) -> Iterator[None]:
         keras.backend.set_floatx(previous)
 
 
-def optimizer(keras: ModuleType, optimizer: Optimizer) -> Any:
+def optimizer(keras: ModuleType, optimizer: Optimizer, learning_rate: Any = None,
+              clip: dict[str, Any] | None = None) -> Any:
     """A Keras optimizer with every hyperparameter passed explicitly (Keras 2 and 3 alike).
 
     Weight decay is left out here: the case format's weight decay is added to the gradient
     (coupled), while Keras's `weight_decay` is decoupled; each backend adds it its own way.
     Keras's own defaults (Adam epsilon 1e-7, Adagrad initial accumulator 0.1) never apply.
+    `learning_rate`: a schedule object instead of the constant rate. `clip`: the case's
+    clipping as the optimizer's own `global_clipnorm`, `clipnorm` (each variable on its own)
+    or `clipvalue`.
     """
     settings = optimizer.settings
     optimizers = keras.optimizers
-    common = {"learning_rate": settings["learning_rate"], "weight_decay": None, "clipnorm": None,
-              "clipvalue": None, "global_clipnorm": None, "use_ema": False}
+    clipping = {"global_clipnorm": None, "clipnorm": None, "clipvalue": None}
+    if clip is not None:
+        clipping[KERAS_CLIP_ARGUMENT[clip["kind"]]] = clip["threshold"]
+    common = {"learning_rate": settings["learning_rate"] if learning_rate is None else learning_rate,
+              "weight_decay": None, "use_ema": False} | clipping
     if optimizer.name == "sgd":
         return optimizers.SGD(momentum=settings["momentum"], nesterov=settings["nesterov"], **common)
     if optimizer.name == "adam":
@@ -56,6 +63,58 @@ def optimizer(keras: ModuleType, optimizer: Optimizer) -> Any:
         return optimizers.Adagrad(initial_accumulator_value=settings["initial_accumulator_value"],
                                   epsilon=settings["epsilon"], **common)
     raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the Keras backends")
+
+
+KERAS_CLIP_ARGUMENT = {"global_norm": "global_clipnorm", "norm": "clipnorm", "value": "clipvalue"}
+
+
+def schedule(keras: ModuleType, problem: Problem) -> Any:
+    """The case's schedule as a `keras.optimizers.schedules` object of t, or None.
+
+    Translations (docs/schedules.md): `ExponentialDecay` as it is; `PiecewiseConstantDecay`
+    with every boundary one less (Keras switches after a boundary, the case format at it);
+    `CosineDecay(lr, decay_steps, alpha)`, or with a warm-up `CosineDecay(0, decay_steps,
+    alpha, warmup_target=lr, warmup_steps)` (Keras's decay_steps excludes the warm-up, as the
+    case format's does).
+    """
+    if problem.schedule is None:
+        return None
+    schedules, rate = keras.optimizers.schedules, problem.learning_rate
+    kind, settings = problem.schedule["kind"], problem.schedule["settings"]
+    if kind == "exponential":
+        return schedules.ExponentialDecay(rate, decay_steps=settings["decay_steps"],
+                                          decay_rate=settings["decay_rate"], staircase=settings["staircase"])
+    if kind == "piecewise":
+        return schedules.PiecewiseConstantDecay([boundary - 1 for boundary in settings["boundaries"]],
+                                                list(settings["values"]))
+    if settings["warmup_steps"]:
+        return schedules.CosineDecay(0.0, decay_steps=settings["decay_steps"], alpha=settings["alpha"],
+                                     warmup_target=rate, warmup_steps=settings["warmup_steps"])
+    return schedules.CosineDecay(rate, decay_steps=settings["decay_steps"], alpha=settings["alpha"])
+
+
+def per_step_schedule(keras: ModuleType, problem: Problem) -> Any:
+    """The schedule the optimizer takes as its learning rate: per step only (per epoch, the
+    rate is a constant that a callback sets at each epoch's start)."""
+    return None if problem.schedule_every_epoch else schedule(keras, problem)
+
+
+def epoch_scheduler(keras: ModuleType, problem: Problem) -> Any:
+    """For `every: epoch`: Keras's `LearningRateScheduler` callback, which sets the optimizer's
+    rate at each epoch's start to the Keras schedule's value at the epoch's index; or None."""
+    if not problem.schedule_every_epoch:
+        return None
+    of_epoch = schedule(keras, problem)
+    return keras.callbacks.LearningRateScheduler(lambda epoch, rate: float(of_epoch(epoch)), verbose=0)
+
+
+def current_rate(keras: ModuleType, optimizer: Any, schedule_object: Any) -> float:
+    """The learning rate of the optimizer's last step, read back from Keras: its schedule at
+    the optimizer's own iteration count less one, or its rate variable (per-epoch callback)."""
+    if schedule_object is not None:
+        iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        return float(keras.ops.convert_to_numpy(schedule_object(iterations - 1)))
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
 def model(keras: ModuleType, problem: Problem, steps_per_execution: int, jit_compile: bool) -> Any:
@@ -75,7 +134,8 @@ def model(keras: ModuleType, problem: Problem, steps_per_execution: int, jit_com
     if problem.has_bias:
         initial.append(problem.init_bias.reshape(1))
     dense.set_weights(initial)
-    built.compile(optimizer=optimizer(keras, problem.optimizer), loss=loss(keras, problem),
+    built.compile(optimizer=optimizer(keras, problem.optimizer, per_step_schedule(keras, problem), problem.clip),
+                  loss=loss(keras, problem),
                   steps_per_execution=steps_per_execution, jit_compile=jit_compile)
     return built
 
@@ -85,9 +145,18 @@ class EpochRecords:
     time at its end. A mixin for the callback classes, which are made at runtime because Keras is
     imported lazily (and, in a worker, on another backend)."""
 
+    def record_rate(self, keras: ModuleType) -> None:
+        """With a schedule (`self.problem`'s), the rate of the last step, read back from Keras."""
+        if self.problem.schedule is None:
+            return
+        if not hasattr(self, "_schedule"):
+            self._schedule = per_step_schedule(keras, self.problem)
+        self.rates.append(current_rate(keras, self.model.optimizer, self._schedule))
+
     def reset_records(self) -> None:
         self.rows: list[np.ndarray] = []
         self.losses: list[float] = []
+        self.rates: list[float] = []  # with a schedule: the rate of each epoch's last step
         self.ends: list[float] = []  # perf_counter at the end of each case epoch
         self.started = 0.0
 
@@ -111,6 +180,10 @@ class EpochRecords:
     @property
     def history_loss(self) -> np.ndarray:
         return np.asarray(self.losses, dtype=np.float64)
+
+    @property
+    def history_rates(self) -> np.ndarray | None:
+        return np.asarray(self.rates, dtype=np.float64) if self.rates else None
 
 
 def loss(keras: ModuleType, problem: Problem) -> Any:

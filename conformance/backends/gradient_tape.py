@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import _frameworks, _tensorflow
+from conformance.backends import _frameworks, _keras_common, _tensorflow
 from conformance.problem import Problem, Trajectory
 
 NAME = "gradient_tape"
@@ -41,9 +41,14 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
         variables = [weights]
         if problem.has_bias:
             variables.append(tf.Variable(problem.init_bias.reshape(1), name="bias"))
-        optimizer = _tensorflow.keras_optimizer(problem.optimizer)
+        keras = _tensorflow.keras()
+        rate_schedule = _keras_common.schedule(keras, problem)
+        # per step: the Keras schedule is the optimizer's learning rate; per epoch: the loop
+        # assigns the schedule's value at each epoch's start to the optimizer's rate variable
+        optimizer = _keras_common.optimizer(keras, problem.optimizer,
+                                            None if problem.schedule_every_epoch else rate_schedule)
         optimizer.build(variables)
-        run_training = _training_function(problem, variables, optimizer, jit_compile)
+        run_training = _training_function(problem, variables, optimizer, rate_schedule, jit_compile)
         orders = tf.range(problem.n, dtype=tf.int64)[tf.newaxis] if problem.orders is None \
             else tf.constant(problem.orders, dtype=tf.int64)
         info: dict[str, Any] = {}
@@ -51,7 +56,7 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
             started = time.perf_counter()
             run_training(orders, tf.constant(0))
             info["compile_seconds"] = time.perf_counter() - started
-        params, totals = run_training(orders, tf.constant(problem.epochs))
+        params, totals, rates = run_training(orders, tf.constant(problem.epochs))
         if jit_compile:
             info["xla"] = _tensorflow.xla_evidence(run_training, orders, tf.constant(problem.epochs))
         params = params.numpy().astype(np.float64)
@@ -62,7 +67,8 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
             if problem.loss == "bce":  # `predict` compares probabilities
                 outputs = tf.math.sigmoid(outputs)
             predictions = outputs.numpy()[:, 0].astype(np.float64)
-    return Trajectory(params, losses, predictions, _tensorflow.environment(device, weights) | info)
+    return Trajectory(params, losses, predictions, _tensorflow.environment(device, weights) | info,
+                      rates=rates.numpy().astype(np.float64) if rate_schedule is not None else None)
 
 
 def _forward(tf: Any, x: Any, variables: list[Any]) -> Any:
@@ -70,8 +76,24 @@ def _forward(tf: Any, x: Any, variables: list[Any]) -> Any:
     return output + variables[1] if len(variables) > 1 else output
 
 
-def _training_function(problem: Problem, variables: list[Any], optimizer: Any, jit_compile: bool) -> Any:
-    """A tf.function(orders, epochs) that trains; returns per-epoch parameters and loss sums.
+def _clipped(tf: Any, gradients: list[Any], clip: dict[str, Any] | None) -> list[Any]:
+    """The case's clipping as a GradientTape loop's author writes it, before weight decay:
+    `tf.clip_by_global_norm`, `tf.clip_by_norm` per variable, or `tf.clip_by_value`."""
+    if clip is None:
+        return gradients
+    threshold = clip["threshold"]
+    if clip["kind"] == "global_norm":
+        return tf.clip_by_global_norm(gradients, threshold)[0]
+    if clip["kind"] == "norm":
+        return [tf.clip_by_norm(gradient, threshold) for gradient in gradients]
+    return [tf.clip_by_value(gradient, -threshold, threshold) for gradient in gradients]
+
+
+def _training_function(problem: Problem, variables: list[Any], optimizer: Any, rate_schedule: Any,
+                       jit_compile: bool) -> Any:
+    """A tf.function(orders, epochs) that trains; returns per-epoch parameters, loss sums and
+    (with a schedule) the rate of each epoch's last step, read from the Keras schedule at the
+    optimizer's iteration count, or from its rate variable per epoch.
 
     `orders` holds each epoch's row order, or one row (0..n-1) used by every epoch when the
     case does not shuffle. `epochs` (a tensor, so that XLA compiles one program for any count)
@@ -120,18 +142,30 @@ def _training_function(problem: Problem, variables: list[Any], optimizer: Any, j
         with tf.GradientTape() as tape:
             losses = per_sample(_forward(tf, x_batch, variables), y_batch)
             loss = reduce(losses * w_batch if weighted else losses)
-        gradients = tape.gradient(loss, variables)
+        gradients = _clipped(tf, tape.gradient(loss, variables), problem.clip)
         if decay:
             gradients = [g + decay * v for g, v in zip(gradients, variables)]
         optimizer.apply_gradients(zip(gradients, variables))
         return loss * tf.constant(size, dtype=x.dtype)
 
+    per_epoch = problem.schedule_every_epoch
+
+    def last_rate() -> Any:
+        if rate_schedule is None:
+            return tf.constant(np.nan, tf.float64)
+        if per_epoch:
+            return tf.cast(optimizer.learning_rate, tf.float64)
+        return tf.cast(rate_schedule(optimizer.iterations - 1), tf.float64)
+
     @tf.function(jit_compile=jit_compile)
     def run_training(orders: Any, epochs: Any) -> Any:
         params = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[problem.features + problem.has_bias])
         totals = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[])
+        rates = tf.TensorArray(tf.float64, size=problem.epochs, element_shape=[])
         for epoch in tf.range(epochs):
             order = orders[epoch] if shuffled else orders[0]
+            if per_epoch:
+                optimizer.learning_rate.assign(tf.cast(rate_schedule(epoch), optimizer.learning_rate.dtype))
             total = tf.constant(0.0, dtype=x.dtype)
             for index in tf.range(full_batches, dtype=tf.int64):
                 total += step(order, index * batch, batch)
@@ -139,6 +173,7 @@ def _training_function(problem: Problem, variables: list[Any], optimizer: Any, j
                 total += step(order, tf.constant(full_batches * batch, dtype=tf.int64), last_batch)
             totals = totals.write(epoch, total)
             params = params.write(epoch, tf.concat([tf.reshape(v, [-1]) for v in variables], axis=0))
-        return params.stack(), totals.stack()
+            rates = rates.write(epoch, last_rate())
+        return params.stack(), totals.stack(), rates.stack()
 
     return run_training

@@ -61,7 +61,8 @@ def train(problem: Problem, device: str) -> Trajectory:
     x = jax.device_put(problem.x.astype(dtype), place)
     y = jax.device_put(problem.y.astype(dtype).reshape(-1, 1), place)
     reduce = jnp.mean if problem.reduction == "mean" else jnp.sum
-    optimizer = make_optimizer(optax, problem.optimizer)
+    optimizer = make_optimizer(optax, problem.optimizer, schedule(optax, problem), dtype)
+    optimizer = with_clipping(optax, problem.clip, list(params), optimizer)
 
     losses = getattr(optax, "losses", optax)  # optax >= 0.2.2 keeps its losses in optax.losses
     weighted = problem.sample_weight is not None
@@ -121,13 +122,13 @@ def train(problem: Problem, device: str) -> Trajectory:
                 carry, total = (parameters, state), total + loss * last_batch
             # [weights..., bias]: JAX orders a dict's leaves by key ("b" before "w"), so name them
             flat = jnp.concatenate([carry[0][name].reshape(-1) for name in ("w", "b") if name in carry[0]])
-            return carry, (flat, total)
+            return carry, (flat, total, last_rate(carry[1]))
 
-        (parameters, state), (history, totals) = jax.lax.scan(one_epoch, (parameters, state),
-                                                              jnp.arange(problem.epochs))
-        return parameters, history, totals
+        (parameters, state), (history, totals, rates) = jax.lax.scan(one_epoch, (parameters, state),
+                                                                     jnp.arange(problem.epochs))
+        return parameters, history, totals, rates
 
-    params, history, totals = run_training(params, optimizer.init(params), orders)
+    params, history, totals, rates = run_training(params, optimizer.init(params), orders)
     history = np.asarray(history, dtype=np.float64)
     predictions = None
     if problem.predict_x is not None:
@@ -140,7 +141,20 @@ def train(problem: Problem, device: str) -> Trajectory:
     info = {"jax": jax.__version__, "optax": optax.__version__, "placed_on": str(next(iter(weight.devices()))),
             "jax_enable_x64": bool(jax.config.jax_enable_x64), "weights_dtype": str(weight.dtype),
             "jit_compilations": int(run_training._cache_size())}
-    return Trajectory(history, np.asarray(totals, dtype=np.float64) / problem.n, predictions, info)
+    if problem.schedule is not None:
+        info["schedule"] = "optax.inject_hyperparams(learning_rate=schedule)"
+    return Trajectory(history, np.asarray(totals, dtype=np.float64) / problem.n, predictions, info,
+                      rates=np.asarray(rates, dtype=np.float64) if problem.schedule is not None else None)
+
+
+def last_rate(state: Any) -> Any:
+    """The learning rate of the last step, as `optax.inject_hyperparams` keeps it in the state
+    (NaN without a schedule)."""
+    for part in state if isinstance(state, tuple) else (state,):
+        hyperparams = getattr(part, "hyperparams", None)
+        if hyperparams is not None and "learning_rate" in hyperparams:
+            return hyperparams["learning_rate"].astype(np.float64)
+    return np.float64(np.nan)
 
 
 def forward(parameters: Any, x: Any) -> Any:
@@ -148,27 +162,85 @@ def forward(parameters: Any, x: Any) -> Any:
     return output + parameters["b"] if "b" in parameters else output
 
 
-def make_optimizer(optax: Any, optimizer: Optimizer) -> Any:
+def make_optimizer(optax: Any, optimizer: Optimizer, rate_schedule: Any = None, dtype: Any = None) -> Any:
     """The optax transformation for the case, every hyperparameter explicit.
 
     Coupled weight decay is `add_decayed_weights` before the optimizer (added to the gradient,
     as torch.optim.SGD does). optax's own defaults never apply (adagrad: initial accumulator
-    0.1 and eps 1e-7; rmsprop: eps inside the root).
+    0.1 and eps 1e-7; rmsprop: eps inside the root). With a schedule, the optimizer is made by
+    `optax.inject_hyperparams` with the schedule as its learning rate (kept in the state in
+    the training dtype, so that each step's rate can be read back); every other setting static.
     """
     settings = optimizer.settings
-    rate = settings["learning_rate"]
+
+    def made(factory: Any, **arguments: Any) -> Any:
+        if rate_schedule is None:
+            return factory(settings["learning_rate"], **arguments)
+        injected = optax.inject_hyperparams(factory, static_args=tuple(arguments), hyperparam_dtype=dtype)
+        return injected(rate_schedule, **arguments)
+
     if optimizer.name == "sgd":
-        sgd = optax.sgd(rate, momentum=settings["momentum"] or None, nesterov=settings["nesterov"])
+        sgd = made(optax.sgd, momentum=settings["momentum"] or None, nesterov=settings["nesterov"])
         return optax.chain(optax.add_decayed_weights(settings["weight_decay"]), sgd) if settings["weight_decay"] \
             else sgd
     if optimizer.name == "adam":
         common = {"b1": settings["beta_1"], "b2": settings["beta_2"], "eps": settings["epsilon"], "eps_root": 0.0}
-        return optax.amsgrad(rate, **common) if settings["amsgrad"] else optax.adam(rate, nesterov=False, **common)
+        return made(optax.amsgrad, **common) if settings["amsgrad"] else made(optax.adam, nesterov=False, **common)
     if optimizer.name == "rmsprop":
-        return optax.rmsprop(rate, decay=settings["rho"], eps=settings["epsilon"], initial_scale=0.0,
-                             eps_in_sqrt=False, centered=settings["centered"], momentum=settings["momentum"] or None,
-                             nesterov=False, bias_correction=False)
+        return made(optax.rmsprop, decay=settings["rho"], eps=settings["epsilon"], initial_scale=0.0,
+                    eps_in_sqrt=False, centered=settings["centered"], momentum=settings["momentum"] or None,
+                    nesterov=False, bias_correction=False)
     if optimizer.name == "adagrad":
-        return optax.adagrad(rate, initial_accumulator_value=settings["initial_accumulator_value"],
-                             eps=settings["epsilon"])
+        return made(optax.adagrad, initial_accumulator_value=settings["initial_accumulator_value"],
+                    eps=settings["epsilon"])
     raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the jax backend")
+
+
+def schedule(optax: Any, problem: Problem) -> Any:
+    """The case's schedule as the optax schedule of the optimizer's step count, or None.
+
+    Translations (docs/schedules.md): `exponential_decay(lr, transition_steps=decay_steps,
+    decay_rate, staircase)`; `piecewise_constant_schedule(lr, {boundary: values[i+1] /
+    values[i]})` (optax takes scales, not values); `cosine_decay_schedule(lr, decay_steps,
+    alpha)`, or with a warm-up `warmup_cosine_decay_schedule(0, lr, warmup_steps,
+    decay_steps=warmup_steps + decay_steps, end_value=alpha * lr)` (optax's decay_steps
+    includes the warm-up). Per epoch: the same schedule of the count // steps per epoch.
+    """
+    if problem.schedule is None:
+        return None
+    kind, settings, rate = problem.schedule["kind"], problem.schedule["settings"], problem.learning_rate
+    if kind == "exponential":
+        of_t = optax.exponential_decay(rate, transition_steps=settings["decay_steps"],
+                                       decay_rate=settings["decay_rate"], transition_begin=0,
+                                       staircase=settings["staircase"])
+    elif kind == "piecewise":
+        values = settings["values"]
+        of_t = optax.piecewise_constant_schedule(rate, {boundary: later / earlier for boundary, earlier, later
+                                                        in zip(settings["boundaries"], values, values[1:])})
+    elif settings["warmup_steps"]:
+        warmup = settings["warmup_steps"]
+        of_t = optax.warmup_cosine_decay_schedule(0.0, rate, warmup_steps=warmup,
+                                                  decay_steps=warmup + settings["decay_steps"],
+                                                  end_value=settings["alpha"] * rate)
+    else:
+        of_t = optax.cosine_decay_schedule(rate, decay_steps=settings["decay_steps"], alpha=settings["alpha"])
+    if not problem.schedule_every_epoch:
+        return of_t
+    return lambda count: of_t(count // problem.steps_per_epoch)
+
+
+def with_clipping(optax: Any, clip: dict[str, Any] | None, names: list[str], optimizer: Any) -> Any:
+    """The case's clipping chained before the optimizer (and its weight decay): optax's
+    `clip_by_global_norm`, the same per parameter array through `multi_transform` (norm), or
+    `clip` (value)."""
+    if clip is None:
+        return optimizer
+    threshold = clip["threshold"]
+    if clip["kind"] == "global_norm":
+        clipping = optax.clip_by_global_norm(threshold)
+    elif clip["kind"] == "norm":
+        clipping = optax.multi_transform({name: optax.clip_by_global_norm(threshold) for name in names},
+                                         {name: name for name in names})
+    else:
+        clipping = optax.clip(threshold)
+    return optax.chain(clipping, optimizer)

@@ -40,14 +40,19 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
     tf = _frameworks.tensorflow()
     with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
         model = _model(problem, steps_per_execution=1 if plain else problem.steps_per_epoch, jit_compile=jit_compile)
-        recorder = _recorder_class()(per_execution=not plain)
+        recorder = _recorder_class()(problem, per_execution=not plain)
+        scheduler = _keras_common.epoch_scheduler(_tensorflow.keras(), problem)
+        callbacks = [recorder] if scheduler is None else [scheduler, recorder]
         if plain:
             model.fit(problem.x, problem.y.reshape(-1, 1), sample_weight=problem.sample_weight,
                       batch_size=problem.batch_size, epochs=problem.epochs, verbose=0, shuffle=False,
-                      callbacks=[recorder])
+                      callbacks=callbacks)
+        elif scheduler is not None:  # a per-epoch schedule needs Keras's epochs: one per case epoch
+            model.fit(_stream(problem), epochs=problem.epochs, steps_per_epoch=problem.steps_per_epoch,
+                      verbose=0, shuffle=False, callbacks=callbacks)
         else:  # one long Keras epoch; one execution (a compiled loop of steps) per case epoch
             model.fit(_stream(problem), epochs=1, steps_per_epoch=problem.epochs * problem.steps_per_epoch,
-                      verbose=0, shuffle=False, callbacks=[recorder])
+                      verbose=0, shuffle=False, callbacks=callbacks)
         predictions = None
         if problem.predict_x is not None:
             predictions = _keras_common.outputs_as_predictions(problem, model(problem.predict_x, training=False),
@@ -61,7 +66,10 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
     if problem.optimizer.settings.get("weight_decay"):
         info |= {"loss_note": "Keras's loss includes the L2 term that carries weight decay",
                  "loss_includes_l2_penalty": True}  # the trajectory check adds the replay's penalty
-    return Trajectory(recorder.history_params, recorder.history_loss, predictions, info)
+    if scheduler is not None:
+        info["schedule"] = "keras.callbacks.LearningRateScheduler (every epoch)"
+    return Trajectory(recorder.history_params, recorder.history_loss, predictions, info,
+                      rates=recorder.history_rates)
 
 
 def _model(problem: Problem, steps_per_execution: int, jit_compile: bool) -> Any:
@@ -97,19 +105,21 @@ def _recorder_class() -> type:
         epochs; the loss tracker is reset after each, so its mean is the epoch's, as in `fit`.
         """
 
-        def __init__(self, per_execution: bool) -> None:
+        def __init__(self, problem: Problem, per_execution: bool) -> None:
             super().__init__()
-            self.per_execution = per_execution
+            self.problem, self.per_execution = problem, per_execution
             self.reset_records()
             self._read_and_reset: Any = None
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             if self.per_execution:
                 self.record(self._read_parameters_and_reset_metrics(), logs)
+                self.record_rate(keras)
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if not self.per_execution:
                 self.record(np.concatenate([np.ravel(v.numpy()) for v in self.model.layers[-1].weights]), logs)
+                self.record_rate(keras)
 
         def _read_parameters_and_reset_metrics(self) -> np.ndarray:
             """The layer's parameters, flat, with the metrics zeroed as `reset_metrics` does.

@@ -3,6 +3,7 @@ and `torch.optim`: the loop its tutorials write."""
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Any
 
@@ -55,7 +56,13 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
             linear.bias.copy_(torch.as_tensor(problem.init_bias.reshape(1)))
     probabilities = problem.loss == "bce" and not problem.from_logits
     model = torch.nn.Sequential(linear, torch.nn.Sigmoid()) if probabilities else linear
-    optimizer = make_optimizer(torch, model.parameters(), problem.optimizer)
+    parameters = list(model.parameters())
+    # A compiled step reads the learning rate as a tensor: with a Python float, every new rate
+    # of a schedule is a new constant and recompiles the step (PyTorch's tutorial "Running the
+    # compiled optimizer with an LR scheduler"). The tensor has the parameters' dtype.
+    rate_tensor = dtype if compile_step is not None and problem.schedule is not None else None
+    optimizer = make_optimizer(torch, model.parameters(), problem.optimizer, rate_tensor)
+    scheduler = make_scheduler(torch, optimizer, problem)
     weighted = problem.sample_weight is not None
     # With sample weights, the weighted mean (or sum) people write by hand: the loss module
     # per sample (reduction="none"), times the weights, then mean over the batch (or sum).
@@ -68,19 +75,26 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
         if w_batch is not None:
             loss = (loss * w_batch).mean() if problem.reduction == "mean" else (loss * w_batch).sum()
         loss.backward()
+        clip_gradients(torch, parameters, problem.clip)
         optimizer.step()
         return loss.detach()
 
     run_step = step if compile_step is None else compile_step(step)
     orders = None if problem.orders is None else torch.as_tensor(problem.orders, device=device)
-    parameters = list(model.parameters())
-    params, step_losses = _Stacked(torch), _Stacked(torch)
+    params, step_losses, rates = _Stacked(torch), _Stacked(torch), []
     ends = [time.perf_counter()]
+    last_start = (problem.steps_per_epoch - 1) * problem.batch_size
     for epoch in range(problem.epochs):
         for start in range(0, problem.n, problem.batch_size):
             rows = slice(start, start + problem.batch_size) if orders is None \
                 else orders[epoch, start:start + problem.batch_size]
+            if scheduler is not None and start == last_start:
+                rates.append(float(optimizer.param_groups[0]["lr"]))
             step_losses.add(run_step(x[rows], y[rows], w[rows]) if weighted else run_step(x[rows], y[rows]))
+            if scheduler is not None and not problem.schedule_every_epoch:
+                scheduler.step()
+        if scheduler is not None and problem.schedule_every_epoch:
+            scheduler.step()
         params.add(torch.cat([p.detach().reshape(-1) for p in parameters]))
         if compile_step is not None:
             ends.append(time.perf_counter())
@@ -94,7 +108,10 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
     info = _environment(torch, device, linear.weight)
     if compile_step is not None:
         info["epoch_seconds"] = np.diff(ends)
-    return Trajectory(params.numpy(), problem.epoch_losses(step_losses.numpy()), predictions, info)
+    if scheduler is not None:
+        info["scheduler"] = _describe(scheduler)
+    return Trajectory(params.numpy(), problem.epoch_losses(step_losses.numpy()), predictions, info,
+                      rates=np.asarray(rates) if scheduler is not None else None)
 
 
 def loss_module(torch: Any, problem: Problem, reduction: str) -> Any:
@@ -132,14 +149,18 @@ class _Stacked:
         return self.torch.cat(self.chunks).cpu().double().numpy()
 
 
-def make_optimizer(torch: Any, parameters: Any, optimizer: Optimizer) -> Any:
+def make_optimizer(torch: Any, parameters: Any, optimizer: Optimizer, rate_tensor: Any = None) -> Any:
     """A torch optimizer with every hyperparameter passed explicitly (foreach off: one code path).
 
     torch's own defaults differ from the case format's (RMSprop alpha 0.99, not 0.9), so none
-    is left to torch. The formulas are in conformance/optimizers.py.
+    is left to torch. The formulas are in conformance/optimizers.py. `rate_tensor`, a dtype:
+    the learning rate as a tensor of it (for a compiled step under a schedule).
     """
     settings = optimizer.settings
-    common = {"lr": settings["learning_rate"], "weight_decay": settings.get("weight_decay", 0.0),
+    rate = settings["learning_rate"]
+    if rate_tensor is not None:
+        rate = torch.tensor(rate, dtype=rate_tensor)
+    common = {"lr": rate, "weight_decay": settings.get("weight_decay", 0.0),
               "foreach": False, "maximize": False}
     if optimizer.name == "sgd":
         return torch.optim.SGD(parameters, momentum=settings["momentum"], dampening=0.0,
@@ -154,6 +175,60 @@ def make_optimizer(torch: Any, parameters: Any, optimizer: Optimizer) -> Any:
         return torch.optim.Adagrad(parameters, lr_decay=0.0, eps=settings["epsilon"],
                                    initial_accumulator_value=settings["initial_accumulator_value"], **common)
     raise NotImplementedError(f"optimizer {optimizer.name} is not supported by the torch backend")
+
+
+def make_scheduler(torch: Any, optimizer: Any, problem: Problem) -> Any:
+    """The case's schedule as `torch.optim.lr_scheduler` schedulers, stepped by the loop after
+    every optimizer step (every: step) or every epoch. The translations (docs/schedules.md):
+
+    - exponential: `StepLR(step_size=decay_steps, gamma=decay_rate)` with staircase, else
+      `ExponentialLR(gamma=decay_rate ** (1 / decay_steps))` (torch multiplies every step);
+    - piecewise: `MultiStepLR(milestones=boundaries, gamma)` where the values fall by one
+      ratio, else `LambdaLR` of values[i] / values[0] (torch has no piecewise of any values);
+    - cosine: `CosineAnnealingLR(T_max=decay_steps, eta_min=alpha * lr)`, then `ConstantLR`
+      holding eta_min (CosineAnnealingLR rises again after T_max, the case format stays), after
+      a warm-up of `LambdaLR(t / warmup_steps)` (`LinearLR` cannot start at 0), joined by
+      `SequentialLR`.
+    """
+    if problem.schedule is None:
+        return None
+    schedulers = torch.optim.lr_scheduler
+    kind, settings = problem.schedule["kind"], problem.schedule["settings"]
+    if kind == "exponential":
+        if settings["staircase"]:
+            return schedulers.StepLR(optimizer, step_size=settings["decay_steps"], gamma=settings["decay_rate"])
+        return schedulers.ExponentialLR(optimizer, gamma=settings["decay_rate"] ** (1 / settings["decay_steps"]))
+    if kind == "piecewise":
+        values, boundaries = settings["values"], settings["boundaries"]
+        ratios = [later / earlier for earlier, later in zip(values, values[1:])]
+        if all(abs(ratio - ratios[0]) <= 1e-12 * ratios[0] for ratio in ratios):
+            return schedulers.MultiStepLR(optimizer, milestones=boundaries, gamma=ratios[0])
+        return schedulers.LambdaLR(optimizer, lambda t: values[bisect.bisect_right(boundaries, t)] / values[0])
+    warmup, decay_steps, alpha = settings["warmup_steps"], settings["decay_steps"], settings["alpha"]
+    parts = [schedulers.LambdaLR(optimizer, lambda t: t / warmup)] if warmup else []
+    parts += [schedulers.CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=alpha * problem.learning_rate),
+              schedulers.ConstantLR(optimizer, factor=alpha, total_iters=problem.epochs * problem.steps_per_epoch + 1)]
+    return schedulers.SequentialLR(optimizer, parts, milestones=[warmup, warmup + decay_steps][-len(parts) + 1:])
+
+
+def clip_gradients(torch: Any, parameters: list[Any], clip: dict[str, Any] | None) -> None:
+    """The case's clipping with torch.nn.utils, between backward() and step(): clip_grad_norm_
+    over every parameter (global_norm) or over each on its own (norm), or clip_grad_value_."""
+    if clip is None:
+        return
+    utils, threshold = torch.nn.utils, clip["threshold"]
+    if clip["kind"] == "value":
+        utils.clip_grad_value_(parameters, clip_value=threshold, foreach=False)
+        return
+    groups = [parameters] if clip["kind"] == "global_norm" else [[parameter] for parameter in parameters]
+    for group in groups:
+        utils.clip_grad_norm_(group, max_norm=threshold, norm_type=2.0, error_if_nonfinite=False, foreach=False)
+
+
+def _describe(scheduler: Any) -> str:
+    inner = getattr(scheduler, "_schedulers", None)
+    name = type(scheduler).__name__
+    return f"{name}({', '.join(type(part).__name__ for part in inner)})" if inner else name
 
 
 def _environment(torch: Any, device: str, weight: Any) -> dict[str, Any]:
