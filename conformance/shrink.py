@@ -83,6 +83,9 @@ def reduction_space(case: dict[str, Any]) -> dict[str, Any]:
     for option in settings:
         if option != "learning_rate":
             knobs[f"keep_{option}"] = st.booleans()
+    for extra in ("schedule", "clip"):
+        if extra in training:
+            knobs[f"keep_{extra}"] = st.booleans()
     return knobs
 
 
@@ -117,6 +120,12 @@ def reduced(case: dict[str, Any], reduction: dict[str, Any]) -> dict[str, Any]:
                                     if option == "learning_rate" or reduction.get(f"keep_{option}", True)}}
     if kind == "sgd" and not training["optimizer"][kind].get("momentum"):
         training["optimizer"][kind].pop("nesterov", None)  # nesterov needs momentum
+    for extra in ("schedule", "clip"):
+        if extra in training and not reduction.get(f"keep_{extra}", True):
+            del training[extra]
+    cosine = training.get("schedule", {}).get("cosine")
+    if cosine and cosine.get("warmup_steps", 0) > training["epochs"]:  # a warm-up within the fewer epochs
+        cosine["warmup_steps"] = training["epochs"]
     result["name"] = f"{case['name']}-shrunk"
     return result
 
