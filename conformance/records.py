@@ -12,8 +12,12 @@ CURVE_POINTS = 400
 
 
 def curve(trajectory: Trajectory) -> dict[str, Any]:
-    """The loss and every parameter over the epochs."""
-    return {"loss": downsample(trajectory.loss), "params": [downsample(column) for column in trajectory.params.T]}
+    """The loss and every parameter over the epochs; with a schedule, the rate of each epoch's
+    last step as the framework reports it (the replay's: the case format's)."""
+    drawn = {"loss": downsample(trajectory.loss), "params": [downsample(column) for column in trajectory.params.T]}
+    if trajectory.rates is not None:
+        drawn["rate"] = downsample(trajectory.rates)
+    return drawn
 
 
 def downsample(values: np.ndarray) -> dict[str, list]:

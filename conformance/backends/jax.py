@@ -150,11 +150,22 @@ def train(problem: Problem, device: str) -> Trajectory:
 def last_rate(state: Any) -> Any:
     """The learning rate of the last step, as `optax.inject_hyperparams` keeps it in the state
     (NaN without a schedule)."""
-    for part in state if isinstance(state, tuple) else (state,):
-        hyperparams = getattr(part, "hyperparams", None)
-        if hyperparams is not None and "learning_rate" in hyperparams:
-            return hyperparams["learning_rate"].astype(np.float64)
-    return np.float64(np.nan)
+    found = _injected_rate(state)
+    return np.float64(np.nan) if found is None else found.astype(np.float64)
+
+
+def _injected_rate(state: Any) -> Any:
+    """The injected learning rate in a (possibly chained) optax state, or None; decided by the
+    state's structure alone, so that it runs under jit."""
+    hyperparams = getattr(state, "hyperparams", None)
+    if isinstance(hyperparams, dict) and "learning_rate" in hyperparams:
+        return hyperparams["learning_rate"]
+    if isinstance(state, tuple):  # a chain's states (clipping, weight decay, the optimizer)
+        for part in state:
+            found = _injected_rate(part)
+            if found is not None:
+                return found
+    return None
 
 
 def forward(parameters: Any, x: Any) -> Any:

@@ -64,6 +64,27 @@ def curves_svg(results: list[dict[str, Any]], replay: dict[str, Any] | None) -> 
             + "</svg>")
 
 
+def rates_svg(results: list[dict[str, Any]], replay: dict[str, Any] | None) -> str:
+    """One panel: the learning rate of each epoch's last step, as each framework reports it,
+    over the case format's (the replay's); empty without a schedule."""
+    lines: list[Series] = []
+    if replay is not None and replay.get("rate"):
+        lines.append(Series("case format (replay)", replay["rate"]["epoch"], replay["rate"]["value"], "#000000",
+                            width=2.5, opacity=0.35))
+    for index, result in enumerate(results):
+        rate = (result.get("curve") or {}).get("rate")
+        if rate:
+            lines.append(Series(f"{result['backend']}, {result['device']}", rate["epoch"], rate["value"],
+                                COLORS[index % len(COLORS)], DASHES.get(result["backend"], OTHER_DASH)))
+    if len(lines) < 2:
+        return ""
+    legend, legend_height = _legend(lines, HEIGHT)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT + legend_height:.0f}" '
+            f'width="100%" style="max-width:{WIDTH}px" font-family="sans-serif" font-size="11" '
+            f'role="img" aria-label="learning rate per epoch">'
+            + _panel(lines, "learning rate (each epoch's last step)", "rate", 0, legend) + "</svg>")
+
+
 def trajectory_svg(trajectories: list[dict[str, Any]]) -> str:
     """One panel: per epoch, each result's distance from the replay at the value nearest to
     leaving its band (solid), and that band (thin, same colour): the check fails where a
