@@ -209,6 +209,23 @@ CATALOGUE = [Mutant(*fields) for fields in [
      "Keras on PyTorch: Adagrad keeps Keras's default initial accumulator 0.1 over the one given",
      lambda: _patch_init(_keras_here().optimizers.Adagrad, _set(initial_accumulator_value=0.1))),
 ]]
+CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: schedules and clipping
+    ("torch-multisteplr-one-step-late", ("torch", "torch_compile"), "main",
+     "torch's MultiStepLR switches one step after each milestone (Keras's convention)",
+     lambda: _patch_init(_torch().optim.lr_scheduler.MultiStepLR,
+                         lambda kwargs: kwargs | {"milestones": [m + 1 for m in kwargs["milestones"]]})),
+    ("keras-piecewise-one-step-late", TF_KERAS, "main",
+     "Keras's PiecewiseConstantDecay switches one step later than it does",
+     lambda: _patch_init(_tf_keras().optimizers.schedules.PiecewiseConstantDecay,
+                         lambda kwargs: kwargs | {"boundaries": [b + 1 for b in kwargs["boundaries"]]})),
+    ("keras-clipnorm-as-global", TF_KERAS, "main",
+     "Keras's clipnorm clips all variables together (as global_clipnorm does), not each on its own",
+     lambda: _patch_init(_tf_keras().optimizers.SGD, lambda kwargs: kwargs | (
+         {"global_clipnorm": kwargs["clipnorm"], "clipnorm": None} if kwargs.get("clipnorm") else {}))),
+    ("optax-clip-global-norm-off", ("jax",), "main",
+     "optax.clip_by_global_norm clips at a threshold 1% too large",
+     lambda: _patch_function(_optax(), "clip_by_global_norm", _scaled("max_norm", 1.01))),
+]]
 BY_NAME = {mutant.name: mutant for mutant in CATALOGUE}
 
 

@@ -85,8 +85,8 @@ def schedule(keras: ModuleType, problem: Problem) -> Any:
         return schedules.ExponentialDecay(rate, decay_steps=settings["decay_steps"],
                                           decay_rate=settings["decay_rate"], staircase=settings["staircase"])
     if kind == "piecewise":
-        return schedules.PiecewiseConstantDecay([boundary - 1 for boundary in settings["boundaries"]],
-                                                list(settings["values"]))
+        return schedules.PiecewiseConstantDecay(boundaries=[boundary - 1 for boundary in settings["boundaries"]],
+                                                values=list(settings["values"]))
     if settings["warmup_steps"]:
         return schedules.CosineDecay(0.0, decay_steps=settings["decay_steps"], alpha=settings["alpha"],
                                      warmup_target=rate, warmup_steps=settings["warmup_steps"])

@@ -248,9 +248,9 @@ def with_clipping(optax: Any, clip: dict[str, Any] | None, names: list[str], opt
         return optimizer
     threshold = clip["threshold"]
     if clip["kind"] == "global_norm":
-        clipping = optax.clip_by_global_norm(threshold)
+        clipping = optax.clip_by_global_norm(max_norm=threshold)
     elif clip["kind"] == "norm":
-        clipping = optax.multi_transform({name: optax.clip_by_global_norm(threshold) for name in names},
+        clipping = optax.multi_transform({name: optax.clip_by_global_norm(max_norm=threshold) for name in names},
                                          {name: name for name in names})
     else:
         clipping = optax.clip(threshold)
