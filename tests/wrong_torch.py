@@ -18,6 +18,7 @@ import conformance.backends.torch as backend
 
 _train_steps = backend.train_steps
 _make_optimizer = backend.make_optimizer
+_make_scheduler = backend.make_scheduler
 _current = {"mistake": ""}
 
 
@@ -29,6 +30,9 @@ class WrongOptimizer:
         if mistake == "lr":
             for group in inner.param_groups:
                 group["lr"] *= 1 + 1e-4
+
+    def __getattr__(self, name: str):  # param_groups and the rest: the real optimizer's
+        return getattr(self.inner, name)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -58,13 +62,19 @@ def train_steps(problem, device, compile_step):
     return _train_steps(problem, device, compile_step)
 
 
-def make_optimizer(torch, parameters, optimizer):
+def make_optimizer(torch, parameters, optimizer, rate_tensor=None):
     mistake = _current["mistake"]
     if mistake == "nonesterov" and optimizer.settings.get("nesterov"):
         optimizer = dataclasses.replace(optimizer, settings=optimizer.settings | {"nesterov": False})
-    inner = _make_optimizer(torch, parameters, optimizer)
+    inner = _make_optimizer(torch, parameters, optimizer, rate_tensor)
     return WrongOptimizer(inner, mistake) if mistake in ("lr", "latemomentum", "skip") else inner
+
+
+def make_scheduler(torch, optimizer, problem):
+    """torch's schedulers take only a real optimizer: the one inside the wrong one."""
+    return _make_scheduler(torch, getattr(optimizer, "inner", optimizer), problem)
 
 
 backend.train_steps = train_steps
 backend.make_optimizer = make_optimizer
+backend.make_scheduler = make_scheduler

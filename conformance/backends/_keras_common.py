@@ -112,9 +112,14 @@ def current_rate(keras: ModuleType, optimizer: Any, schedule_object: Any) -> flo
     """The learning rate of the optimizer's last step, read back from Keras: its schedule at
     the optimizer's own iteration count less one, or its rate variable (per-epoch callback)."""
     if schedule_object is not None:
-        iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
-        return float(keras.ops.convert_to_numpy(schedule_object(iterations - 1)))
-    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        return _number(keras, schedule_object(int(_number(keras, optimizer.iterations)) - 1))
+    return _number(keras, optimizer.learning_rate)
+
+
+def _number(keras: ModuleType, value: Any) -> float:
+    """A scalar tensor or variable as a float: keras.ops in Keras 3, .numpy() in Keras 2."""
+    ops = getattr(keras, "ops", None)
+    return float(ops.convert_to_numpy(value) if ops is not None else value.numpy())
 
 
 def model(keras: ModuleType, problem: Problem, steps_per_execution: int, jit_compile: bool) -> Any:
