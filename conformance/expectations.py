@@ -128,15 +128,18 @@ def holds(when: When, problem: Problem) -> bool:
         return False
     if when.loss is not None and problem.loss not in _names(when.loss):
         return False
-    if when.schedule is not None and (problem.schedule is None or problem.schedule["kind"] not in _names(when.schedule)):
-        return False
-    if when.clip is not None and (problem.clip is None or problem.clip["kind"] not in _names(when.clip)):
+    if not _kind_holds(when.schedule, problem.schedule) or not _kind_holds(when.clip, problem.clip):
         return False
     loss_settings = {"delta": problem.delta, "from_logits": problem.from_logits, "reduction": problem.reduction}
     schedule_settings = {} if problem.schedule is None else problem.schedule["settings"] | {
         "every": problem.schedule["every"]}
     return (_all_hold(when.settings, problem.optimizer.settings) and _all_hold(when.loss_settings, loss_settings)
             and _all_hold(when.schedule_settings, schedule_settings))
+
+
+def _kind_holds(kinds: str | list[str] | None, given: dict[str, Any] | None) -> bool:
+    """No condition, or the problem has a schedule (clip) of one of these kinds."""
+    return kinds is None or (given is not None and given["kind"] in _names(kinds))
 
 
 def _names(value: str | list[str]) -> list[str]:
