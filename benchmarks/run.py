@@ -13,6 +13,7 @@ This file is the entry point, both for you and for those processes (the internal
     per_step.py       per step against the bare loop; the references' share; import and memory
     compiled.py       the compiled backends against their bare compiled loops; compile time
     keras_workers.py  Keras 3 worker processes: start-up, round trip, per step, the pipe's cost
+    schedules.py      what a learning-rate schedule or clipping costs per step  (not in --quick)
     growth.py         cost against n and against epochs                       (not in --quick)
     suite_wall.py     the whole suite's wall time: -n 0 / -n auto, --fuzz, each backend added
                                                                              (not in --quick)
@@ -31,6 +32,7 @@ import compiled
 import growth
 import keras_workers
 import per_step
+import schedules
 import suite_wall
 from _runner import BACKENDS, COMPILED, OTHERS
 
@@ -53,6 +55,7 @@ def main() -> None:
     keras_workers.print_section()
     if arguments.quick:
         return
+    schedules.print_section()
     growth.print_section()
     suite_wall.print_section()
 
