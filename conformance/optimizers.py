@@ -44,25 +44,35 @@ import numpy as np
 from conformance.problem import Optimizer
 
 Update = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
+Rounding = Callable[[np.ndarray], np.ndarray]
 
 
-def make_update(optimizer: Optimizer) -> Update:
+def _exact(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def make_update(optimizer: Optimizer, rounding: Rounding | None = None) -> Update:
     """A stateful function (params, grad, learning_rate) -> new params for one optimizer's
     settings. The rate is the step's own (a schedule's, or the constant one): every state above
-    is kept without it, and it multiplies the whole step, as in PyTorch and optax."""
+    is kept without it, and it multiplies the whole step, as in PyTorch and optax.
+
+    `rounding`, when given, perturbs every state value the optimizer stores (and centered
+    RMSprop's a^2 before it is subtracted) as a framework's rounding in the training dtype
+    would: the perturbed replays of `parity: auto` then see what rounding does inside the
+    optimizer, such as the cancellation in v - a^2 (reference.replay)."""
     builders = {"sgd": _sgd, "adam": _adam, "rmsprop": _rmsprop, "adagrad": _adagrad}
     settings = {name: value for name, value in optimizer.settings.items() if name != "learning_rate"}
-    return builders[optimizer.name](**settings)
+    return builders[optimizer.name](rounding or _exact, **settings)
 
 
-def _sgd(momentum: float, nesterov: bool, weight_decay: float) -> Update:
+def _sgd(r: Rounding, momentum: float, nesterov: bool, weight_decay: float) -> Update:
     buffer: list[np.ndarray] = []
 
     def update(params: np.ndarray, grad: np.ndarray, learning_rate: float) -> np.ndarray:
         grad = grad + weight_decay * params
         if momentum:
             if buffer:
-                buffer[0] = momentum * buffer[0] + grad
+                buffer[0] = r(momentum * buffer[0] + grad)
             else:
                 buffer.append(grad.copy())
             grad = grad + momentum * buffer[0] if nesterov else buffer[0]
@@ -71,14 +81,14 @@ def _sgd(momentum: float, nesterov: bool, weight_decay: float) -> Update:
     return update
 
 
-def _adam(beta_1: float, beta_2: float, epsilon: float, amsgrad: bool) -> Update:
+def _adam(r: Rounding, beta_1: float, beta_2: float, epsilon: float, amsgrad: bool) -> Update:
     state = {"t": 0, "m": 0.0, "v": 0.0, "v_max": 0.0}
 
     def update(params: np.ndarray, grad: np.ndarray, learning_rate: float) -> np.ndarray:
         state["t"] += 1
         t = state["t"]
-        state["m"] = beta_1 * state["m"] + (1 - beta_1) * grad
-        state["v"] = beta_2 * state["v"] + (1 - beta_2) * grad * grad
+        state["m"] = r(beta_1 * state["m"] + (1 - beta_1) * grad)
+        state["v"] = r(beta_2 * state["v"] + (1 - beta_2) * grad * grad)
         second = state["v"]
         if amsgrad:
             state["v_max"] = second = np.maximum(state["v_max"], state["v"])
@@ -88,29 +98,29 @@ def _adam(beta_1: float, beta_2: float, epsilon: float, amsgrad: bool) -> Update
     return update
 
 
-def _rmsprop(rho: float, epsilon: float, momentum: float, centered: bool) -> Update:
+def _rmsprop(r: Rounding, rho: float, epsilon: float, momentum: float, centered: bool) -> Update:
     state = {"v": 0.0, "a": 0.0, "b": 0.0}
 
     def update(params: np.ndarray, grad: np.ndarray, learning_rate: float) -> np.ndarray:
-        state["v"] = rho * state["v"] + (1 - rho) * grad * grad
+        state["v"] = r(rho * state["v"] + (1 - rho) * grad * grad)
         second = state["v"]
         if centered:
-            state["a"] = rho * state["a"] + (1 - rho) * grad
-            second = second - state["a"] * state["a"]
+            state["a"] = r(rho * state["a"] + (1 - rho) * grad)
+            second = second - r(state["a"] * state["a"])
         direction = grad / (np.sqrt(second) + epsilon)
         if momentum > 0:
-            state["b"] = momentum * state["b"] + direction
+            state["b"] = r(momentum * state["b"] + direction)
             direction = state["b"]
         return params - learning_rate * direction
 
     return update
 
 
-def _adagrad(initial_accumulator_value: float, epsilon: float) -> Update:
+def _adagrad(r: Rounding, initial_accumulator_value: float, epsilon: float) -> Update:
     state = {"s": initial_accumulator_value}
 
     def update(params: np.ndarray, grad: np.ndarray, learning_rate: float) -> np.ndarray:
-        state["s"] = state["s"] + grad * grad
+        state["s"] = r(state["s"] + grad * grad)
         return params - learning_rate * grad / (np.sqrt(state["s"]) + epsilon)
 
     return update

@@ -46,7 +46,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
     `rounding_band`). Rounding is deterministic, and its bias does not average out over steps
     the way fresh noise would, so two perturbations are drawn once per run and kept: each
     sample's model output (size u) and each gradient component (size u * sqrt(batch size), its
-    sums); a third, each updated parameter (size u), is drawn afresh every step.
+    sums); a third, each updated parameter (size u), is drawn afresh every step, as is a fourth,
+    each value the optimizer keeps in its state (size u; see optimizers.make_update).
     """
     x = problem.x.astype(np.float64)
     y = problem.y.astype(np.float64)
@@ -59,7 +60,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
     output_bias = np.ones(problem.n) if rounding is None else jitter(np.ones(problem.n), unit)
     params = problem.initial_params()
     gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), unit)
-    update = make_update(problem.optimizer)
+    update = make_update(problem.optimizer, None if rounding is None else lambda values: jitter(values, unit))
     rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs, problem.steps_per_epoch)
     history = np.empty((problem.epochs, params.size))
     losses = np.empty(problem.epochs)
