@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conformance import expectations
@@ -44,3 +45,26 @@ def test_entries_keep_the_file_they_came_from(tmp_path, write_case):
     entry = known.applicable(run.prepared.problem, "parity", "torch", "cpu", {})
     assert entry is not None and entry.reason == "my own finding" and known.source_of(entry) == str(mine)
     assert expectations.load_all([]).entries == () and Path(known.source_of(known.entries[0])) == SHIPPED_EXPECTATIONS
+
+
+def test_when_holds_for_the_schedule_its_settings_and_the_clip():
+    from dataclasses import replace
+
+    from conformance.problem import Optimizer, Problem
+
+    base = Problem("p", np.zeros((2, 1)), np.zeros(2), np.zeros(1), None, 1, 2, None, "mean",
+                   Optimizer("sgd", {"learning_rate": 0.1}), "float64")
+    cosine = replace(base, schedule={"kind": "cosine", "settings": {"decay_steps": 5, "alpha": 0.0,
+                                                                     "warmup_steps": 2}, "every": "epoch"},
+                     clip={"kind": "norm", "threshold": 1.0})
+
+    def when(**conditions):
+        return expectations.When.model_validate(conditions)
+
+    assert not expectations.holds(when(schedule="cosine"), base)
+    assert expectations.holds(when(schedule=["exponential", "cosine"]), cosine)
+    assert expectations.holds(when(schedule="cosine", schedule_settings={"warmup_steps": "> 0", "every": "epoch"}),
+                              cosine)
+    assert not expectations.holds(when(schedule_settings={"every": "step"}), cosine)
+    assert expectations.holds(when(clip=["global_norm", "norm"]), cosine)
+    assert not expectations.holds(when(clip="value"), cosine) and not expectations.holds(when(clip="norm"), base)
