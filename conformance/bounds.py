@@ -15,11 +15,20 @@ fails, a `check: trajectory` entry of its own with its bound.
 Prints the suggestions; `--write` adds them to the case files (a `bound:` line under each
 entry without one, the trajectory entries at the end of `expect`, which must be the file's
 last key).
+
+    python -m conformance.bounds --results reports/fuzz200/results.json [--results ...] [--write]
+
+The expectations file's entries are general: their sizes come from runs, not from one case. From
+the `results.json` of runs (the shipped cases, `--fuzz 200 --fuzz-seed 0`), each entry's largest
+deviation over every item it covered (parity and trajectory items alike: a parity entry's bound
+holds its trajectory items too) gives `bound: {rtol: margin x largest relative, atol: margin x
+largest absolute}`; `--write` puts it under the entry in conformance/expectations.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +76,66 @@ def _round_up(value: float) -> float:
     return float(np.ceil(value / 10 ** exponent) * 10 ** exponent)
 
 
+def general_sizes(results: list[Path], reasons: list[str]) -> list[dict[str, Any]]:
+    """Per expectations-file entry (by its reason): how many items it covered in these runs,
+    and the largest absolute and relative deviation among them."""
+    sizes = [{"items": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0, "not_finite": 0} for _ in reasons]
+    for path in results:
+        for item in json.loads(path.read_text(encoding="utf-8"))["items"]:
+            deviation = item.get("deviation")
+            if not item.get("expected") or not isinstance(deviation, dict) or item["expected"] not in reasons:
+                continue
+            size = sizes[reasons.index(item["expected"])]
+            size["items"] += 1
+            for key in ("max_abs_diff", "max_rel_diff"):
+                value = deviation.get(key)
+                if value is None or not np.isfinite(value):
+                    size["not_finite"] += key == "max_abs_diff"
+                else:
+                    size[key] = max(size[key], float(value))
+    return sizes
+
+
+def main_general(results: list[Path], margin: float, write: bool) -> int:
+    """Suggest (and with `write`, put in) a bound for every entry of the shipped expectations file."""
+    from conformance.expectations import load
+    from conformance.plugin import SHIPPED_EXPECTATIONS
+
+    entries = load(SHIPPED_EXPECTATIONS).entries
+    sizes = general_sizes(results, [entry.reason for entry in entries])
+    lines = SHIPPED_EXPECTATIONS.read_text(encoding="utf-8").split("\n")
+    starts = [number for number, line in enumerate(lines) if line.startswith("- ")]
+    for index in reversed(range(len(entries))):
+        entry, size = entries[index], sizes[index]
+        name = f"entry {index} ({entry.check}, {', '.join(entry.backend_names)})"
+        if not size["items"] or not size["max_abs_diff"]:
+            print(f"{name}: no finite deviation measured in these runs; no bound suggested")
+            continue
+        rtol, atol = _round_up(margin * size["max_rel_diff"]), _round_up(margin * size["max_abs_diff"])
+        note = (f"{margin:g} x the largest of {size['items']} items in {', '.join(p.parent.name for p in results)}: "
+                f"{size['max_abs_diff']:.1e} absolute, {size['max_rel_diff']:.1e} relative")
+        print(f"{name}: bound: {{rtol: {rtol:.2g}, atol: {atol:.2g}}}   # {note}")
+        if write and entry.bound is None:
+            end = starts[index + 1] if index + 1 < len(starts) else len(lines)
+            while end > starts[index] and (not lines[end - 1].strip() or lines[end - 1].startswith("#")):
+                end -= 1
+            lines.insert(end, f"  bound: {{rtol: {rtol:.2g}, atol: {atol:.2g}}}   # {note}")
+    if write:
+        SHIPPED_EXPECTATIONS.write_text("\n".join(lines), encoding="utf-8")
+        print(f"wrote {SHIPPED_EXPECTATIONS}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.bounds", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="case files or folders")
+    parser.add_argument("paths", nargs="*", type=Path, help="case files or folders")
+    parser.add_argument("--results", action="append", type=Path, default=[],
+                        help="results.json of a run: bounds for the expectations file's entries from it")
     parser.add_argument("--margin", type=float, default=MARGIN, help=f"bound / measured size (default {MARGIN:g})")
     parser.add_argument("--write", action="store_true", help="add the bounds and trajectory entries to the files")
     options = parser.parse_args(argv)
+    if options.results:
+        return main_general(options.results, options.margin, options.write)
     versions = environment.versions()
     measured_with = ", ".join(f"{package} {version}" for package, version in sorted(versions.items())
                               if version and package in ("tensorflow", "keras", "torch", "jax", "optax"))
