@@ -76,33 +76,51 @@ def _round_up(value: float) -> float:
     return float(np.ceil(value / 10 ** exponent) * 10 ** exponent)
 
 
-def general_sizes(results: list[Path], reasons: list[str]) -> list[dict[str, Any]]:
-    """Per expectations-file entry (by its reason): how many items it covered in these runs,
-    and the largest absolute and relative deviation among them."""
-    sizes = [{"items": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0, "not_finite": 0} for _ in reasons]
+def general_sizes(results: list[Path], known: Any) -> list[dict[str, Any]]:
+    """Per entry of `known` (the expectations files): how many items it covers in these runs, and
+    the largest absolute and relative deviation among them. Each item is attributed anew, by the
+    rules a run applies (its case's own entries first, then the first file entry that holds, a
+    parity entry covering the trajectory item it has no trajectory entry for), so that the sizes
+    follow the file as it is now, not as it was when the runs ran."""
+    from conformance.problem import prepare
+
+    sizes = [{"items": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0} for _ in known.entries]
+    problems: dict[str, Any] = {}
     for path in results:
         for item in json.loads(path.read_text(encoding="utf-8"))["items"]:
             deviation = item.get("deviation")
-            if not item.get("expected") or not isinstance(deviation, dict) or item["expected"] not in reasons:
+            if not isinstance(deviation, dict) or not item.get("backend") or not Path(item["source"]).is_file():
                 continue
-            size = sizes[reasons.index(item["expected"])]
+            if item["source"] not in problems:
+                case = load(discover([Path(item["source"])])[0])
+                problems[item["source"]] = (case, prepare(case).problem)
+            case, problem = problems[item["source"]]
+            checks = [item["check"]] + (["parity"] if item["check"] == "trajectory" else [])
+            versions = item.get("environment") or {}
+            if any(applicable(case.spec.expect, check, item["backend"], item["device"], versions) for check in checks):
+                continue  # the case's own entry: bounded in the case (`python -m conformance.bounds CASE`)
+            entry = next((found for check in checks if (found := known.applicable(
+                problem, check, item["backend"], item["device"], versions)) is not None), None)
+            if entry is None:
+                continue
+            size = sizes[next(index for index, candidate in enumerate(known.entries) if candidate is entry)]
             size["items"] += 1
             for key in ("max_abs_diff", "max_rel_diff"):
                 value = deviation.get(key)
-                if value is None or not np.isfinite(value):
-                    size["not_finite"] += key == "max_abs_diff"
-                else:
+                if value is not None and np.isfinite(value):
                     size[key] = max(size[key], float(value))
     return sizes
 
 
 def main_general(results: list[Path], margin: float, write: bool) -> int:
     """Suggest (and with `write`, put in) a bound for every entry of the shipped expectations file."""
-    from conformance.expectations import load
     from conformance.plugin import SHIPPED_EXPECTATIONS
 
-    entries = load(SHIPPED_EXPECTATIONS).entries
-    sizes = general_sizes(results, [entry.reason for entry in entries])
+    from conformance.expectations import load as load_expectations
+
+    known = load_expectations(SHIPPED_EXPECTATIONS)
+    entries = known.entries
+    sizes = general_sizes(results, known)
     lines = SHIPPED_EXPECTATIONS.read_text(encoding="utf-8").split("\n")
     starts = [number for number, line in enumerate(lines) if line.startswith("- ")]
     for index in reversed(range(len(entries))):
