@@ -114,9 +114,8 @@ def general_sizes(results: list[Path], known: Any) -> list[dict[str, Any]]:
 
 def main_general(results: list[Path], margin: float, write: bool) -> int:
     """Suggest (and with `write`, put in) a bound for every entry of the shipped expectations file."""
-    from conformance.plugin import SHIPPED_EXPECTATIONS
-
     from conformance.expectations import load as load_expectations
+    from conformance.plugin import SHIPPED_EXPECTATIONS
 
     known = load_expectations(SHIPPED_EXPECTATIONS)
     entries = known.entries
