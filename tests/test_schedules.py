@@ -70,3 +70,16 @@ def test_the_replay_applies_each_steps_rate_and_clips_before_weight_decay():
     trajectory = replay(problem)
     assert trajectory.params[:, 0].tolist() == pytest.approx(expected, rel=1e-15)
     assert trajectory.rates.tolist() == [0.01, 0.01]  # the rate of each epoch's last step
+
+
+def test_a_rate_that_differs_from_the_case_formats_is_named_with_its_epoch():
+    from conformance.checks.trajectory import rates_apart
+    from conformance.problem import Trajectory
+
+    def run(rates):
+        return Trajectory(np.zeros((3, 1)), np.zeros(3), rates=None if rates is None else np.array(rates))
+
+    replay = run([0.1, 0.05, 0.025])
+    assert rates_apart(run([0.1, 0.05 * (1 + 3e-8), 0.025]), replay) is None  # a float32 rate: not named
+    assert rates_apart(run([0.1, 0.1, 0.025]), replay) == {"epoch": 2, "got": 0.1, "expected": 0.05}
+    assert rates_apart(run(None), replay) is None and rates_apart(replay, run(None)) is None

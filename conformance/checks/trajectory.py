@@ -50,12 +50,17 @@ class TrajectoryCheck(OfRun):
         checked = f"epochs 1-{epochs}" + (f" of {len(replay.params)} (later ones: rounding alone moves the "
                                           f"training by more than {reference.AUTO_LIMIT:g})"
                                           if epochs < len(replay.params) else "")
+        rates = rates_apart(result.trajectory, replay)
+        if rates:
+            record["rate_first_differs"] = rates
         first = path.first_outside()
         if first is None:
             return Outcome(True, f"every epoch within its band of the float64 replay ({checked})", record,
                            compared=compared)
-        return Outcome(False, path.describe(first, result.label, self.case.name) + f"; checked {checked}", record,
-                       compared=compared)
+        note = (f"; the learning rate it reported first differs from the case format's at epoch {rates['epoch']}: "
+                f"{rates['got']:.10g}, not {rates['expected']:.10g}") if rates else ""
+        return Outcome(False, path.describe(first, result.label, self.case.name) + f"; checked {checked}{note}",
+                       record, compared=compared)
 
     def tolerance(self) -> dict[str, Any]:
         own = self.case.spec.tolerance.trajectory
@@ -65,6 +70,24 @@ class TrajectoryCheck(OfRun):
         return {"auto": {"method": bands.method, "runs": reference.AUTO_RUNS, "factor": reference.AUTO_FACTOR,
                          "final": {"rtol": float(bands.rtol[-1]), "atol": float(bands.atol[-1])},
                          "widest_rtol": float(np.max(bands.rtol[:bands.comparable], initial=0.0))}}
+
+
+RATE_RTOL = 1e-6  # above float32's rounding of a rate (6e-8): a framework's float32 schedule is not named
+
+
+def rates_apart(got: Trajectory, replay: Trajectory) -> dict[str, Any] | None:
+    """Under a schedule: the first epoch whose last step's rate, as the framework reported it,
+    differs from the case format's by more than RATE_RTOL, with both rates; None when none does.
+    A diagnosis for the message (a schedule stepped at the wrong time shows here by name), not
+    a check of its own: the parameters decide."""
+    if got.rates is None or replay.rates is None or len(got.rates) != len(replay.rates):
+        return None
+    with np.errstate(invalid="ignore"):
+        apart = ~(np.abs(got.rates - replay.rates) <= RATE_RTOL * np.abs(replay.rates))
+    if not apart.any():
+        return None
+    epoch = int(np.argmax(apart))
+    return {"epoch": epoch + 1, "got": float(got.rates[epoch]), "expected": float(replay.rates[epoch])}
 
 
 class _Path:
