@@ -49,6 +49,8 @@ def rate(schedule: dict[str, Any] | None, learning_rate: float, t: int) -> float
 
 def step_rates(schedule: dict[str, Any] | None, learning_rate: float, epochs: int, steps_per_epoch: int) -> np.ndarray:
     """(epochs, steps_per_epoch): the rate of every optimizer step of the training."""
+    if schedule is None:
+        return np.full((epochs, steps_per_epoch), learning_rate)
     per_epoch = schedule is not None and schedule["every"] == "epoch"
     rates = np.empty((epochs, steps_per_epoch))
     for epoch in range(epochs):

@@ -13,7 +13,6 @@ from typing import Any
 
 from conformance import timing
 from conformance.backends import _frameworks, _keras_common
-from conformance.problem import Optimizer
 
 LOOKED_FOR = ("cpu", "cuda")  # TensorFlow's GPU:N is named cuda:N in the suite's vocabulary
 
@@ -82,11 +81,6 @@ def keras_major() -> int:
 def floatx(dtype: str) -> Any:
     """tf.keras's floatx set to `dtype` for the duration (see _keras_common.floatx)."""
     return _keras_common.floatx(keras(), dtype)
-
-
-def keras_optimizer(optimizer: Optimizer) -> Any:
-    """The case's optimizer as a tf.keras optimizer (see _keras_common.optimizer)."""
-    return _keras_common.optimizer(keras(), optimizer)
 
 
 def xla_evidence(function: Any, *args: Any) -> dict[str, Any]:

@@ -47,12 +47,12 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
             model.fit(problem.x, problem.y.reshape(-1, 1), sample_weight=problem.sample_weight,
                       batch_size=problem.batch_size, epochs=problem.epochs, verbose=0, shuffle=False,
                       callbacks=callbacks)
-        elif scheduler is not None:  # a per-epoch schedule needs Keras's epochs: one per case epoch
-            model.fit(_stream(problem), epochs=problem.epochs, steps_per_epoch=problem.steps_per_epoch,
-                      verbose=0, shuffle=False, callbacks=callbacks)
-        else:  # one long Keras epoch; one execution (a compiled loop of steps) per case epoch
-            model.fit(_stream(problem), epochs=1, steps_per_epoch=problem.epochs * problem.steps_per_epoch,
-                      verbose=0, shuffle=False, callbacks=callbacks)
+        else:  # one execution (a compiled loop of steps) per case epoch, in one long Keras epoch; a
+            # per-epoch schedule's callback needs Keras's epochs, one per case epoch
+            epochs = problem.epochs if scheduler is not None else 1
+            steps = problem.epochs * problem.steps_per_epoch // epochs
+            model.fit(_stream(problem), epochs=epochs, steps_per_epoch=steps, verbose=0, shuffle=False,
+                      callbacks=callbacks)
         predictions = None
         if problem.predict_x is not None:
             predictions = _keras_common.outputs_as_predictions(problem, model(problem.predict_x, training=False),
