@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from conformance import network
 from conformance.case import CaseError, LoadedCase
 from conformance.datasets import Standardizer, as_rows, check_labels, polynomial, preprocess, raw_data
-from conformance.schema import choice
+from conformance.schema import MAX_PARAMETERS, choice
 
 SUPPORTED_OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
 MAX_STEPS = 20_000_000  # Keras at ~0.4 ms a step: over 2 hours per backend and device
@@ -52,6 +53,11 @@ class Problem:
     # v1.2, as plain data (conformance/schedules.py): {"kind", "settings", "every"} and {"kind", "threshold"}
     schedule: dict[str, Any] | None = None
     clip: dict[str, Any] | None = None
+    # v1.2 hidden layers, as plain data: [{"units", "activation", "settings"}], and their initial
+    # parameters [{"kernel": (inputs, units), "bias": (units,) or None}] in the training dtype;
+    # init_weights and init_bias are then the output layer's
+    hidden: list[dict[str, Any]] | None = None
+    init_hidden: list[dict[str, Any]] | None = None
 
     @property
     def n(self) -> int:
@@ -94,9 +100,26 @@ class Problem:
     def schedule_every_epoch(self) -> bool:
         return self.schedule is not None and self.schedule["every"] == "epoch"
 
+    @property
+    def layers(self) -> list[network.Layer]:
+        """The model's dense layers, the one-unit output layer last (one layer: the v1 model)."""
+        return network.layers(self.features, self.hidden, self.has_bias)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    def initial_layers(self) -> list[tuple[network.Layer, np.ndarray, np.ndarray | None]]:
+        """(layer, kernel (inputs, units), bias (units,) or None) in the training dtype, for
+        every layer: what each backend loads, in its own layout."""
+        found = [(layer, part["kernel"], part["bias"]) for layer, part in zip(self.layers, self.init_hidden or [])]
+        bias = None if self.init_bias is None else self.init_bias.reshape(1)
+        return found + [(self.layers[-1], self.init_weights.reshape(-1, 1), bias)]
+
     def initial_params(self) -> np.ndarray:
-        bias = [] if self.init_bias is None else [float(self.init_bias)]
-        return np.concatenate([self.init_weights.astype(np.float64), bias])
+        """The flat parameter vector (network.py's layout) in float64."""
+        return np.concatenate([np.concatenate([kernel.reshape(-1), [] if bias is None else bias]).astype(np.float64)
+                               for _, kernel, bias in self.initial_layers()])
 
     def to_data(self) -> dict[str, Any]:
         """Plain data (dicts, strings, numbers, NumPy arrays), as it goes to a worker process."""
@@ -119,8 +142,11 @@ class Prepared:
     sample_weight: np.ndarray | None = None  # float64, as the case gives them
 
     def to_original(self, params: np.ndarray) -> np.ndarray:
-        """Parameters learned on the trained features, expressed on the case's own features."""
-        return params if self.standardizer is None else self.standardizer.to_original(params)
+        """Parameters learned on the trained features, expressed on the case's own features (a
+        model with hidden layers is compared as trained: only the linear model maps back)."""
+        if self.standardizer is None or self.problem.hidden:
+            return params
+        return self.standardizer.to_original(params)
 
 
 def prepare(case: LoadedCase) -> Prepared:
@@ -134,7 +160,10 @@ def prepare(case: LoadedCase) -> Prepared:
     x_design = polynomial(x_raw, spec.preprocess.polynomial)
     dtype = np.dtype(spec.training.dtype)
     d = x_trained.shape[1]
-    weights, bias = initial_parameters(case, d)
+    hidden = _hidden(case, d)
+    model = network.layers(d, hidden, spec.model.bias)
+    layered = network.split(initial_parameters(case, model), model)
+    weights, bias = layered[-1][0][:, 0], (float(layered[-1][1][0]) if spec.model.bias else None)
     batch_size = spec.training.batch_size or len(y)
     if batch_size > len(y):
         raise CaseError(f"{case.source.display}: training.batch_size: {batch_size} is larger than the "
@@ -162,29 +191,46 @@ def prepare(case: LoadedCase) -> Prepared:
         predict_x=_predict(case, x_raw.shape[1], standardizer, dtype),
         schedule=_schedule(case, steps // spec.training.epochs),
         clip=_clip(spec.training.clip),
+        hidden=hidden,
+        init_hidden=[{"kernel": kernel.astype(dtype), "bias": None if part is None else part.astype(dtype)}
+                     for kernel, part in layered[:-1]] if hidden else None,
     )
-    names = [f"weights[{index}]" for index in range(d)] + (["bias"] if bias is not None else [])
+    names = network.parameter_names(model)
     _check_certified(case, d)
     return Prepared(problem, x_design, y, standardizer, names, sample_weight)
 
 
-def initial_parameters(case: LoadedCase, d: int) -> tuple[np.ndarray, float | None]:
-    """Initial weights (d,) and bias, drawn once by the harness: weights first, then the bias."""
-    has_bias = case.spec.model.bias
+def initial_parameters(case: LoadedCase, model: list[network.Layer]) -> np.ndarray:
+    """The flat initial parameters (network.py's layout), drawn once by the harness; for the
+    linear model [weights..., bias], weights drawn first."""
     kind, init = choice(case.spec.model.init)
-    count = d + (1 if has_bias else 0)
-    if kind == "zeros":
-        values = np.zeros(count)
-    elif kind == "constant":
-        if len(init.weights) != d:
-            raise CaseError(f"{case.source.display}: model.init.constant.weights: {len(init.weights)} values; "
-                            f"expected {d} (one per feature after preprocessing)")
-        values = np.asarray([*init.weights, init.bias][:count], dtype=np.float64)
-    elif kind == "normal":
-        values = np.random.default_rng(init.seed).normal(init.mean, init.std, size=count)
-    else:
-        values = np.random.default_rng(init.seed).uniform(init.low, init.high, size=count)
-    return values[:d], (float(values[d]) if has_bias else None)
+    if kind != "constant":
+        return network.initial(kind, init, model)
+    d = model[0].inputs
+    if len(model) > 1:
+        raise CaseError(f"{case.source.display}: model.init.constant: gives the weights of one linear layer; "
+                        "expected zeros, normal, uniform, glorot_uniform or he_normal with model.hidden")
+    if len(init.weights) != d:
+        raise CaseError(f"{case.source.display}: model.init.constant.weights: {len(init.weights)} values; "
+                        f"expected {d} (one per feature after preprocessing)")
+    return np.asarray([*init.weights, init.bias][:model[0].size], dtype=np.float64)
+
+
+def _hidden(case: LoadedCase, features: int) -> list[dict[str, Any]] | None:
+    """The case's hidden layers as plain data; CaseError beyond MAX_PARAMETERS parameters."""
+    hidden = case.spec.model.hidden
+    if not hidden:
+        return None
+    plain = []
+    for layer in hidden:
+        name, settings = choice(layer.activation)
+        plain.append({"units": layer.units, "activation": name,
+                      "settings": None if settings is None else settings.model_dump()})
+    count = sum(layer.size for layer in network.layers(features, plain, case.spec.model.bias))
+    if count > MAX_PARAMETERS:
+        raise CaseError(f"{case.source.display}: model.hidden: {count:,} parameters ({features} features after "
+                        f"preprocessing); expected at most {MAX_PARAMETERS:,} (docs/hidden-layers.md says why)")
+    return plain
 
 
 def _orders(shuffle: Any, epochs: int, n: int) -> np.ndarray | None:

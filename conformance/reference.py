@@ -28,7 +28,7 @@ import scipy.linalg
 import scipy.optimize
 import scipy.special
 
-from conformance import schedules
+from conformance import network, schedules
 from conformance.optimizers import make_update
 from conformance.problem import Problem, Trajectory
 
@@ -47,7 +47,9 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
     the way fresh noise would, so two perturbations are drawn once per run and kept: each
     sample's model output (size u) and each gradient component (size u * sqrt(batch size), its
     sums); a third, each updated parameter (size u), is drawn afresh every step, as is a fourth,
-    each value the optimizer keeps in its state (size u; see optimizers.make_update).
+    each value the optimizer keeps in its state (size u; see optimizers.make_update). With
+    hidden layers, each sample's activation of each hidden unit is perturbed too (size u, drawn
+    once per run, as the model output is).
     """
     x = problem.x.astype(np.float64)
     y = problem.y.astype(np.float64)
@@ -58,6 +60,9 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
         return values * (1.0 + size * rounding.uniform(-1.0, 1.0, np.shape(values)))
 
     output_bias = np.ones(problem.n) if rounding is None else jitter(np.ones(problem.n), unit)
+    model = problem.layers
+    hidden_bias = None if rounding is None or len(model) == 1 else \
+        [jitter(np.ones((problem.n, layer.units)), unit) for layer in model[:-1]]
     params = problem.initial_params()
     gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), unit)
     update = make_update(problem.optimizer, None if rounding is None else lambda values: jitter(values, unit))
@@ -72,11 +77,12 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
             for step, batch in enumerate(problem.batches(epoch)):
                 loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction,
                                                problem.loss, problem.delta, None if w is None else w[batch],
-                                               None if rounding is None else output_bias[batch])
+                                               None if rounding is None else output_bias[batch], model,
+                                               None if hidden_bias is None else [f[batch] for f in hidden_bias])
                 if rounding is not None:
                     grad = grad * (1.0 + (gradient_bias - 1.0) * np.sqrt(len(y[batch])))
                 penalty += decay / 2 * float(params @ params) * len(y[batch])
-                grad = schedules.clip(grad, problem.clip, problem.features)
+                grad = schedules.clip(grad, problem.clip, network.blocks(model))
                 params = update(params, grad, rates[epoch, step])
                 if rounding is not None:
                     params = jitter(params, unit)
@@ -86,7 +92,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
             penalties[epoch] = penalty / problem.n
     predictions = None
     if problem.predict_x is not None:
-        predictions = predict(params, problem.predict_x.astype(np.float64), problem.has_bias)
+        predictions = predict(params, problem.predict_x.astype(np.float64), problem.has_bias, model)
         if problem.loss == "bce":  # `predict` compares probabilities
             predictions = scipy.special.expit(predictions)
     return Trajectory(history, losses, predictions, penalty=penalties if decay else None,
@@ -246,8 +252,11 @@ def _final_values(trajectory: Trajectory) -> np.ndarray:
 def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias: bool, reduction: str,
                       loss: str = "mse", delta: float = 1.0,
                       weights: np.ndarray | None = None,
-                      output_factors: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-    """One batch's loss and its gradient with respect to [weights..., bias].
+                      output_factors: np.ndarray | None = None,
+                      model: list[network.Layer] | None = None,
+                      hidden_factors: list[np.ndarray] | None = None) -> tuple[float, np.ndarray]:
+    """One batch's loss and its gradient with respect to [weights..., bias], or with hidden
+    layers (`model`) to every parameter in network.py's layout (z is then the network's output).
 
     Per sample, with z = x w + b and r = z - y: `mse` r^2; `huber` 0.5 r^2 if |r| <= delta,
     else delta * (|r| - delta / 2); `bce` -(y log p + (1 - y) log(1 - p)) with p = sigmoid(z),
@@ -255,7 +264,11 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     multiply each sample's loss; `mean` divides the batch's sum by its size (not by the sum of
     the weights: Keras's "sum over batch size").
     """
-    output = predict(params, x, has_bias)
+    layered = model is not None and len(model) > 1
+    if layered:
+        output, tape = network.forward(params, x, model, hidden_factors)
+    else:
+        output = predict(params, x, has_bias)
     if output_factors is not None:  # the replay's model of rounding (`replay(rounding=...)`)
         output = output * output_factors
     residual = output - y
@@ -271,12 +284,19 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     if weights is not None:
         per_sample, slope = weights * per_sample, weights * slope
     scale = 1.0 / len(y) if reduction == "mean" else 1.0
+    if layered:
+        if output_factors is not None:
+            slope = slope * output_factors
+        return float(per_sample.sum()) * scale, scale * network.backward(params, model, tape, slope)
     grad_w = scale * (x.T @ slope)
     grad = np.append(grad_w, scale * slope.sum()) if has_bias else grad_w
     return float(per_sample.sum()) * scale, grad
 
 
-def predict(params: np.ndarray, x: np.ndarray, has_bias: bool) -> np.ndarray:
+def predict(params: np.ndarray, x: np.ndarray, has_bias: bool, model: list[network.Layer] | None = None) -> np.ndarray:
+    """The model's output z for each row of x (the network's, with hidden layers in `model`)."""
+    if model is not None and len(model) > 1:
+        return network.forward(params, x, model)[0]
     weights = params[: x.shape[1]]
     return x @ weights + (params[-1] if has_bias else 0.0)
 

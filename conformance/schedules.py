@@ -59,20 +59,20 @@ def step_rates(schedule: dict[str, Any] | None, learning_rate: float, epochs: in
     return rates
 
 
-def clip(gradient: np.ndarray, clipping: dict[str, Any] | None, features: int) -> np.ndarray:
-    """The case format's clipped gradient of [weights..., bias] (the kernel is the first
-    `features` entries, the bias the rest)."""
+def clip(gradient: np.ndarray, clipping: dict[str, Any] | None, tensors: list[slice]) -> np.ndarray:
+    """The case format's clipped gradient of the flat parameters; `tensors` are where each
+    parameter tensor (a kernel, a bias) lies in it (network.blocks)."""
     if clipping is None:
         return gradient
     kind, threshold = clipping["kind"], clipping["threshold"]
     if kind == "value":
         return np.clip(gradient, -threshold, threshold)
-    blocks = [slice(0, gradient.size)] if kind == "global_norm" else [slice(0, features), slice(features, None)]
+    parts = [slice(0, gradient.size)] if kind == "global_norm" else tensors
     clipped = gradient.copy()
-    for block in blocks:
-        norm = float(np.sqrt(np.sum(gradient[block] ** 2)))
+    for part in parts:
+        norm = float(np.sqrt(np.sum(gradient[part] ** 2)))
         if norm > threshold:
-            clipped[block] = gradient[block] * (threshold / norm)
+            clipped[part] = gradient[part] * (threshold / norm)
     return clipped
 
 

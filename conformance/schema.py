@@ -194,12 +194,45 @@ class UniformInit(Strict):
     seed: int
 
 
-Init = one_of({"constant": ConstantInit, "normal": NormalInit, "uniform": UniformInit}, bare=("zeros",))
+class SeededInit(Strict):
+    """v1.2 `glorot_uniform` and `he_normal`: drawn per layer from fan-in and fan-out (Keras's
+    formulas, conformance/network.py), biases zero."""
+
+    seed: int
+
+
+Init = one_of({"constant": ConstantInit, "normal": NormalInit, "uniform": UniformInit,
+               "glorot_uniform": SeededInit, "he_normal": SeededInit}, bare=("zeros",))
+
+
+# v1.2 hidden layers. Activations whose frameworks disagree on a default take it explicitly.
+class GeluSettings(Strict):
+    approximate: bool  # true: the tanh form
+
+
+class LeakyReluSettings(Strict):
+    negative_slope: NonNegative
+
+
+class EluSettings(Strict):
+    alpha: NonNegative
+
+
+PLAIN_ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid", "softplus", "silu")
+Activation = one_of({"gelu": GeluSettings, "leaky_relu": LeakyReluSettings, "elu": EluSettings},
+                    bare=PLAIN_ACTIVATIONS)
+MAX_PARAMETERS = 2_000  # every epoch's parameters of every result go to the JSON; docs/hidden-layers.md
+
+
+class Hidden(Strict):
+    units: Annotated[int, Field(ge=1, le=MAX_PARAMETERS)]
+    activation: Activation  # type: ignore[valid-type]
 
 
 class Model(Strict):
-    bias: bool = True
+    bias: bool = True  # for every layer (Keras's use_bias)
     init: Init = "zeros"  # type: ignore[assignment]
+    hidden: list[Hidden] = []  # v1.2; empty: the v1 linear model
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -433,3 +466,20 @@ class Case(Strict):
     tolerance: Tolerance = Tolerance()
     certified: Optional[Certified] = None
     expect: list[Expect] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lstsq_with_hidden_layers(cls, data: Any) -> Any:
+        """A model with hidden layers has no closed-form optimum: `tolerance.lstsq` defaults to
+        null for it, and a case that asks for one is told why there is none."""
+        model, tolerance = (data.get(key) if isinstance(data, dict) else None for key in ("model", "tolerance"))
+        if not (isinstance(model, dict) and model.get("hidden")):
+            return data
+        if isinstance(tolerance, dict) and tolerance.get("lstsq") is not None:
+            raise PydanticCustomError("hidden_lstsq", "tolerance.lstsq: a model with hidden layers has no "
+                                      "closed-form optimum to compare with; expected null (or no lstsq key)")
+        if data.get("certified") is not None:
+            raise PydanticCustomError("hidden_certified", "certified: certified values are for the linear model; "
+                                      "expected no certified section with model.hidden")
+        return data | {"tolerance": (tolerance if isinstance(tolerance, dict) else {}) | {"lstsq": None}} \
+            if tolerance is None or isinstance(tolerance, dict) else data

@@ -41,13 +41,16 @@ def test_per_epoch_rates_are_constant_within_an_epoch_and_count_epochs():
     assert per_step.tolist() == [[1.0, 0.5], [0.25, 0.125]]
 
 
+TENSORS = [slice(0, 2), slice(2, 3)]  # a kernel of two weights, then the bias
+
+
 def test_clipping_by_global_norm_per_tensor_and_value():
     gradient = np.array([3.0, 4.0, 12.0])  # kernel [3, 4] (norm 5), bias [12]; norm 13 in all
-    assert schedules.clip(gradient, {"kind": "global_norm", "threshold": 1.3}, 2) == pytest.approx(gradient / 10)
-    assert schedules.clip(gradient, {"kind": "norm", "threshold": 2.5}, 2) == pytest.approx([1.5, 2.0, 2.5])
-    assert schedules.clip(gradient, {"kind": "value", "threshold": 3.5}, 2).tolist() == [3.0, 3.5, 3.5]
-    assert schedules.clip(gradient, {"kind": "global_norm", "threshold": 13.0}, 2) is not gradient  # a copy
-    assert schedules.clip(gradient, None, 2) is gradient
+    assert schedules.clip(gradient, {"kind": "global_norm", "threshold": 1.3}, TENSORS) == pytest.approx(gradient / 10)
+    assert schedules.clip(gradient, {"kind": "norm", "threshold": 2.5}, TENSORS) == pytest.approx([1.5, 2.0, 2.5])
+    assert schedules.clip(gradient, {"kind": "value", "threshold": 3.5}, TENSORS).tolist() == [3.0, 3.5, 3.5]
+    assert schedules.clip(gradient, {"kind": "global_norm", "threshold": 13.0}, TENSORS) is not gradient  # a copy
+    assert schedules.clip(gradient, None, TENSORS) is gradient
 
 
 def test_the_replay_applies_each_steps_rate_and_clips_before_weight_decay():

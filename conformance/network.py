@@ -1,0 +1,192 @@
+"""The v1.2 model with hidden layers, in float64 NumPy: the parameter layout every backend and
+the report share, the initialisers the harness draws from, and the forward and backward pass
+of the replay.
+
+Layout: the parameters of a model are one flat vector, layer by layer, each layer's kernel
+(inputs, units) in row-major order and then its bias (units,): `hidden1.kernel[i,j]`,
+`hidden1.bias[j]`, ..., `output.kernel[i]`, `output.bias`. Without hidden layers this is the v1
+vector [weights..., bias], and the names stay the v1 ones (`weights[i]`, `bias`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.special
+
+HE_TRUNCATION = 0.87962566103423978  # std of a unit normal truncated to [-2, 2] (Keras's constant)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One dense layer: kernel (inputs, units), an optional bias, then the activation."""
+
+    name: str
+    inputs: int
+    units: int
+    activation: str = "linear"
+    settings: dict[str, Any] | None = None  # the activation's (gelu's approximate, ...)
+    bias: bool = True
+
+    @property
+    def size(self) -> int:
+        return self.inputs * self.units + (self.units if self.bias else 0)
+
+
+def layers(features: int, hidden: list[dict[str, Any]] | None, has_bias: bool) -> list[Layer]:
+    """The model's layers, the output layer (one unit, linear) last; `hidden` as Problem keeps it."""
+    found, inputs = [], features
+    for index, layer in enumerate(hidden or [], start=1):
+        found.append(Layer(f"hidden{index}", inputs, layer["units"], layer["activation"], layer["settings"], has_bias))
+        inputs = layer["units"]
+    return found + [Layer("output", inputs, 1, bias=has_bias)]
+
+
+def parameter_names(model: list[Layer]) -> list[str]:
+    """Every parameter's name, in layout order (the v1 names for the linear model)."""
+    if len(model) == 1:
+        return [f"weights[{index}]" for index in range(model[0].inputs)] + (["bias"] if model[0].bias else [])
+    names = []
+    for layer in model:
+        if layer.units == 1:
+            names += [f"{layer.name}.kernel[{i}]" for i in range(layer.inputs)]
+        else:
+            names += [f"{layer.name}.kernel[{i},{j}]" for i in range(layer.inputs) for j in range(layer.units)]
+        if layer.bias:
+            names += [f"{layer.name}.bias"] if layer.units == 1 else [f"{layer.name}.bias[{j}]" for j in range(layer.units)]
+    return names
+
+
+def blocks(model: list[Layer]) -> list[slice]:
+    """Where each parameter tensor (a kernel, a bias) lies in the flat vector, in order."""
+    found, start = [], 0
+    for layer in model:
+        for size in (layer.inputs * layer.units, layer.units if layer.bias else 0):
+            if size:
+                found.append(slice(start, start + size))
+                start += size
+    return found
+
+
+def split(params: np.ndarray, model: list[Layer]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(kernel (inputs, units), bias (units,) or None) of each layer, as views of `params`."""
+    found, start = [], 0
+    for layer in model:
+        kernel = params[start:start + layer.inputs * layer.units].reshape(layer.inputs, layer.units)
+        start += layer.inputs * layer.units
+        bias = None
+        if layer.bias:
+            bias, start = params[start:start + layer.units], start + layer.units
+        found.append((kernel, bias))
+    return found
+
+
+def initial(kind: str, settings: Any, model: list[Layer]) -> np.ndarray:
+    """The flat initial parameters of an init other than `constant` (problem.py handles that).
+
+    `zeros`; `normal` / `uniform`: one generator, every parameter drawn in layout order (the v1
+    draw for the linear model); `glorot_uniform`: each kernel U(-l, l), l = sqrt(6 / (inputs +
+    units)); `he_normal`: each kernel normal with std sqrt(2 / inputs) / 0.8796, redrawn
+    outside two of those std (Keras's truncated form); both with zero biases and one generator
+    for all layers, kernels drawn in layout order.
+    """
+    count = sum(layer.size for layer in model)
+    if kind == "zeros":
+        return np.zeros(count)
+    rng = np.random.default_rng(settings.seed)
+    if kind == "normal":
+        return rng.normal(settings.mean, settings.std, size=count)
+    if kind == "uniform":
+        return rng.uniform(settings.low, settings.high, size=count)
+    params = np.zeros(count)
+    for (kernel, _), layer in zip(split(params, model), model):
+        if kind == "glorot_uniform":
+            limit = math.sqrt(6.0 / (layer.inputs + layer.units))
+            kernel[...] = rng.uniform(-limit, limit, size=kernel.shape)
+        else:
+            kernel[...] = _truncated_normal(rng, math.sqrt(2.0 / layer.inputs) / HE_TRUNCATION, kernel.shape)
+    return params
+
+
+def _truncated_normal(rng: np.random.Generator, std: float, shape: tuple[int, ...]) -> np.ndarray:
+    values = rng.normal(0.0, std, size=shape)
+    outside = np.abs(values) > 2 * std
+    while outside.any():
+        values[outside] = rng.normal(0.0, std, size=int(outside.sum()))
+        outside = np.abs(values) > 2 * std
+    return values
+
+
+def activate(name: str, settings: dict[str, Any] | None, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The activation and its derivative at z, in float64, exactly as the case format defines
+    them (no framework's shortcuts: softplus is log(1 + e^z) everywhere; relu'(0) = 0)."""
+    if name == "linear":
+        return z, np.ones_like(z)
+    if name == "relu":
+        return np.maximum(z, 0.0), (z > 0).astype(z.dtype)
+    if name == "tanh":
+        t = np.tanh(z)
+        return t, 1.0 - t * t
+    if name == "sigmoid":
+        s = scipy.special.expit(z)
+        return s, s * (1.0 - s)
+    if name == "softplus":
+        return np.logaddexp(0.0, z), scipy.special.expit(z)
+    if name == "silu":
+        s = scipy.special.expit(z)
+        return z * s, s * (1.0 + z * (1.0 - s))
+    if name == "leaky_relu":
+        slope = settings["negative_slope"]
+        return np.where(z > 0, z, slope * z), np.where(z > 0, 1.0, slope)
+    if name == "elu":
+        alpha = settings["alpha"]
+        grown = alpha * np.expm1(np.minimum(z, 0.0))
+        return np.where(z > 0, z, grown), np.where(z > 0, 1.0, grown + alpha)
+    if name == "gelu":
+        if settings["approximate"]:
+            k = math.sqrt(2.0 / math.pi)
+            t = np.tanh(k * (z + 0.044715 * z**3))
+            return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * z * z)
+        cdf = 0.5 * scipy.special.erfc(-z / math.sqrt(2.0))
+        return z * cdf, cdf + z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
+            factors: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """The model's output (m,) and, per hidden layer, (its input, the activation's derivative).
+
+    `factors`: per hidden layer, (m, units) relative perturbations of its activations (the
+    replay's model of rounding); None for the exact pass.
+    """
+    tape, a = [], x
+    parts = split(params, model)
+    for index, (layer, (kernel, bias)) in enumerate(zip(model[:-1], parts[:-1])):
+        z = a @ kernel + (bias if bias is not None else 0.0)
+        value, slope = activate(layer.activation, layer.settings, z)
+        if factors is not None:
+            value, slope = value * factors[index], slope * factors[index]
+        tape.append((a, slope))
+        a = value
+    kernel, bias = parts[-1]
+    output = a @ kernel[:, 0] + (bias[0] if bias is not None else 0.0)
+    return output, tape + [(a, np.ones((len(a), 1)))]
+
+
+def backward(params: np.ndarray, model: list[Layer], tape: list[tuple[np.ndarray, np.ndarray]],
+             output_slope: np.ndarray) -> np.ndarray:
+    """The gradient of sum_i output_slope_i * output_i with respect to the flat parameters."""
+    gradient = np.empty_like(params)
+    grads = split(gradient, model)
+    parts = split(params, model)
+    delta = output_slope[:, None]  # d loss / d pre-activation of the current layer, (m, units)
+    for (a, slope), (kernel, _), (grad_kernel, grad_bias) in zip(reversed(tape), reversed(parts), reversed(grads)):
+        delta = delta * slope
+        grad_kernel[...] = a.T @ delta
+        if grad_bias is not None:
+            grad_bias[...] = delta.sum(axis=0)
+        delta = delta @ kernel.T
+    return gradient
