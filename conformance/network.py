@@ -56,7 +56,8 @@ def parameter_names(model: list[Layer]) -> list[str]:
         else:
             names += [f"{layer.name}.kernel[{i},{j}]" for i in range(layer.inputs) for j in range(layer.units)]
         if layer.bias:
-            names += [f"{layer.name}.bias"] if layer.units == 1 else [f"{layer.name}.bias[{j}]" for j in range(layer.units)]
+            names += [f"{layer.name}.bias"] if layer.units == 1 else \
+                [f"{layer.name}.bias[{j}]" for j in range(layer.units)]
     return names
 
 

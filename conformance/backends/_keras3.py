@@ -230,7 +230,7 @@ def _recorder_class(keras: Any) -> type:
             self.batches.epoch = epoch
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            weights = self.model.layers[-1].weights
+            weights = _keras_common.parameters(self.model)
             self.record(np.concatenate([np.ravel(keras.ops.convert_to_numpy(w.value)) for w in weights]), logs)
             self.record_rate(keras)
 

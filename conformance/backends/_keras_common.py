@@ -123,26 +123,59 @@ def _number(keras: ModuleType, value: Any) -> float:
 
 
 def model(keras: ModuleType, problem: Problem, steps_per_execution: int, jit_compile: bool) -> Any:
-    """`Sequential([Input, Dense(1)])` with the case's initial parameters (a sigmoid activation for
-    `bce` on probabilities), compiled with the case's optimizer and loss. Weight decay is an L2
-    regularizer: coupled decay (added to the gradient) is exactly an L2 penalty of decay / 2,
-    and Keras's history loss then includes it."""
+    """`Sequential([Input, Dense(units, activation=...), ..., Dense(1)])` with the case's initial
+    parameters (a sigmoid activation on the output for `bce` on probabilities), compiled with the
+    case's optimizer and loss. Weight decay is an L2 regularizer on every kernel and bias:
+    coupled decay (added to the gradient) is exactly an L2 penalty of decay / 2, and Keras's
+    history loss then includes it."""
     decay = problem.optimizer.settings.get("weight_decay", 0.0)
     regularizer = keras.regularizers.L2(decay / 2) if decay else None
     # dtype is explicit: Keras caches its global dtype policy from floatx on first use, so a
     # later set_floatx alone would leave float64 cases with float32 layers (or the reverse).
-    activation = "sigmoid" if problem.loss == "bce" and not problem.from_logits else "linear"
-    dense = keras.layers.Dense(1, activation=activation, use_bias=problem.has_bias, kernel_regularizer=regularizer,
-                               bias_regularizer=regularizer if problem.has_bias else None, dtype=problem.dtype)
-    built = keras.Sequential([keras.Input(shape=(problem.features,), dtype=problem.dtype), dense])
-    initial = [problem.init_weights.reshape(-1, 1)]
-    if problem.has_bias:
-        initial.append(problem.init_bias.reshape(1))
-    dense.set_weights(initial)
+    layers, initial = [], []
+    for layer, kernel, bias in problem.initial_layers():
+        if layer.name == "output":
+            chosen = "sigmoid" if problem.loss == "bce" and not problem.from_logits else "linear"
+        else:
+            chosen = activation(keras, layer.activation, layer.settings)
+        layers.append(keras.layers.Dense(layer.units, activation=chosen, use_bias=layer.bias,
+                                         kernel_regularizer=regularizer,
+                                         bias_regularizer=regularizer if layer.bias else None,
+                                         dtype=problem.dtype, name=layer.name))
+        initial.append([kernel] + ([] if bias is None else [bias]))
+    built = keras.Sequential([keras.Input(shape=(problem.features,), dtype=problem.dtype), *layers])
+    for dense, weights in zip(layers, initial):
+        dense.set_weights(weights)
     built.compile(optimizer=optimizer(keras, problem.optimizer, per_step_schedule(keras, problem), problem.clip),
                   loss=loss(keras, problem),
                   steps_per_execution=steps_per_execution, jit_compile=jit_compile)
     return built
+
+
+def activation(keras: ModuleType, name: str, settings: dict[str, Any] | None) -> Any:
+    """The `keras.activations` function of an activation, every setting explicit. Keras 2 has
+    no `silu` or `leaky_relu` by those names: `swish` and `relu(alpha=...)` are the same
+    functions there."""
+    import functools
+
+    found = keras.activations
+    keras2 = not hasattr(found, "leaky_relu")
+    if name == "gelu":
+        return functools.partial(found.gelu, approximate=settings["approximate"])
+    if name == "leaky_relu":
+        slope = settings["negative_slope"]
+        return functools.partial(found.relu, alpha=slope) if keras2 else \
+            functools.partial(found.leaky_relu, negative_slope=slope)
+    if name == "elu":
+        return functools.partial(found.elu, alpha=settings["alpha"])
+    if name == "silu" and keras2:
+        return found.swish
+    return getattr(found, name)
+
+
+def parameters(built: Any) -> list[Any]:
+    """Every layer's variables in the harness's layout: kernel (inputs, units), then bias."""
+    return [variable for layer in built.layers for variable in layer.weights]
 
 
 class EpochRecords:

@@ -37,10 +37,8 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
     """
     tf = _frameworks.tensorflow()
     with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
-        weights = tf.Variable(problem.init_weights.reshape(-1, 1), name="weights")
-        variables = [weights]
-        if problem.has_bias:
-            variables.append(tf.Variable(problem.init_bias.reshape(1), name="bias"))
+        layers = _variables(tf, problem)
+        variables = [variable for _, kernel, bias in layers for variable in (kernel, bias) if variable is not None]
         keras = _tensorflow.keras()
         rate_schedule = _keras_common.schedule(keras, problem)
         # per step: the Keras schedule is the optimizer's learning rate; per epoch: the loop
@@ -48,7 +46,7 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
         optimizer = _keras_common.optimizer(keras, problem.optimizer,
                                             None if problem.schedule_every_epoch else rate_schedule)
         optimizer.build(variables)
-        run_training = _training_function(problem, variables, optimizer, rate_schedule, jit_compile)
+        run_training = _training_function(problem, layers, optimizer, rate_schedule, jit_compile)
         orders = tf.range(problem.n, dtype=tf.int64)[tf.newaxis] if problem.orders is None \
             else tf.constant(problem.orders, dtype=tf.int64)
         info: dict[str, Any] = {}
@@ -63,17 +61,49 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
         losses = totals.numpy().astype(np.float64) / problem.n
         predictions = None
         if problem.predict_x is not None:
-            outputs = _forward(tf, tf.constant(problem.predict_x), variables)
+            outputs = _forward(tf, tf.constant(problem.predict_x), layers)
             if problem.loss == "bce":  # `predict` compares probabilities
                 outputs = tf.math.sigmoid(outputs)
             predictions = outputs.numpy()[:, 0].astype(np.float64)
-    return Trajectory(params, losses, predictions, _tensorflow.environment(device, weights) | info,
+    return Trajectory(params, losses, predictions, _tensorflow.environment(device, layers[0][1]) | info,
                       rates=rates.numpy().astype(np.float64) if rate_schedule is not None else None)
 
 
-def _forward(tf: Any, x: Any, variables: list[Any]) -> Any:
-    output = tf.matmul(x, variables[0])
-    return output + variables[1] if len(variables) > 1 else output
+def _variables(tf: Any, problem: Problem) -> list[tuple[Any, Any, Any]]:
+    """(layer, kernel variable (inputs, units), bias variable or None) per layer, in the
+    harness's layout (TensorFlow's own: no transposes)."""
+    found = []
+    for layer, kernel, bias in problem.initial_layers():
+        name = "weights" if len(problem.layers) == 1 else f"{layer.name}_kernel"
+        found.append((layer, tf.Variable(kernel, name=name),
+                      None if bias is None else tf.Variable(bias, name="bias" if len(problem.layers) == 1
+                                                            else f"{layer.name}_bias")))
+    return found
+
+
+def _forward(tf: Any, x: Any, layers: list[tuple[Any, Any, Any]]) -> Any:
+    """x through every layer: `tf.matmul` and the bias, then the hidden layers' activation."""
+    output = x
+    for layer, kernel, bias in layers:
+        output = tf.matmul(output, kernel)
+        if bias is not None:
+            output = output + bias
+        if layer.name != "output":
+            output = activation(tf, layer.activation, layer.settings)(output)
+    return output
+
+
+def activation(tf: Any, name: str, settings: dict[str, Any] | None) -> Any:
+    """The TensorFlow op of an activation as a GradientTape loop's author calls it, every setting
+    explicit: `tf.nn` and `tf.math`, and Keras's `elu` for an alpha (`tf.nn.elu` has none)."""
+    if name == "gelu":
+        return lambda z: tf.nn.gelu(z, approximate=settings["approximate"])
+    if name == "leaky_relu":
+        return lambda z: tf.nn.leaky_relu(z, alpha=settings["negative_slope"])
+    if name == "elu":
+        return lambda z: _tensorflow.keras().activations.elu(z, alpha=settings["alpha"])
+    return {"linear": tf.identity, "relu": tf.nn.relu, "tanh": tf.math.tanh, "sigmoid": tf.math.sigmoid,
+            "softplus": tf.math.softplus, "silu": tf.nn.silu}[name]
 
 
 def _clipped(tf: Any, gradients: list[Any], clip: dict[str, Any] | None) -> list[Any]:
@@ -89,7 +119,7 @@ def _clipped(tf: Any, gradients: list[Any], clip: dict[str, Any] | None) -> list
     return [tf.clip_by_value(gradient, -threshold, threshold) for gradient in gradients]
 
 
-def _training_function(problem: Problem, variables: list[Any], optimizer: Any, rate_schedule: Any,
+def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], optimizer: Any, rate_schedule: Any,
                        jit_compile: bool) -> Any:
     """A tf.function(orders, epochs) that trains; returns per-epoch parameters, loss sums and
     (with a schedule) the rate of each epoch's last step, read from the Keras schedule at the
@@ -101,6 +131,7 @@ def _training_function(problem: Problem, variables: list[Any], optimizer: Any, r
     case's dtype.
     """
     tf = _frameworks.tensorflow()
+    variables = [variable for _, kernel, bias in layers for variable in (kernel, bias) if variable is not None]
     x = tf.constant(problem.x)
     y = tf.constant(problem.y.reshape(-1, 1))
     decay = problem.optimizer.settings.get("weight_decay", 0.0)
@@ -140,7 +171,7 @@ def _training_function(problem: Problem, variables: list[Any], optimizer: Any, r
             y_batch = tf.slice(y, tf.stack([start, 0]), [size, 1])
             w_batch = tf.slice(w, tf.stack([start, 0]), [size, 1]) if weighted else None
         with tf.GradientTape() as tape:
-            losses = per_sample(_forward(tf, x_batch, variables), y_batch)
+            losses = per_sample(_forward(tf, x_batch, layers), y_batch)
             loss = reduce(losses * w_batch if weighted else losses)
         gradients = _clipped(tf, tape.gradient(loss, variables), problem.clip)
         if decay:
@@ -159,7 +190,7 @@ def _training_function(problem: Problem, variables: list[Any], optimizer: Any, r
 
     @tf.function(jit_compile=jit_compile)
     def run_training(orders: Any, epochs: Any) -> Any:
-        params = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[problem.features + problem.has_bias])
+        params = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[problem.parameter_count])
         totals = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[])
         rates = tf.TensorArray(tf.float64, size=problem.epochs, element_shape=[])
         for epoch in tf.range(epochs):

@@ -54,15 +54,13 @@ def train(problem: Problem, device: str) -> Trajectory:
 
     place = _devices()[device]
     dtype = np.dtype(problem.dtype)
-    params = {"w": problem.init_weights.reshape(-1, 1)}
-    if problem.has_bias:
-        params["b"] = problem.init_bias.reshape(1)
-    params = jax.device_put({name: np.asarray(value, dtype) for name, value in params.items()}, place)
+    params = jax.device_put(initial_parameters(problem, dtype), place)
+    model = problem.layers
     x = jax.device_put(problem.x.astype(dtype), place)
     y = jax.device_put(problem.y.astype(dtype).reshape(-1, 1), place)
     reduce = jnp.mean if problem.reduction == "mean" else jnp.sum
     optimizer = make_optimizer(optax, problem.optimizer, schedule(optax, problem), dtype)
-    optimizer = with_clipping(optax, problem.clip, list(params), optimizer)
+    optimizer = with_clipping(optax, problem.clip, params, optimizer)
 
     losses = getattr(optax, "losses", optax)  # optax >= 0.2.2 keeps its losses in optax.losses
     weighted = problem.sample_weight is not None
@@ -81,7 +79,7 @@ def train(problem: Problem, device: str) -> Trajectory:
         return jnp.square(outputs - y_batch)
 
     def loss_of(parameters: Any, x_batch: Any, y_batch: Any, w_batch: Any) -> Any:
-        values = per_sample(forward(parameters, x_batch), y_batch)
+        values = per_sample(forward(parameters, x_batch, model), y_batch)
         return reduce(values * w_batch if weighted else values)
 
     def step(parameters: Any, state: Any, order: Any, start: Any, size: int) -> Any:
@@ -120,8 +118,7 @@ def train(problem: Problem, device: str) -> Trajectory:
             if last_batch:
                 parameters, state, loss = step(*carry, order, full_batches * problem.batch_size, last_batch)
                 carry, total = (parameters, state), total + loss * last_batch
-            # [weights..., bias]: JAX orders a dict's leaves by key ("b" before "w"), so name them
-            flat = jnp.concatenate([carry[0][name].reshape(-1) for name in ("w", "b") if name in carry[0]])
+            flat = flat_parameters(carry[0], model)
             return carry, (flat, total, last_rate(carry[1]))
 
         (parameters, state), (history, totals, rates) = jax.lax.scan(one_epoch, (parameters, state),
@@ -133,11 +130,11 @@ def train(problem: Problem, device: str) -> Trajectory:
     predictions = None
     if problem.predict_x is not None:
         predict_x = jax.device_put(problem.predict_x.astype(dtype), place)
-        outputs = forward(params, predict_x)
+        outputs = forward(params, predict_x, model)
         if problem.loss == "bce":  # `predict` compares probabilities
             outputs = jax.nn.sigmoid(outputs)
         predictions = np.asarray(outputs, dtype=np.float64)[:, 0]
-    weight = params["w"]
+    weight = params["output"]["kernel"]
     info = {"jax": jax.__version__, "optax": optax.__version__, "placed_on": str(next(iter(weight.devices()))),
             "jax_enable_x64": bool(jax.config.jax_enable_x64), "weights_dtype": str(weight.dtype),
             "jit_compilations": int(run_training._cache_size())}
@@ -168,9 +165,51 @@ def _injected_rate(state: Any) -> Any:
     return None
 
 
-def forward(parameters: Any, x: Any) -> Any:
-    output = x @ parameters["w"]
-    return output + parameters["b"] if "b" in parameters else output
+def initial_parameters(problem: Problem, dtype: Any) -> dict[str, Any]:
+    """The parameter pytree JAX users write: {layer name: {"kernel": (inputs, units), "bias":
+    (units,)}}, in the harness's own layout (no transposes in JAX)."""
+    params = {}
+    for layer, kernel, bias in problem.initial_layers():
+        params[layer.name] = {"kernel": np.asarray(kernel, dtype)}
+        if bias is not None:
+            params[layer.name]["bias"] = np.asarray(bias, dtype)
+    return params
+
+
+def flat_parameters(params: dict[str, Any], model: list[Any]) -> Any:
+    """Every parameter in the harness's layout (a dict's leaves are ordered by key, so by name)."""
+    import jax.numpy as jnp
+
+    return jnp.concatenate([params[layer.name][part].reshape(-1) for layer in model
+                            for part in ("kernel", "bias") if part in params[layer.name]])
+
+
+def forward(parameters: Any, x: Any, model: list[Any]) -> Any:
+    """x through every layer: `x @ kernel + bias`, then the hidden layers' `jax.nn` activation."""
+    output = x
+    for layer in model:
+        output = output @ parameters[layer.name]["kernel"]
+        if "bias" in parameters[layer.name]:
+            output = output + parameters[layer.name]["bias"]
+        if layer.name != "output":
+            output = activation(layer.activation, layer.settings)(output)
+    return output
+
+
+def activation(name: str, settings: dict[str, Any] | None) -> Any:
+    """The `jax.nn` function of an activation, every setting explicit (`jax.nn.gelu` defaults to
+    the tanh form, the case format's `approximate: false` is passed as such)."""
+    import functools
+
+    nn = _frameworks.jax().nn
+    if name == "gelu":
+        return functools.partial(nn.gelu, approximate=settings["approximate"])
+    if name == "leaky_relu":
+        return functools.partial(nn.leaky_relu, negative_slope=settings["negative_slope"])
+    if name == "elu":
+        return functools.partial(nn.elu, alpha=settings["alpha"])
+    return {"linear": lambda z: z, "relu": nn.relu, "tanh": _frameworks.jax().numpy.tanh, "sigmoid": nn.sigmoid,
+            "softplus": nn.softplus, "silu": nn.silu}[name]
 
 
 def make_optimizer(optax: Any, optimizer: Optimizer, rate_schedule: Any = None, dtype: Any = None) -> Any:
@@ -240,18 +279,20 @@ def schedule(optax: Any, problem: Problem) -> Any:
     return lambda count: of_t(count // problem.steps_per_epoch)
 
 
-def with_clipping(optax: Any, clip: dict[str, Any] | None, names: list[str], optimizer: Any) -> Any:
+def with_clipping(optax: Any, clip: dict[str, Any] | None, params: dict[str, Any], optimizer: Any) -> Any:
     """The case's clipping chained before the optimizer (and its weight decay): optax's
-    `clip_by_global_norm`, the same per parameter array through `multi_transform` (norm), or
-    `clip` (value)."""
+    `clip_by_global_norm`, the same per parameter array through `multi_transform` (norm, one
+    label per array of the pytree `params`), or `clip` (value)."""
     if clip is None:
         return optimizer
     threshold = clip["threshold"]
     if clip["kind"] == "global_norm":
         clipping = optax.clip_by_global_norm(max_norm=threshold)
     elif clip["kind"] == "norm":
+        labels = {layer: {part: f"{layer}.{part}" for part in parts} for layer, parts in params.items()}
+        names = [label for parts in labels.values() for label in parts.values()]
         clipping = optax.multi_transform({name: optax.clip_by_global_norm(max_norm=threshold) for name in names},
-                                         {name: name for name in names})
+                                         labels)
     else:
         clipping = optax.clip(threshold)
     return optax.chain(clipping, optimizer)

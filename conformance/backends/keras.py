@@ -118,7 +118,8 @@ def _recorder_class() -> type:
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if not self.per_execution:
-                self.record(np.concatenate([np.ravel(v.numpy()) for v in self.model.layers[-1].weights]), logs)
+                self.record(np.concatenate([np.ravel(v.numpy()) for v in _keras_common.parameters(self.model)]),
+                            logs)
                 self.record_rate(keras)
 
         def _read_parameters_and_reset_metrics(self) -> np.ndarray:
@@ -129,7 +130,7 @@ def _recorder_class() -> type:
             """
             if self._read_and_reset is None:  # metrics exist after the first execution
                 tf = _frameworks.tensorflow()
-                weights = self.model.layers[-1].weights
+                weights = _keras_common.parameters(self.model)
                 counters = [variable for metric in self.model.metrics for variable in metric.variables]
 
                 def read_and_reset() -> Any:

@@ -1,5 +1,6 @@
-"""PyTorch: `nn.Linear`, the case's loss module (`MSELoss`, `HuberLoss`, `BCEWithLogitsLoss` or `BCELoss`)
-and `torch.optim`: the loop its tutorials write."""
+"""PyTorch: `nn.Linear` (or an `nn.Sequential` of them with activation modules), the case's loss
+module (`MSELoss`, `HuberLoss`, `BCEWithLogitsLoss` or `BCELoss`) and `torch.optim`: the loop its
+tutorials write."""
 
 from __future__ import annotations
 
@@ -49,13 +50,7 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
     dtype = getattr(torch, problem.dtype)
     x = torch.as_tensor(problem.x, device=device)
     y = torch.as_tensor(problem.y, device=device).reshape(-1, 1)
-    linear = torch.nn.Linear(problem.features, 1, bias=problem.has_bias, device=device, dtype=dtype)
-    with torch.no_grad():
-        linear.weight.copy_(torch.as_tensor(problem.init_weights.reshape(1, -1)))
-        if problem.has_bias:
-            linear.bias.copy_(torch.as_tensor(problem.init_bias.reshape(1)))
-    probabilities = problem.loss == "bce" and not problem.from_logits
-    model = torch.nn.Sequential(linear, torch.nn.Sigmoid()) if probabilities else linear
+    model, linears = build_model(torch, problem, device, dtype)
     parameters = list(model.parameters())
     # A compiled step reads the learning rate as a tensor: with a Python float, every new rate
     # of a schedule is a new constant and recompiles the step (PyTorch's tutorial "Running the
@@ -95,7 +90,7 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
                 scheduler.step()
         if scheduler is not None and problem.schedule_every_epoch:
             scheduler.step()
-        params.add(torch.cat([p.detach().reshape(-1) for p in parameters]))
+        params.add(flat_parameters(torch, linears))
         if compile_step is not None:
             ends.append(time.perf_counter())
     predictions = None
@@ -105,13 +100,59 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
             if problem.loss == "bce" and problem.from_logits:  # `predict` compares probabilities
                 outputs = torch.sigmoid(outputs)
             predictions = outputs[:, 0].cpu().double().numpy()
-    info = _environment(torch, device, linear.weight)
+    info = _environment(torch, device, linears[0].weight)
     if compile_step is not None:
         info["epoch_seconds"] = np.diff(ends)
     if scheduler is not None:
         info["scheduler"] = _describe(scheduler)
     return Trajectory(params.numpy(), problem.epoch_losses(step_losses.numpy()), predictions, info,
                       rates=np.asarray(rates) if scheduler is not None else None)
+
+
+def build_model(torch: Any, problem: Problem, device: str, dtype: Any) -> tuple[Any, list[Any]]:
+    """The model as PyTorch users write it, and its `nn.Linear` layers: the one `Linear` of the
+    v1 model, or an `nn.Sequential` of `Linear`s and activation modules (a `Sigmoid` last for
+    `bce` on probabilities). Each `Linear` gets the harness's parameters: `weight` (units,
+    inputs) is the transpose of the harness's kernel."""
+    linears, modules = [], []
+    for layer, kernel, bias in problem.initial_layers():
+        linear = torch.nn.Linear(layer.inputs, layer.units, bias=layer.bias, device=device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(torch.as_tensor(kernel.T))
+            if bias is not None:
+                linear.bias.copy_(torch.as_tensor(bias))
+        linears.append(linear)
+        modules.append(linear)
+        if layer.name != "output":
+            modules.append(activation_module(torch, layer.activation, layer.settings))
+    if problem.loss == "bce" and not problem.from_logits:
+        modules.append(torch.nn.Sigmoid())
+    return (modules[0] if len(modules) == 1 else torch.nn.Sequential(*modules)), linears
+
+
+def activation_module(torch: Any, name: str, settings: dict[str, Any] | None) -> Any:
+    """The `torch.nn` module of an activation, every setting explicit (torch's `Softplus`
+    keeps its default threshold of 20, above which it returns its input: a finding)."""
+    nn = torch.nn
+    if name == "gelu":
+        return nn.GELU(approximate="tanh" if settings["approximate"] else "none")
+    if name == "leaky_relu":
+        return nn.LeakyReLU(negative_slope=settings["negative_slope"], inplace=False)
+    if name == "elu":
+        return nn.ELU(alpha=settings["alpha"], inplace=False)
+    return {"linear": lambda: nn.Identity(), "relu": lambda: nn.ReLU(inplace=False), "tanh": lambda: nn.Tanh(),
+            "sigmoid": lambda: nn.Sigmoid(), "softplus": lambda: nn.Softplus(beta=1.0, threshold=20.0),
+            "silu": lambda: nn.SiLU(inplace=False)}[name]()
+
+
+def flat_parameters(torch: Any, linears: list[Any]) -> Any:
+    """Every parameter in the harness's layout: each kernel as (inputs, units), then its bias."""
+    parts = []
+    for linear in linears:
+        parts.append(linear.weight.detach().t().reshape(-1))
+        if linear.bias is not None:
+            parts.append(linear.bias.detach())
+    return torch.cat(parts)
 
 
 def loss_module(torch: Any, problem: Problem, reduction: str) -> Any:
