@@ -85,6 +85,8 @@ class CaseReferences:
         least squares (weighted with sample weights); the ridge solution when SGD has weight
         decay; scipy's Huber fit; the logistic maximum-likelihood fit for `bce`."""
         prepared, problem = self.prepared, self.prepared.problem
+        if problem.hidden:
+            return None, "a model with hidden layers has no closed-form optimum"
         with timing.phase("references"):
             try:
                 if self.has_weight_decay:  # on the trained features, with the decay's penalty
@@ -126,6 +128,8 @@ class CaseReferences:
     def least_squares_name(self) -> str:
         """How the `lstsq` reference was computed, as messages and the report name it."""
         problem = self.prepared.problem
+        if problem.hidden:
+            return "no objective fit (hidden layers)"
         decay = " (weight decay)" if self.has_weight_decay else ""
         if problem.loss == "huber":
             return "scipy Huber" + decay
@@ -154,8 +158,14 @@ class CaseReferences:
         rows = np.unique(np.linspace(0, len(prepared.y) - 1, min(len(prepared.y), PICTURE_POINTS)).astype(int))
         weights = prepared.sample_weight
         reference_fit = self.least_squares
-        return {"x": floats(prepared.x_design[rows, 0]), "y": floats(prepared.y[rows]),
-                "weights": None if weights is None else floats(weights[rows]), "degree": degree,
-                "has_bias": problem.has_bias, "sigmoid": problem.loss == "bce",
-                "reference": None if reference_fit is None else {"name": self.least_squares_name,
-                                                                 "params": floats(reference_fit)}}
+        picture = {"x": floats(prepared.x_design[rows, 0]), "y": floats(prepared.y[rows]),
+                   "weights": None if weights is None else floats(weights[rows]), "degree": degree,
+                   "has_bias": problem.has_bias, "sigmoid": problem.loss == "bce",
+                   "reference": None if reference_fit is None else {"name": self.least_squares_name,
+                                                                    "params": floats(reference_fit)}}
+        if problem.hidden:  # the report evaluates the network on the features as trained
+            standardizer = prepared.standardizer
+            picture["network"] = {"hidden": problem.hidden, "features": problem.features,
+                                  "mean": None if standardizer is None else floats(standardizer.mean),
+                                  "scale": None if standardizer is None else floats(standardizer.scale)}
+        return picture

@@ -258,7 +258,10 @@ def fit_svg(data: dict[str, Any], results: list[dict[str, Any]]) -> str:
 
 
 def _model_values(data: dict[str, Any], params: list[float], grid: list[float]) -> list[float | None]:
-    """The model's output along `grid`: sum_k w_k x^k (+ b), through a sigmoid for `bce`."""
+    """The model's output along `grid`: sum_k w_k x^k (+ b), or the network's with hidden
+    layers, through a sigmoid for `bce`."""
+    if data.get("network"):
+        return _network_values(data, params, grid)
     degree, has_bias = data.get("degree", 1), data.get("has_bias", True)
     weights, bias = params[:degree], (params[degree] if has_bias else 0.0)
     values: list[float | None] = []
@@ -269,6 +272,27 @@ def _model_values(data: dict[str, Any], params: list[float], grid: list[float]) 
         except OverflowError:
             values.append(0.0 if data.get("sigmoid") and z < 0 else None)
     return values
+
+
+def _network_values(data: dict[str, Any], params: list[float], grid: list[float]) -> list[float | None]:
+    """The output of a model with hidden layers along `grid`: the features as it was trained
+    on (x^1..x^degree, standardized when the case says so), through network.py's forward pass."""
+    import numpy as np
+
+    from conformance import network
+
+    described = data["network"]
+    x = np.asarray(grid, dtype=np.float64)[:, None] ** np.arange(1, data.get("degree", 1) + 1)
+    if described.get("mean") is not None:
+        x = (x - np.asarray(described["mean"])) / np.asarray(described["scale"])
+    model = network.layers(described["features"], described["hidden"], data.get("has_bias", True))
+    theta = np.asarray([np.nan if value is None else value for value in params], dtype=np.float64)
+    if theta.size != sum(layer.size for layer in model):
+        return [None] * len(grid)
+    with np.errstate(all="ignore"):
+        z = network.forward(theta, x, model)[0]
+        values = 1.0 / (1.0 + np.exp(-z)) if data.get("sigmoid") else z
+    return [float(value) if math.isfinite(value) else None for value in values]
 
 
 def _runs(points: Iterable[tuple[float, float | None]]) -> list[list[tuple[float, float]]]:

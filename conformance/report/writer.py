@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 
 from conformance.report.plots import curves_svg, fit_svg, rates_svg, trajectory_svg
 
@@ -154,10 +155,11 @@ def _case_view(name: str, items: list[dict[str, Any]], columns: list[tuple[str, 
     pairwise = case_checks.get("pairwise", {})
     results = [_with_lstsq(e, items) for e in items if e.get("kind") == "parity"]
     trajectories = [e for e in items if e.get("kind") == "trajectory"]
+    names = pairwise.get("parameter_names") or _names(results)
     return {
         "name": name, "page": page_name(name), "cells": cells, "case_checks": case_checks,
         "status": worst([e.get("status", "not run") for e in items]), "entries": items,
-        "parameter_names": pairwise.get("parameter_names") or _names(results),
+        "parameter_names": names, "columns": parameter_columns(results, len(names)),
         "results": results, "pairwise": pairwise, "certified": case_checks.get("certified"),
         "plot": curves_svg(results, pairwise.get("replay")) if results else "",
         "fit_plot": _fit_plot(results),
@@ -181,6 +183,31 @@ def _with_lstsq(result: dict[str, Any], items: list[dict[str, Any]]) -> dict[str
                     and e.get("device") == result["device"]), {})
     return result | {"lstsq_rel_diff": sibling.get("max_rel_diff"), "lre_certified": sibling.get("lre_certified"),
                      "lstsq_tolerance": sibling.get("tolerance"), "lstsq_status": sibling.get("status")}
+
+
+SHOWN_PARAMETERS = 12  # a case page's parameter table shows all of up to this many parameters
+
+
+def parameter_columns(results: list[dict[str, Any]], count: int, shown: int = SHOWN_PARAMETERS) -> list[int]:
+    """The parameters the case page's table shows, in layout order: all of a small model's; of
+    a larger one (hidden layers), the `shown` farthest from the replay in any result, relative
+    to the replay's largest parameter (the table's "vs replay" column covers them all)."""
+    if count <= shown:
+        return list(range(count))
+    replay = _array(results[0].get("replay") if results else None, count)
+    scale = float(np.nanmax(np.abs(replay))) if np.isfinite(replay).any() else 1.0
+    apart = np.zeros(count)
+    for result in results:
+        with np.errstate(invalid="ignore"):
+            distance = np.abs(_array(result.get("params"), count) - replay) / (scale or 1.0)
+        apart = np.fmax(apart, np.where(np.isnan(distance), np.inf, distance))
+    return sorted(int(index) for index in np.argsort(-apart, kind="stable")[:shown])
+
+
+def _array(values: list[float | None] | None, count: int) -> np.ndarray:
+    if not values or len(values) != count:
+        return np.full(count, np.nan)
+    return np.asarray([np.nan if value is None else value for value in values], dtype=np.float64)
 
 
 def _names(results: list[dict[str, Any]]) -> list[str]:
