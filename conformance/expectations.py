@@ -4,10 +4,10 @@ A case's own `expect` entries are about that case: strict (an expected deviation
 happen fails the item), with the deviation's measured size. The expectations file generalises
 them for cases nobody wrote by hand, in the spirit of array-api-tests' xfails file: each entry
 is an `expect` entry plus `when`, the conditions under which the deviation can appear (dtype,
-optimizer and its settings, loss and its settings, schedule and its settings, clip; `versions`
-as in `expect`). A file entry is
-not strict: where the condition holds, the deviation may show (the item is then xfailed with the
-entry's reason) or may not (the item passes, and the report says which entry applied).
+optimizer and its settings, loss and its settings, schedule and its settings, clip, hidden
+layers' activations; `versions` as in `expect`). A file entry is not strict: where the
+condition holds, the deviation may show (the item is then xfailed with the entry's reason) or
+may not (the item passes, and the report says which entry applied).
 
     - check: parity
       backend: [keras, gradient_tape, keras_xla, gradient_tape_xla]
@@ -52,6 +52,7 @@ class When(Strict):
     schedule: OneOrMany | None = None  # v1.2: exponential, piecewise, cosine
     schedule_settings: dict[str, Condition] = {}  # the schedule's settings, and every (step, epoch)
     clip: OneOrMany | None = None  # v1.2: global_norm, norm, value
+    activation: OneOrMany | None = None  # v1.2: some hidden layer has one of these activations
 
     @field_validator("settings", "loss_settings", "schedule_settings")
     @classmethod
@@ -129,6 +130,9 @@ def holds(when: When, problem: Problem) -> bool:
     if when.loss is not None and problem.loss not in _names(when.loss):
         return False
     if not _kind_holds(when.schedule, problem.schedule) or not _kind_holds(when.clip, problem.clip):
+        return False
+    activations = {layer["activation"] for layer in problem.hidden or []}
+    if when.activation is not None and not activations & set(_names(when.activation)):
         return False
     loss_settings = {"delta": problem.delta, "from_logits": problem.from_logits, "reduction": problem.reduction}
     schedule_settings = {} if problem.schedule is None else problem.schedule["settings"] | {

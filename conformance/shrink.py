@@ -1,8 +1,9 @@
 """Shrinking a generated case that failed to a smaller case that fails the same way.
 
 Hypothesis does the search: `hypothesis.find` over reductions of the failing case (how many
-epochs, samples and features to keep; which batching, shuffling, initialisation, sample weights
-and optimizer options to keep rather than reset to the format's defaults) with the predicate
+epochs, samples, features, hidden layers and hidden units to keep; which batching, shuffling,
+initialisation, sample weights and optimizer options to keep rather than reset to the format's
+defaults) with the predicate
 "this reduced case still fails parity on the same backend and device, in the same way (a
 mismatch, or a divergence)". Hypothesis shrinks integers toward their lower bounds and booleans
 toward False, so the case it returns is the smallest, simplest one it found that still fails.
@@ -86,6 +87,10 @@ def reduction_space(case: dict[str, Any]) -> dict[str, Any]:
     for extra in ("schedule", "clip"):
         if extra in training:
             knobs[f"keep_{extra}"] = st.booleans()
+    hidden = case["model"].get("hidden") or []
+    if hidden:  # how many hidden layers to keep (0: the linear model), and at most how many units each
+        knobs["hidden_layers"] = st.integers(0, len(hidden))
+        knobs["hidden_units"] = st.integers(1, max(layer["units"] for layer in hidden))
     return knobs
 
 
@@ -103,6 +108,12 @@ def reduced(case: dict[str, Any], reduction: dict[str, Any]) -> dict[str, Any]:
             del inline["sample_weight"]
         else:
             inline["sample_weight"] = weights if any(weights) else [1.0] + weights[1:]
+    if model.get("hidden"):
+        kept = model["hidden"][:reduction.get("hidden_layers", len(model["hidden"]))]
+        units = reduction.get("hidden_units")
+        model["hidden"] = [dict(layer, units=min(layer["units"], units or layer["units"])) for layer in kept]
+        if not model["hidden"]:
+            del model["hidden"]
     if not reduction.get("keep_init", True):
         model["init"] = "zeros"
     elif isinstance(model.get("init"), dict) and "constant" in model["init"]:

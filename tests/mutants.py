@@ -130,6 +130,12 @@ def _tape_logits_loss_written_out() -> None:
 
 # ---- JAX and optax ------------------------------------------------------------------------------
 
+def _jax() -> Any:
+    from conformance.backends import _frameworks
+
+    return _frameworks.jax()
+
+
 def _optax() -> Any:
     from conformance.backends import _frameworks
 
@@ -225,6 +231,40 @@ CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: schedules and clipping
     ("optax-clip-global-norm-off", ("jax",), "main",
      "optax.clip_by_global_norm clips at a threshold 1% too large",
      lambda: _patch_function(_optax(), "clip_by_global_norm", _scaled("max_norm", 1.01))),
+]]
+
+
+def _torch_relu_as_clamp() -> None:
+    """nn.ReLU computing input.clamp(min=0): the same values, but clamp's gradient at exactly 0
+    is 1 (it passes where input >= min), relu's 0."""
+    torch = _torch()
+    torch.nn.ReLU.forward = lambda self, input: input.clamp(min=0)
+
+
+def _jax_relu_as_maximum() -> None:
+    """jax.nn.relu as jnp.maximum(x, 0), whose gradient at a tie is 0.5 (why JAX gave relu a
+    custom derivative)."""
+    jax = _jax()
+    jax.nn.relu = lambda x: jax.numpy.maximum(x, 0)
+
+
+CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: hidden layers
+    ("torch-gelu-tanh-form", ("torch", "torch_compile"), "main",
+     "torch.nn.GELU computes the tanh approximation whatever approximate says",
+     lambda: _patch_init(_torch().nn.GELU, _set(approximate="tanh"))),
+    ("torch-leaky-relu-default-slope", ("torch", "torch_compile"), "main",
+     "torch.nn.LeakyReLU keeps its default slope 0.01 over the one given",
+     lambda: _patch_init(_torch().nn.LeakyReLU, _set(negative_slope=0.01))),
+    ("torch-relu-as-clamp", ("torch", "torch_compile"), "main",
+     "torch.nn.ReLU as clamp(min=0), whose gradient at exactly 0 is 1", _torch_relu_as_clamp),
+    ("keras-gelu-approximate-default", TF_KERAS, "main",
+     "keras.activations.gelu computes the tanh form whatever approximate says (keras.ops.gelu's default)",
+     lambda: _patch_function(_tf_keras().activations, "gelu", _set(approximate=True))),
+    ("jax-elu-alpha-default", ("jax",), "main",
+     "jax.nn.elu keeps its default alpha 1.0 over the one given",
+     lambda: _patch_function(_jax().nn, "elu", _set(alpha=1.0))),
+    ("jax-relu-as-maximum", ("jax",), "main",
+     "jax.nn.relu as jnp.maximum(x, 0), whose gradient at exactly 0 is 0.5", _jax_relu_as_maximum),
 ]]
 BY_NAME = {mutant.name: mutant for mutant in CATALOGUE}
 

@@ -152,3 +152,28 @@ def test_lstsq_and_certified_are_refused_with_hidden_layers(write_case):
     assert "no closed-form optimum" in error_of(write_case, HIDDEN + "tolerance: {lstsq: {rtol: 0.1}}\n")
     certified = HIDDEN + "certified: {weights: [1, 2], bias: 0, min_digits: 5}\n"
     assert "certified values are for the linear model" in error_of(write_case, certified)
+
+
+def test_a_kernel_loaded_without_its_transpose_fails_parity(monkeypatch):
+    """torch's `weight` is (units, inputs): loading the harness's (inputs, units) kernel by
+    reshaping instead of transposing (the classic porting bug) trains another model."""
+    pytest.importorskip("torch")
+    from conformance.backends import torch as torch_backend
+    from conformance.case import CaseFile, load
+    from conformance.checks import make_run
+    from tests.conftest import ROOT
+
+    path = ROOT / "cases" / "hidden" / "tanh-one-layer-sgd-float64.yaml"
+    assert make_run(load(CaseFile(path, path.parent)), [("torch", "cpu")]).check_parity("torch", "cpu").passed
+    original = torch_backend.build_model
+
+    def reshaped(torch, problem, device, dtype):
+        model, linears = original(torch, problem, device, dtype)
+        with torch.no_grad():
+            for (layer, kernel, _), linear in zip(problem.initial_layers(), linears):
+                linear.weight.copy_(torch.as_tensor(kernel.reshape(layer.units, layer.inputs)))
+        return model, linears
+
+    monkeypatch.setattr(torch_backend, "build_model", reshaped)
+    outcome = make_run(load(CaseFile(path, path.parent)), [("torch", "cpu")]).check_parity("torch", "cpu")
+    assert not outcome.passed and "hidden1." in outcome.message
