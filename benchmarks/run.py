@@ -14,6 +14,7 @@ This file is the entry point, both for you and for those processes (the internal
     compiled.py       the compiled backends against their bare compiled loops; compile time
     keras_workers.py  Keras 3 worker processes: start-up, round trip, per step, the pipe's cost
     schedules.py      what a learning-rate schedule or clipping costs per step  (not in --quick)
+    hidden.py         hidden layers: harness / bare loop beside the linear model's (not in --quick)
     growth.py         cost against n and against epochs                       (not in --quick)
     suite_wall.py     the whole suite's wall time: -n 0 / -n auto, --fuzz, each backend added
                                                                              (not in --quick)
@@ -30,6 +31,7 @@ import json
 
 import compiled
 import growth
+import hidden
 import keras_workers
 import per_step
 import schedules
@@ -56,6 +58,7 @@ def main() -> None:
     if arguments.quick:
         return
     schedules.print_section()
+    hidden.print_section()
     growth.print_section()
     suite_wall.print_section()
 

@@ -257,7 +257,7 @@ CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: hidden layers
      lambda: _patch_init(_torch().nn.LeakyReLU, _set(negative_slope=0.01))),
     ("torch-relu-as-clamp", ("torch", "torch_compile"), "main",
      "torch.nn.ReLU as clamp(min=0), whose gradient at exactly 0 is 1", _torch_relu_as_clamp),
-    ("keras-gelu-approximate-default", TF_KERAS, "main",
+    ("keras-gelu-approximate-default", ("keras", "keras_xla"), "main",
      "keras.activations.gelu computes the tanh form whatever approximate says (keras.ops.gelu's default)",
      lambda: _patch_function(_tf_keras().activations, "gelu", _set(approximate=True))),
     ("jax-elu-alpha-default", ("jax",), "main",

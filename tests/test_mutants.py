@@ -47,6 +47,7 @@ def _run(pytester, tmp_path, monkeypatch, mutant: str, backend: str, case: str) 
      "huber-small-delta-sum-minibatch-torch-cpu-trajectory"),  # Adam: the end point is scale-free, the loss not
     ("keras-jax-sgd-nesterov-ignored", "keras_jax", "cases/features/nesterov.yaml",
      "nesterov-keras_jax-cpu-trajectory"),
+    ("torch-relu-as-clamp", "torch", "cases/hidden/relu-at-zero.yaml", "relu-at-zero-torch-cpu-parity"),
 ])
 def test_a_shipped_case_catches_the_mutant(pytester, tmp_path, monkeypatch, mutant, backend, case, caught):
     needs = {"torch": "torch", "keras_jax": "jax"}[backend]
