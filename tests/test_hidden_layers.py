@@ -177,3 +177,27 @@ def test_a_kernel_loaded_without_its_transpose_fails_parity(monkeypatch):
     monkeypatch.setattr(torch_backend, "build_model", reshaped)
     outcome = make_run(load(CaseFile(path, path.parent)), [("torch", "cpu")]).check_parity("torch", "cpu")
     assert not outcome.passed and "hidden1." in outcome.message
+
+
+def test_the_case_page_shows_the_parameters_farthest_from_the_replay():
+    from conformance.report.writer import parameter_columns
+
+    replay = [1.0] * 20
+    results = [{"replay": replay, "params": replay[:3] + [1.5] + replay[4:]},
+               {"replay": replay, "params": [None] + replay[1:17] + [1.1, 1.0, 1.0]}]
+    shown = parameter_columns(results, 20, shown=3)
+    assert shown == [0, 3, 17]  # a missing value (NaN) counts as farthest; layout order kept
+    assert parameter_columns(results[:1], 2, shown=3) == [0, 1]  # a small model: all
+
+
+def test_the_data_picture_draws_the_network():
+    from conformance.report.plots import _model_values
+
+    model = network.layers(1, [{"units": 2, "activation": "tanh", "settings": None}], True)
+    params = [0.5, -1.0, 0.1, 0.2, 2.0, 1.0, 0.3]
+    data = {"degree": 1, "has_bias": True, "network": {"hidden": [{"units": 2, "activation": "tanh", "settings": None}],
+                                                        "features": 1, "mean": [1.0], "scale": [2.0]}}
+    grid = [-1.0, 0.0, 3.0]
+    expected = network.forward(np.asarray(params), (np.asarray(grid)[:, None] - 1.0) / 2.0, model)[0]
+    assert _model_values(data, params, grid) == pytest.approx(expected.tolist())
+    assert _model_values(data, params[:-1], grid) == [None, None, None]  # not this network's parameters

@@ -185,7 +185,7 @@ def _with_lstsq(result: dict[str, Any], items: list[dict[str, Any]]) -> dict[str
                      "lstsq_tolerance": sibling.get("tolerance"), "lstsq_status": sibling.get("status")}
 
 
-SHOWN_PARAMETERS = 12  # a case page's parameter table shows all of up to this many parameters
+SHOWN_PARAMETERS = 8  # a case page's parameter table shows all of up to this many parameters
 
 
 def parameter_columns(results: list[dict[str, Any]], count: int, shown: int = SHOWN_PARAMETERS) -> list[int]:
