@@ -68,3 +68,21 @@ def test_when_holds_for_the_schedule_its_settings_and_the_clip():
     assert not expectations.holds(when(schedule_settings={"every": "step"}), cosine)
     assert expectations.holds(when(clip=["global_norm", "norm"]), cosine)
     assert not expectations.holds(when(clip="value"), cosine) and not expectations.holds(when(clip="norm"), base)
+
+
+def test_when_activation_matches_any_hidden_layer():
+    from dataclasses import replace
+
+    from conformance.problem import Optimizer, Problem
+
+    linear = Problem("p", np.zeros((2, 1)), np.zeros(2), np.zeros(3), None, 1, 2, None, "mean",
+                     Optimizer("sgd", {"learning_rate": 0.1}), "float64")
+    hidden = [{"units": 3, "activation": "tanh", "settings": None},
+              {"units": 2, "activation": "gelu", "settings": {"approximate": False}}]
+    network = replace(linear, hidden=hidden)
+    when = expectations.When.model_validate
+    assert expectations.holds(when({"activation": "gelu"}), network)
+    assert expectations.holds(when({"activation": ["relu", "tanh"]}), network)
+    assert not expectations.holds(when({"activation": "relu"}), network)
+    assert not expectations.holds(when({"activation": "gelu"}), linear)  # no hidden layers: no activation
+    assert expectations.holds(when({}), linear)
