@@ -4,7 +4,7 @@ Section "Hidden layers" of `benchmarks/run.py` (also `python benchmarks/hidden.p
 For keras, gradient_tape, torch and jax, the sizes of the "Per step" section (small, medium,
 large) are trained twice through the backend's `train`: the v1 linear model, and a network with
 one hidden layer of 16 tanh units (`HIDDEN`); each next to the bare loop of the same model
-(`per_step.FLOORS` for the linear one, `NETWORK_FLOORS` here for the network), alternating, best of 3
+(`floors.FLOORS` for the linear one, `NETWORK_FLOORS` here for the network), alternating, best of 3
 (1 for "large"). The question is whether the harness's ratio to the bare loop stays what it is
 for the linear model when the model has hidden layers. Measured in this process, one backend at
 a time (imports paid once).
@@ -38,92 +38,52 @@ def with_hidden(problem: Problem) -> Problem:
 # ---- floors: the bare loops of the network, nothing recorded ---------------------------------
 
 def network_torch(problem: Problem) -> None:
+    from floors import torch_sgd_loop
+
     from conformance.backends._frameworks import torch as load_torch
 
-    torch = load_torch()
-    x, y = torch.as_tensor(problem.x), torch.as_tensor(problem.y).reshape(-1, 1)
-    model = torch.nn.Sequential(torch.nn.Linear(problem.features, UNITS), torch.nn.Tanh(), torch.nn.Linear(UNITS, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, foreach=False)
-    loss_function = torch.nn.MSELoss()
-    for _ in range(problem.epochs):
-        for start in range(0, problem.n, problem.batch_size):
-            optimizer.zero_grad(set_to_none=True)
-            loss_function(model(x[start:start + problem.batch_size]), y[start:start + problem.batch_size]).backward()
-            optimizer.step()
+    nn = load_torch().nn
+    torch_sgd_loop(problem, nn.Sequential(nn.Linear(problem.features, UNITS), nn.Tanh(), nn.Linear(UNITS, 1)))
 
 
 def network_keras(problem: Problem) -> None:
-    from conformance.backends import _frameworks, _tensorflow
+    from floors import keras_fit_loop
 
-    tf, keras = _frameworks.tensorflow(), _tensorflow.keras()
-    model = keras.Sequential([keras.Input(shape=(problem.features,)), keras.layers.Dense(UNITS, activation="tanh"),
-                              keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", steps_per_execution=problem.steps_per_epoch)
-    data = tf.data.Dataset.from_tensor_slices((problem.x, problem.y.reshape(-1, 1)))
-    model.fit(data.batch(problem.batch_size).repeat(problem.epochs), epochs=1, steps_per_epoch=steps(problem),
-              verbose=0)
+    from conformance.backends import _tensorflow
+
+    layers = _tensorflow.keras().layers
+    keras_fit_loop(problem, [layers.Dense(UNITS, activation="tanh"), layers.Dense(1)])
 
 
 def network_gradient_tape(problem: Problem) -> None:
-    from conformance.backends import _frameworks, _tensorflow
+    from floors import tape_sgd_loop
+
+    from conformance.backends import _frameworks
 
     tf = _frameworks.tensorflow()
     variables = [tf.Variable(tf.random.uniform((problem.features, UNITS), -0.3, 0.3)), tf.Variable(tf.zeros(UNITS)),
                  tf.Variable(tf.random.uniform((UNITS, 1), -0.3, 0.3)), tf.Variable(tf.zeros(1))]
-    optimizer = _tensorflow.keras().optimizers.SGD(0.01)
-    x, y = tf.constant(problem.x), tf.constant(problem.y.reshape(-1, 1))
-
-    @tf.function
-    def training() -> None:
-        for _ in tf.range(problem.epochs):
-            for start in tf.range(0, problem.n, problem.batch_size):
-                with tf.GradientTape() as tape:
-                    hidden = tf.math.tanh(x[start:start + problem.batch_size] @ variables[0] + variables[1])
-                    loss = tf.reduce_mean(tf.square(hidden @ variables[2] + variables[3]
-                                                    - y[start:start + problem.batch_size]))
-                optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-
-    training()
+    tape_sgd_loop(problem, lambda x_batch: tf.math.tanh(x_batch @ variables[0] + variables[1]) @ variables[2]
+                  + variables[3], variables)
 
 
 def network_jax(problem: Problem) -> None:
+    from floors import jax_sgd_loop
+
     from conformance.backends import _frameworks
 
-    jax = _frameworks.jax()
+    _frameworks.jax()
     import jax.numpy as jnp
-    import optax
-
-    x, y = jnp.asarray(problem.x), jnp.asarray(problem.y.reshape(-1, 1))
-    optimizer = optax.sgd(0.01)
-    batches, last = divmod(problem.n, problem.batch_size)
 
     def loss_of(params, x_batch, y_batch):
         hidden = jnp.tanh(x_batch @ params["w1"] + params["b1"])
         return jnp.mean(jnp.square(hidden @ params["w2"] + params["b2"] - y_batch))
 
-    def step(carry, start, size):
-        params, state = carry
-        x_batch = jax.lax.dynamic_slice_in_dim(x, start, size)
-        y_batch = jax.lax.dynamic_slice_in_dim(y, start, size)
-        updates, state = optimizer.update(jax.grad(loss_of)(params, x_batch, y_batch), state, params)
-        return optax.apply_updates(params, updates), state
-
-    @jax.jit
-    def training(params):
-        def one_batch(carry, index):
-            return step(carry, index * problem.batch_size, problem.batch_size), None
-
-        def one_epoch(carry, _):
-            carry = jax.lax.scan(one_batch, carry, jnp.arange(batches))[0]
-            return (step(carry, batches * problem.batch_size, last) if last else carry), None
-
-        return jax.lax.scan(one_epoch, (params, optimizer.init(params)), jnp.arange(problem.epochs))[0][0]
-
     rng = np.random.default_rng(1)
     params = {"w1": jnp.asarray(rng.uniform(-0.3, 0.3, (problem.features, UNITS)), jnp.float32),
               "b1": jnp.zeros(UNITS, jnp.float32), "w2": jnp.asarray(rng.uniform(-0.3, 0.3, (UNITS, 1)), jnp.float32),
               "b2": jnp.zeros(1, jnp.float32)}
-    jax.block_until_ready(training(params))
+    jax_sgd_loop(problem, loss_of, params)
 
 
 NETWORK_FLOORS = {"torch": network_torch, "keras": network_keras, "gradient_tape": network_gradient_tape,
@@ -133,7 +93,7 @@ NETWORK_FLOORS = {"torch": network_torch, "keras": network_keras, "gradient_tape
 def measure(backend: str) -> dict[str, dict[str, float]]:
     """Per size: the harness/floor ratio for the linear model and for the network, and the
     network's harness ms per step."""
-    from per_step import FLOORS as LINEAR_FLOORS
+    from floors import FLOORS as LINEAR_FLOORS
 
     train = backends.load(backend).train
     warm = make_problem(6, 1, 6, 3)

@@ -18,6 +18,7 @@ This file is the entry point, both for you and for those processes (the internal
     growth.py         cost against n and against epochs                       (not in --quick)
     suite_wall.py     the whole suite's wall time: -n 0 / -n auto, --fuzz, each backend added
                                                                              (not in --quick)
+    floors.py         the bare framework loops the harness is timed against, for any model
     _runner.py        what they share: problems, sizes, timing, running this file in a child
 
 Run it as a script (`python benchmarks/run.py`): the sections import each other by their own
