@@ -201,3 +201,17 @@ def test_the_data_picture_draws_the_network():
     expected = network.forward(np.asarray(params), (np.asarray(grid)[:, None] - 1.0) / 2.0, model)[0]
     assert _model_values(data, params, grid) == pytest.approx(expected.tolist())
     assert _model_values(data, params[:-1], grid) == [None, None, None]  # not this network's parameters
+
+
+def test_the_case_page_summarises_each_parameter_tensor():
+    from conformance.report.writer import tensor_summary
+
+    names = ["hidden1.kernel[0,0]", "hidden1.kernel[0,1]", "hidden1.bias[0]", "hidden1.bias[1]", "output.kernel[0]",
+             "output.kernel[1]", "output.bias"]
+    replay = [2.0, 1.0, 0.0, 0.5, 1.0, -1.0, 0.25]
+    results = [{"backend": "torch", "device": "cpu", "replay": replay,
+                "params": [2.0, 1.2, 0.0, 0.5, 1.0, -1.0, 0.35]}]
+    summary = tensor_summary(results, names)
+    assert summary["tensors"] == ["hidden1.kernel", "hidden1.bias", "output.kernel", "output.bias"]
+    assert summary["sizes"] == [2, 2, 2, 1]
+    assert summary["rows"][0]["values"] == pytest.approx([0.1, 0.0, 0.0, 0.05])  # over the largest, 2.0

@@ -160,6 +160,7 @@ def _case_view(name: str, items: list[dict[str, Any]], columns: list[tuple[str, 
         "name": name, "page": page_name(name), "cells": cells, "case_checks": case_checks,
         "status": worst([e.get("status", "not run") for e in items]), "entries": items,
         "parameter_names": names, "columns": parameter_columns(results, len(names)),
+        "tensors": tensor_summary(results, names) if len(names) > SHOWN_PARAMETERS else None,
         "results": results, "pairwise": pairwise, "certified": case_checks.get("certified"),
         "plot": curves_svg(results, pairwise.get("replay")) if results else "",
         "fit_plot": _fit_plot(results),
@@ -202,6 +203,23 @@ def parameter_columns(results: list[dict[str, Any]], count: int, shown: int = SH
             distance = np.abs(_array(result.get("params"), count) - replay) / (scale or 1.0)
         apart = np.fmax(apart, np.where(np.isnan(distance), np.inf, distance))
     return sorted(int(index) for index in np.argsort(-apart, kind="stable")[:shown])
+
+
+def tensor_summary(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Per result, the largest |result - replay| in each parameter tensor (`hidden1.kernel`,
+    `hidden1.bias`, ..., named by what precedes `[` in each parameter's name), relative to the
+    replay's largest parameter: a network's whole parameter table in a few columns."""
+    tensors = list(dict.fromkeys(name.split("[")[0] for name in names))
+    where = {tensor: [index for index, name in enumerate(names) if name.split("[")[0] == tensor] for tensor in tensors}
+    replay = _array(results[0].get("replay") if results else None, len(names))
+    scale = float(np.nanmax(np.abs(replay))) if np.isfinite(replay).any() else 1.0
+    rows = []
+    for result in results:
+        with np.errstate(invalid="ignore"):
+            apart = np.abs(_array(result.get("params"), len(names)) - replay) / (scale or 1.0)
+        rows.append({"label": f"{result['backend']}, {result['device']}", "status": result.get("status"),
+                     "values": [float(np.max(apart[where[tensor]])) for tensor in tensors]})
+    return {"tensors": tensors, "sizes": [len(where[tensor]) for tensor in tensors], "rows": rows}
 
 
 def _array(values: list[float | None] | None, count: int) -> np.ndarray:
