@@ -77,8 +77,9 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
             for step, batch in enumerate(problem.batches(epoch)):
                 loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction,
                                                problem.loss, problem.delta, None if w is None else w[batch],
-                                               None if rounding is None else output_bias[batch], model,
-                                               None if hidden_bias is None else [f[batch] for f in hidden_bias])
+                                               None if rounding is None else jitter(output_bias[batch], unit), model,
+                                               None if hidden_bias is None else
+                                               [jitter(f[batch], unit) for f in hidden_bias])
                 if rounding is not None:
                     grad = grad * (1.0 + (gradient_bias - 1.0) * np.sqrt(len(y[batch])))
                 penalty += decay / 2 * float(params @ params) * len(y[batch])
