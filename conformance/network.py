@@ -11,6 +11,7 @@ vector [weights..., bias], and the names stay the v1 ones (`weights[i]`, `bias`)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,37 +158,62 @@ def activate(name: str, settings: dict[str, Any] | None, z: np.ndarray) -> tuple
 
 
 def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
-            factors: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """The model's output (m,) and, per hidden layer, (its input, the activation's derivative).
+            factors: list[np.ndarray] | None = None,
+            rd: Rounder | None = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """The model's output (m,) and, per layer, (its input, the activation's derivative).
 
     `factors`: per hidden layer, (m, units) relative perturbations of its activations (the
-    replay's model of rounding); None for the exact pass.
+    replay's model of rounding); None for the exact pass. `rd`: mixed precision's rounding to
+    the compute dtype (a float64 array to the nearest compute-dtype value, as float64): each
+    layer's input, kernel and bias are rounded, then the matmul's result, then the bias add's,
+    then the activation's (a Keras policy's Dense: `matmul`, `add`, activation, each in the
+    compute dtype; JAX with cast parameters alike).
     """
-    tape, a = [], x
+    rd = rd or _exact
+    tape, a = [], rd(x)
     parts = split(params, model)
     for index, (layer, (kernel, bias)) in enumerate(zip(model[:-1], parts[:-1])):
-        z = a @ kernel + (bias if bias is not None else 0.0)
+        z = _dense(rd, a, kernel, bias)
         value, slope = activate(layer.activation, layer.settings, z)
+        value = rd(value)
         if factors is not None:
             value, slope = value * factors[index], slope * factors[index]
         tape.append((a, slope))
         a = value
     kernel, bias = parts[-1]
-    output = a @ kernel[:, 0] + (bias[0] if bias is not None else 0.0)
+    output = _dense(rd, a, kernel, bias)[:, 0]
     return output, tape + [(a, np.ones((len(a), 1)))]
 
 
+Rounder = Callable[[np.ndarray], np.ndarray]
+
+
+def _exact(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def _dense(rd: Rounder, a: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    z = rd(a @ rd(kernel))
+    return z if bias is None else rd(z + rd(bias))
+
+
 def backward(params: np.ndarray, model: list[Layer], tape: list[tuple[np.ndarray, np.ndarray]],
-             output_slope: np.ndarray) -> np.ndarray:
-    """The gradient of sum_i output_slope_i * output_i with respect to the flat parameters."""
+             output_slope: np.ndarray, rd: Rounder | None = None) -> np.ndarray:
+    """The gradient of sum_i output_slope_i * output_i with respect to the flat parameters.
+
+    With `rd` (mixed precision) every backward value is in the compute dtype, as the frameworks'
+    backward passes of compute-dtype ops produce it: the output's gradient, each activation's
+    chain-rule product, each kernel's and bias's gradient, and the gradient passed down.
+    """
+    rd = rd or _exact
     gradient = np.empty_like(params)
     grads = split(gradient, model)
     parts = split(params, model)
-    delta = output_slope[:, None]  # d loss / d pre-activation of the current layer, (m, units)
+    delta = rd(output_slope[:, None])  # d loss / d pre-activation of the current layer, (m, units)
     for (a, slope), (kernel, _), (grad_kernel, grad_bias) in zip(reversed(tape), reversed(parts), reversed(grads)):
-        delta = delta * slope
-        grad_kernel[...] = a.T @ delta
+        delta = rd(delta * slope)
+        grad_kernel[...] = rd(a.T @ delta)
         if grad_bias is not None:
-            grad_bias[...] = delta.sum(axis=0)
-        delta = delta @ kernel.T
+            grad_bias[...] = rd(delta.sum(axis=0))
+        delta = rd(delta @ rd(kernel).T)
     return gradient

@@ -58,6 +58,11 @@ class Problem:
     # init_weights and init_bias are then the output layer's
     hidden: list[dict[str, Any]] | None = None
     init_hidden: list[dict[str, Any]] | None = None
+    # v1.2 mixed precision: "mixed_bfloat16" | "mixed_float16" (variables stay in `dtype`,
+    # float32); loss_scale as plain data: {"kind": "fixed", "scale": S} or
+    # {"kind": "dynamic", "initial": S0, "growth_interval": G} (growth x2, backoff x0.5)
+    precision: str | None = None
+    loss_scale: dict[str, Any] | None = None
 
     @property
     def n(self) -> int:
@@ -91,6 +96,15 @@ class Problem:
         Keras's history reports it (the backends that record per step use this)."""
         sizes = np.diff(np.append(np.arange(0, self.n, self.batch_size), self.n))
         return np.asarray(step_losses, dtype=np.float64).reshape(self.epochs, len(sizes)) @ sizes / self.n
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype of the forward and backward arithmetic: the precision's, else `dtype`."""
+        return {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(self.precision or "", self.dtype)
+
+    @property
+    def dynamic_scaling(self) -> bool:
+        return self.loss_scale is not None and self.loss_scale["kind"] == "dynamic"
 
     @property
     def learning_rate(self) -> float:
@@ -194,6 +208,8 @@ def prepare(case: LoadedCase) -> Prepared:
         hidden=hidden,
         init_hidden=[{"kernel": kernel.astype(dtype), "bias": None if part is None else part.astype(dtype)}
                      for kernel, part in layered[:-1]] if hidden else None,
+        precision=spec.training.precision,
+        loss_scale=_loss_scale(spec.training.loss_scale),
     )
     names = network.parameter_names(model)
     _check_certified(case, d)
@@ -281,6 +297,15 @@ def _clip(clip: Any) -> dict[str, Any] | None:
     return {"kind": kind, "threshold": float(threshold)}
 
 
+def _loss_scale(loss_scale: Any) -> dict[str, Any] | None:
+    if loss_scale is None:
+        return None
+    kind, settings = choice(loss_scale)
+    if kind == "fixed":
+        return {"kind": "fixed", "scale": float(settings)}
+    return {"kind": "dynamic", "initial": float(settings.initial), "growth_interval": int(settings.growth_interval)}
+
+
 def _predict(case: LoadedCase, width: int, standardizer: Standardizer | None, dtype: np.dtype) -> np.ndarray | None:
     if case.spec.predict is None:
         return None
@@ -323,6 +348,10 @@ class Trajectory:
     # with a schedule: per epoch, the learning rate of its last optimizer step, as the framework
     # reports it (the replay's: the case format's formula)
     rates: np.ndarray | None = None
+    # with a loss scale: per epoch, the scale after its last step, and how many of its steps were
+    # skipped (a non-finite gradient: no update)
+    loss_scale: np.ndarray | None = None
+    skipped: np.ndarray | None = None
 
     @property
     def final(self) -> np.ndarray:

@@ -35,7 +35,52 @@ from conformance.problem import Problem, Trajectory
 LRE_CAP = 15.0
 
 
-UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def rounder(dtype: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Rounding of float64 values to a compute dtype (nearest even, through float32 as the
+    frameworks' float32 accumulators are rounded), back as float64; None for float32/float64.
+    float16 overflows to infinity past 65504, as the frameworks' casts do."""
+    if dtype not in ("bfloat16", "float16"):
+        return None
+    import ml_dtypes  # ships with JAX and TensorFlow
+
+    target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+
+    def rd(values: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.asarray(values, dtype=np.float64).astype(np.float32).astype(target).astype(np.float64)
+
+    return rd
+
+
+class LossScaler:
+    """The loss scale of a step and its dynamic rule, as Keras 3's LossScaleOptimizer and torch's
+    GradScaler run it: after `growth_interval` consecutive finite steps the scale doubles; a
+    non-finite gradient halves it and the step is skipped (no update, no optimizer count, no
+    schedule count). A fixed scale never changes and never skips."""
+
+    def __init__(self, loss_scale: dict[str, Any] | None) -> None:
+        self.kind = None if loss_scale is None else loss_scale["kind"]
+        self.scale = 1.0 if loss_scale is None else float(loss_scale.get("scale", loss_scale.get("initial")))
+        self.interval = 0 if loss_scale is None else int(loss_scale.get("growth_interval", 0))
+        self.good = 0
+
+    def skips(self, finite: bool) -> bool:
+        """Record one step's gradient; whether the step is skipped."""
+        if self.kind != "dynamic":
+            return False
+        if not finite:
+            self.scale, self.good = self.scale * 0.5, 0
+            return True
+        self.good += 1
+        if self.good == self.interval:
+            self.scale, self.good = self.scale * 2.0, 0
+        return False
+
+
+GRADIENT_JITTER = False
 
 
 def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Trajectory:
@@ -53,23 +98,39 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
     at every step (size u again): the fixed part is rounding's bias, the fresh part its noise,
     which is what starts an instability (fuzz-0-118: with the fixed part alone, 16 replays
     stayed within 4e-7 where torch and jax left the path by 1e-5).
+
+    Mixed precision (`problem.precision`): the forward and backward values are rounded to the
+    compute dtype where network.forward/backward say, the loss is float64 from the rounded
+    output, the gradient of the output is scaled by the loss scale before its rounding (float16
+    overflows there, as in the frameworks) and unscaled after; a non-finite gradient under a
+    dynamic scale skips the step (`LossScaler`). Outputs, activations and gradients are then
+    perturbed by the compute dtype's u (the gradient afresh every step: a lowering that rounds
+    elsewhere moves each step's gradient by about one rounding), parameters and optimizer state
+    by float32's.
     """
     x = problem.x.astype(np.float64)
     y = problem.y.astype(np.float64)
     w = None if problem.sample_weight is None else problem.sample_weight.astype(np.float64)
     unit = UNIT_ROUNDOFF[problem.dtype] if rounding is not None else 0.0
+    compute_unit = UNIT_ROUNDOFF[problem.compute_dtype] if rounding is not None else 0.0
+    rd = rounder(problem.compute_dtype)
 
     def jitter(values: np.ndarray, size: float) -> np.ndarray:
         return values * (1.0 + size * rounding.uniform(-1.0, 1.0, np.shape(values)))
 
-    output_bias = np.ones(problem.n) if rounding is None else jitter(np.ones(problem.n), unit)
+    output_bias = np.ones(problem.n) if rounding is None else jitter(np.ones(problem.n), compute_unit)
     model = problem.layers
     hidden_bias = None if rounding is None or len(model) == 1 else \
-        [jitter(np.ones((problem.n, layer.units)), unit) for layer in model[:-1]]
+        [jitter(np.ones((problem.n, layer.units)), compute_unit) for layer in model[:-1]]
     params = problem.initial_params()
     gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), unit)
     update = make_update(problem.optimizer, None if rounding is None else lambda values: jitter(values, unit))
     rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs, problem.steps_per_epoch)
+    flat_rates = rates.reshape(-1)
+    scaler = LossScaler(problem.loss_scale)
+    scales, skipped = np.empty(problem.epochs), np.zeros(problem.epochs, dtype=np.int64)
+    last_rates = np.empty(problem.epochs)
+    applied = 0  # optimizer steps taken: a skipped step advances neither Adam's t nor a schedule
     history = np.empty((problem.epochs, params.size))
     losses = np.empty(problem.epochs)
     decay = float(problem.optimizer.settings.get("weight_decay") or 0.0)
@@ -80,33 +141,47 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
             for step, batch in enumerate(problem.batches(epoch)):
                 loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction,
                                                problem.loss, problem.delta, None if w is None else w[batch],
-                                               None if rounding is None else jitter(output_bias[batch], unit), model,
+                                               None if rounding is None else jitter(output_bias[batch], compute_unit),
+                                               model,
                                                None if hidden_bias is None else
-                                               [jitter(f[batch], unit) for f in hidden_bias])
+                                               [jitter(f[batch], compute_unit) for f in hidden_bias],
+                                               rd=rd, loss_scale=scaler.scale)
+                total += loss * len(y[batch])
+                rate = rates[epoch, step] if problem.schedule_every_epoch else flat_rates[applied]
+                last_rates[epoch] = rate
+                if scaler.skips(bool(np.isfinite(grad).all())):
+                    skipped[epoch] += 1
+                    continue
                 if rounding is not None:
                     grad = grad * (1.0 + (gradient_bias - 1.0) * np.sqrt(len(y[batch])))
+                    if rd is not None and GRADIENT_JITTER:
+                        grad = jitter(grad, compute_unit)
                 penalty += decay / 2 * float(params @ params) * len(y[batch])
                 grad = schedules.clip(grad, problem.clip, network.blocks(model))
-                params = update(params, grad, rates[epoch, step])
+                params = update(params, grad, rate)
+                applied += 1
                 if rounding is not None:
                     params = jitter(params, unit)
-                total += loss * len(y[batch])
             history[epoch] = params
             losses[epoch] = total / problem.n
             penalties[epoch] = penalty / problem.n
+            scales[epoch] = scaler.scale
     predictions = None
     if problem.predict_x is not None:
-        predictions = predict(params, problem.predict_x.astype(np.float64), problem.has_bias, model)
+        predictions = predict(params, problem.predict_x.astype(np.float64), problem.has_bias, model, rd)
         if problem.loss == "bce":  # `predict` compares probabilities
             predictions = scipy.special.expit(predictions)
+    scaled = problem.loss_scale is not None
     return Trajectory(history, losses, predictions, penalty=penalties if decay else None,
-                      rates=rates[:, -1] if problem.schedule is not None else None)
+                      rates=last_rates if problem.schedule is not None else None,
+                      loss_scale=scales if scaled else None, skipped=skipped if scaled else None)
 
 
 AUTO_RUNS = 4  # perturbed replays per case
 AUTO_FACTOR = 10.0  # the band is this many times the largest spread they show
 AUTO_SCALE_FRACTION = 1e-3  # parameters near 0 are judged against this fraction of the largest one
 AUTO_LIMIT = 1e-2  # a derived rtol above this: rounding alone moves the training too far to compare
+LIMIT_UNITS = 32  # mixed precision: "too sensitive" is a derived rtol above 32 u of the compute dtype
 TRAJECTORY_WINDOW = 2  # the per-epoch band is the widest of this many epochs either side
 
 
@@ -119,6 +194,18 @@ class RoundingSpread:
     loss: np.ndarray  # (epochs,): every epoch's training loss
     predictions: np.ndarray  # (K,): the final `predict` outputs (empty without `predict`)
     unit: float  # the training dtype's unit roundoff
+    compute_unit: float = 0.0  # the compute dtype's (the training dtype's without mixed precision)
+
+    @property
+    def limit(self) -> float:
+        return auto_limit(self.compute_unit)
+
+
+def auto_limit(compute_unit: float) -> float:
+    """The widest derived rtol still compared: AUTO_LIMIT, or under mixed precision LIMIT_UNITS
+    of the compute dtype's u (bfloat16: 0.0625), whose outputs carry only two or three digits:
+    a band of a few bfloat16 units is what an honest port shows there, not a chaotic run."""
+    return max(AUTO_LIMIT, LIMIT_UNITS * compute_unit)
 
 
 def rounding_spread(problem: Problem, unperturbed: Trajectory,
@@ -140,7 +227,8 @@ def rounding_spread(problem: Problem, unperturbed: Trajectory,
             params = np.maximum(params, np.abs(perturbed.params - unperturbed.params))
             loss = np.maximum(loss, np.abs(perturbed.loss - unperturbed.loss))
             predictions = np.maximum(predictions, np.abs(_predictions(perturbed) - _predictions(unperturbed)))
-    return RoundingSpread(params, loss, predictions, UNIT_ROUNDOFF[problem.dtype])
+    return RoundingSpread(params, loss, predictions, UNIT_ROUNDOFF[problem.dtype],
+                          UNIT_ROUNDOFF[problem.compute_dtype])
 
 
 def band_from_spread(values: np.ndarray, spread: np.ndarray, unit: float,
@@ -186,9 +274,10 @@ def rounding_band(problem: Problem, unperturbed: Trajectory,
     finite = final_spread[np.isfinite(final_spread)]
     return {"rtol": rtol, "atol": atol, "spread_relative": relative,
             "spread_max": float(np.max(finite)) if finite.size else 0.0, "runs": AUTO_RUNS, "factor": AUTO_FACTOR,
-            "unit_roundoff": spread.unit,
+            "unit_roundoff": spread.unit, "limit": spread.limit,
             "method": f"{AUTO_FACTOR:g} x the largest spread of {AUTO_RUNS} float64 replays with every step "
-                      f"perturbed by the {problem.dtype} unit roundoff"}
+                      f"perturbed by the {problem.dtype} unit roundoff" +
+                      (f" ({problem.compute_dtype}'s in the forward and backward pass)" if problem.precision else "")}
 
 
 @dataclass
@@ -202,6 +291,7 @@ class EpochBands:
     loss_atol: np.ndarray
     comparable: int
     method: str
+    limit: float = AUTO_LIMIT
 
     def at(self, epoch: int) -> tuple[float, float]:
         """(rtol, atol) of the parameters' band at this 0-based epoch."""
@@ -220,7 +310,7 @@ def trajectory_bands(unperturbed: Trajectory, spread: RoundingSpread, window: in
     """
     epochs = len(unperturbed.params)
     rtol, atol, loss_rtol, loss_atol = (np.full(epochs, np.inf) for _ in range(4))
-    loss_floor = AUTO_FACTOR * spread.unit * abs(float(unperturbed.loss[0])) if epochs else 0.0
+    loss_floor = AUTO_FACTOR * max(spread.unit, spread.compute_unit) * abs(float(unperturbed.loss[0])) if epochs else 0.0
     for epoch in range(epochs):
         band = band_from_spread(unperturbed.params[epoch], spread.params[epoch], spread.unit)
         if band is not None:
@@ -230,9 +320,9 @@ def trajectory_bands(unperturbed: Trajectory, spread: RoundingSpread, window: in
             loss_rtol[epoch], loss_atol[epoch] = band[0], max(band[1], loss_floor)
     widest = [np.maximum.accumulate(_window_max(values, window)) if epochs else values
               for values in (rtol, atol, loss_rtol, loss_atol)]
-    beyond = np.flatnonzero(~(widest[0] <= AUTO_LIMIT))
+    beyond = np.flatnonzero(~(widest[0] <= spread.limit))
     comparable = int(beyond[0]) if beyond.size else epochs
-    return EpochBands(*widest, comparable=comparable,
+    return EpochBands(*widest, comparable=comparable, limit=spread.limit,
                       method=f"per epoch: {AUTO_FACTOR:g} x the largest spread of {AUTO_RUNS} perturbed float64 "
                              f"replays, the widest up to that epoch (+{window})")
 
@@ -258,7 +348,9 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
                       weights: np.ndarray | None = None,
                       output_factors: np.ndarray | None = None,
                       model: list[network.Layer] | None = None,
-                      hidden_factors: list[np.ndarray] | None = None) -> tuple[float, np.ndarray]:
+                      hidden_factors: list[np.ndarray] | None = None,
+                      rd: Callable[[np.ndarray], np.ndarray] | None = None,
+                      loss_scale: float = 1.0) -> tuple[float, np.ndarray]:
     """One batch's loss and its gradient with respect to [weights..., bias], or with hidden
     layers (`model`) to every parameter in network.py's layout (z is then the network's output).
 
@@ -267,10 +359,15 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     computed as softplus(z) - y z (exact math: no framework's clipping). Sample weights
     multiply each sample's loss; `mean` divides the batch's sum by its size (not by the sum of
     the weights: Keras's "sum over batch size").
+
+    `rd` (mixed precision): the forward and backward passes round to the compute dtype
+    (network.forward/backward); the output's gradient is multiplied by `loss_scale` before it is
+    rounded and the gradient divided by it after, so float16's overflow shows as a non-finite
+    gradient.
     """
-    layered = model is not None and len(model) > 1
+    layered = model is not None and (len(model) > 1 or rd is not None)
     if layered:
-        output, tape = network.forward(params, x, model, hidden_factors)
+        output, tape = network.forward(params, x, model, hidden_factors, rd)
     else:
         output = predict(params, x, has_bias)
     if output_factors is not None:  # the replay's model of rounding (`replay(rounding=...)`)
@@ -291,16 +388,21 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     if layered:
         if output_factors is not None:
             slope = slope * output_factors
-        return float(per_sample.sum()) * scale, scale * network.backward(params, model, tape, slope)
+        if rd is None:
+            return float(per_sample.sum()) * scale, scale * network.backward(params, model, tape, slope)
+        gradient = network.backward(params, model, tape, loss_scale * scale * slope, rd)
+        return float(per_sample.sum()) * scale, gradient / loss_scale
     grad_w = scale * (x.T @ slope)
     grad = np.append(grad_w, scale * slope.sum()) if has_bias else grad_w
     return float(per_sample.sum()) * scale, grad
 
 
-def predict(params: np.ndarray, x: np.ndarray, has_bias: bool, model: list[network.Layer] | None = None) -> np.ndarray:
-    """The model's output z for each row of x (the network's, with hidden layers in `model`)."""
-    if model is not None and len(model) > 1:
-        return network.forward(params, x, model)[0]
+def predict(params: np.ndarray, x: np.ndarray, has_bias: bool, model: list[network.Layer] | None = None,
+            rd: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """The model's output z for each row of x (the network's, with hidden layers in `model`,
+    rounded as mixed precision computes it with `rd`)."""
+    if model is not None and (len(model) > 1 or rd is not None):
+        return network.forward(params, x, model, rd=rd)[0]
     weights = params[: x.shape[1]]
     return x @ weights + (params[-1] if has_bias else 0.0)
 

@@ -73,9 +73,10 @@ class CaseReferences:
         a framework difference from it."""
         _, described = self.parity_band
         derived = described.get("auto") or {}
-        if derived.get("rtol") is not None and derived["rtol"] > reference.AUTO_LIMIT:
+        limit = derived.get("limit", reference.AUTO_LIMIT)
+        if derived.get("rtol") is not None and derived["rtol"] > limit:
             return (f"rounding alone moves this training by {derived['spread_relative']:.1e} relative "
-                    f"(derived parity rtol {derived['rtol']:.1e} > {reference.AUTO_LIMIT:g}): too sensitive to "
+                    f"(derived parity rtol {derived['rtol']:.1e} > {limit:g}): too sensitive to "
                     f"compare frameworks [case {self.case.name}]")
         return None
 

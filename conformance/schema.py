@@ -362,6 +362,19 @@ class Schedule(Strict):
 Clip = one_of({"global_norm": Positive, "norm": Positive, "value": Positive})
 
 
+class DynamicLossScale(Strict):
+    """Dynamic loss scaling: start at `initial`, double after `growth_interval` consecutive
+    finite steps, halve and skip the step on a non-finite gradient. The defaults are the spec
+    example's (Keras's initial scale; torch's is 2^16: the harness passes both explicitly)."""
+
+    initial: Positive = 32768.0
+    growth_interval: Annotated[int, Field(ge=1)] = 2000
+
+
+LossScale = one_of({"fixed": Positive, "dynamic": DynamicLossScale})
+PRECISIONS = ("mixed_bfloat16", "mixed_float16")
+
+
 class Training(Strict):
     epochs: Annotated[int, Field(ge=1, le=10_000_000)]
     batch_size: Optional[Annotated[int, Field(ge=1)]] = None
@@ -372,6 +385,18 @@ class Training(Strict):
     dtype: Literal["float32", "float64"] = "float32"
     schedule: Optional[Schedule] = None  # v1.2
     clip: Optional[Clip] = None  # type: ignore[valid-type]  # v1.2
+    precision: Optional[Literal[PRECISIONS]] = None  # type: ignore[valid-type]  # v1.2: compute dtype
+    loss_scale: Optional[LossScale] = None  # type: ignore[valid-type]  # v1.2, only with mixed_float16
+
+    @model_validator(mode="after")
+    def _precision_rules(self) -> "Training":
+        if self.precision is not None and self.dtype != "float32":
+            raise PydanticCustomError("precision", "precision {precision} keeps the variables in float32; expected "
+                                      "dtype float32 (it is {dtype})", {"precision": self.precision, "dtype": self.dtype})
+        if self.loss_scale is not None and self.precision != "mixed_float16":
+            raise PydanticCustomError("loss_scale", "loss_scale is for float16's narrow range; expected precision "
+                                      "mixed_float16 with it (it is {precision})", {"precision": str(self.precision)})
+        return self
 
     @model_validator(mode="after")
     def _piecewise_starts_at_the_rate(self) -> "Training":

@@ -38,7 +38,7 @@ class TrajectoryCheck(OfRun):
         epochs = bands.comparable
         record |= {"tolerance": self.tolerance(), "epochs": len(replay.params), "comparable": epochs}
         if epochs == 0:
-            return Outcome(False, f"rounding alone moves this training by more than {reference.AUTO_LIMIT:g} "
+            return Outcome(False, f"rounding alone moves this training by more than {bands.limit:g} "
                                   f"relative from epoch 1 on: too sensitive to compare paths [case {self.case.name}]",
                            record, skipped=True)
         path = _Path(result.trajectory, replay, bands, epochs, self.prepared.parameter_names)
@@ -48,7 +48,7 @@ class TrajectoryCheck(OfRun):
         compared = Compared(path.got, path.expected, path.label, result.label, "float64 replay",
                             f"case {self.case.name}")
         checked = f"epochs 1-{epochs}" + (f" of {len(replay.params)} (later ones: rounding alone moves the "
-                                          f"training by more than {reference.AUTO_LIMIT:g})"
+                                          f"training by more than {bands.limit:g})"
                                           if epochs < len(replay.params) else "")
         rates = rates_apart(result.trajectory, replay)
         if rates:
