@@ -13,10 +13,15 @@ CURVE_POINTS = 400
 
 def curve(trajectory: Trajectory) -> dict[str, Any]:
     """The loss and every parameter over the epochs; with a schedule, the rate of each epoch's
-    last step as the framework reports it (the replay's: the case format's)."""
+    last step as the framework reports it (the replay's: the case format's); with a loss scale,
+    log2 of the scale after each epoch and its skipped steps."""
     drawn = {"loss": downsample(trajectory.loss), "params": [downsample(column) for column in trajectory.params.T]}
     if trajectory.rates is not None:
         drawn["rate"] = downsample(trajectory.rates)
+    if trajectory.loss_scale is not None:
+        drawn["loss_scale"] = downsample(np.log2(np.maximum(np.asarray(trajectory.loss_scale, dtype=np.float64),
+                                                            np.finfo(np.float64).tiny)))
+        drawn["skipped"] = downsample(np.asarray(trajectory.skipped, dtype=np.float64))
     return drawn
 
 

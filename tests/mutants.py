@@ -266,6 +266,90 @@ CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: hidden layers
     ("jax-relu-as-maximum", ("jax",), "main",
      "jax.nn.relu as jnp.maximum(x, 0), whose gradient at exactly 0 is 0.5", _jax_relu_as_maximum),
 ]]
+
+_AUTOCAST = {"dtype": None}  # the compute dtype of the last torch.autocast made (the master-weight mutant's)
+
+
+def _torch_master_weights_in_compute_dtype() -> None:
+    """Every optimizer step leaves the parameters rounded to the autocast dtype: master weights
+    kept in the compute dtype (what `model.to(torch.bfloat16)` under autocast does), so updates
+    smaller than half its spacing are lost."""
+    torch = _torch()
+    original_init = torch.autocast.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        _AUTOCAST["dtype"] = kwargs.get("dtype")
+
+    torch.autocast.__init__ = __init__
+    for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad):
+        _round_after_step(torch, cls)
+
+
+def _round_after_step(torch: Any, cls: type) -> None:
+    original = cls.step
+
+    @functools.wraps(original)
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        dtype = _AUTOCAST["dtype"]
+        if dtype is not None:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for parameter in group["params"]:
+                        parameter.copy_(parameter.to(dtype).to(parameter.dtype))
+        return result
+
+    cls.step = step
+
+
+def _torch_mse_in_input_dtype() -> None:
+    """nn.MSELoss written out as ((input - target) ** 2) in the input's dtype: under autocast the
+    loss is computed in the compute dtype (float16's squares overflow past 256)."""
+    torch = _torch()
+
+    def forward(self: Any, input: Any, target: Any) -> Any:
+        squared = (input - target.to(input.dtype)) ** 2
+        return squared.sum() if self.reduction == "sum" else squared.mean()
+
+    torch.nn.MSELoss.forward = forward
+
+
+def _keras_policy_variables_in_compute_dtype() -> None:
+    """A mixed DTypePolicy that creates its variables in the compute dtype (the `dtype="bfloat16"`
+    confusion): master weights in bfloat16 / float16."""
+    keras = _tf_keras()
+    keras.DTypePolicy.variable_dtype = property(lambda self: self.compute_dtype)
+
+
+def _optax_apply_if_finite_applies() -> None:
+    """optax.apply_if_finite that applies every update, non-finite ones included (the skip of a
+    dynamic loss scale does nothing)."""
+    optax = _optax()
+    optax.apply_if_finite = lambda inner, max_consecutive_errors: inner
+
+
+CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: mixed precision
+    ("torch-master-weights-in-compute-dtype", ("torch", "torch_compile"), "main",
+     "parameters kept in the autocast dtype after every optimizer step (master weights not float32)",
+     _torch_master_weights_in_compute_dtype),
+    ("torch-mse-in-compute-dtype", ("torch", "torch_compile"), "main",
+     "MSELoss computed in its input's dtype: under autocast, a float16 loss that overflows",
+     _torch_mse_in_input_dtype),
+    ("torch-grad-scaler-default-initial-scale", ("torch", "torch_compile"), "main",
+     "GradScaler keeps its default initial scale 2^16 over the one given (a different skipped-step sequence)",
+     lambda: _patch_init(_torch().amp.GradScaler, _set(init_scale=2.0**16))),
+    ("keras-mixed-policy-variables-in-compute-dtype", TF_KERAS, "main",
+     "a mixed DTypePolicy creates its variables in the compute dtype (master weights not float32)",
+     _keras_policy_variables_in_compute_dtype),
+    ("keras-loss-scale-default-initial-scale", TF_KERAS, "main",
+     "LossScaleOptimizer keeps its default initial scale 2^15 over the one given",
+     lambda: _patch_init(_tf_keras().optimizers.LossScaleOptimizer, _set(initial_scale=2.0**15))),
+    ("optax-apply-if-finite-applies", ("jax",), "main",
+     "optax.apply_if_finite applies non-finite updates: a dynamic loss scale's skip does nothing",
+     _optax_apply_if_finite_applies),
+]]
 BY_NAME = {mutant.name: mutant for mutant in CATALOGUE}
 
 

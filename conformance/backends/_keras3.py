@@ -106,6 +106,7 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
                               "to 32-bit on every backend but TensorFlow (BIT64_TO_BIT32_DTYPE in "
                               "keras/src/backend/common/dtypes.py), so this float64 case would train partly "
                               "in float32")
+        dtypes = None if problem.precision is None else _precision_dtypes(keras, backend, model, problem)
         batches = _batches_class(keras)(problem)
         recorder = _recorder_class(keras)(problem, batches)
         scheduler = _keras_common.epoch_scheduler(keras, problem)
@@ -124,8 +125,43 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
     if problem.optimizer.settings.get("weight_decay"):
         info |= {"loss_note": "Keras's loss includes the L2 term that carries weight decay",
                  "loss_includes_l2_penalty": True}  # the trajectory check adds the replay's penalty
+    if dtypes is not None:
+        info["precision"] = _keras_common.precision_info(problem, model, dtypes)
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info,
-                      rates=recorder.history_rates).to_data()
+                      rates=recorder.history_rates, loss_scale=recorder.history_loss_scale,
+                      skipped=recorder.history_skipped).to_data()
+
+
+def _precision_dtypes(keras: Any, backend: str, model: Any, problem: Problem) -> dict[str, str]:
+    """The dtypes of a mixed-precision step's real tensors, from one forward pass, loss and
+    gradient on the first batch (nothing is applied): JAX's `value_and_grad` of the model's
+    `stateless_call`, as Keras's JAX trainer differentiates it; on torch, `backward()` on the
+    loss, as Keras's torch trainer does (the gradients are then cleared again)."""
+    rows = problem.batch(0, 0)
+    x, y = problem.x[rows], problem.y[rows].reshape(-1, 1)
+    loss_object = _keras_common.loss(keras, problem)
+    variables = model.trainable_variables
+    if backend == "jax":
+        import jax
+
+        fixed = [v.value for v in model.non_trainable_variables]
+
+        def loss_of(values: list[Any]) -> Any:
+            output, _ = model.stateless_call(values, fixed, x, training=True)
+            return loss_object(y, output), output
+
+        (loss, output), gradients = jax.value_and_grad(loss_of, has_aux=True)([v.value for v in variables])
+    else:
+        output = model(x, training=True)
+        loss = loss_object(y, output)
+        loss.backward()
+        gradients = [v.value.grad for v in variables]
+        for variable in variables:
+            variable.value.grad = None
+    name = _keras_common.dtype_name
+    return {"output_dtype": name(output.dtype), "loss_dtype": name(loss.dtype),
+            "gradient_dtype": ", ".join(sorted({name(gradient.dtype) for gradient in gradients})),
+            "variable_dtype": ", ".join(sorted({name(v.value.dtype) for v in variables}))}
 
 
 @functools.cache
@@ -233,5 +269,7 @@ def _recorder_class(keras: Any) -> type:
             weights = _keras_common.parameters(self.model)
             self.record(np.concatenate([np.ravel(keras.ops.convert_to_numpy(w.value)) for w in weights]), logs)
             self.record_rate(keras)
+            if self.problem.loss_scale is not None:
+                self.record_scaling(*_keras_common.scaling_state(keras, self.model.optimizer))
 
     return EpochRecorder

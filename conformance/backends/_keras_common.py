@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import _compiled
+from conformance.backends import Unavailable, _compiled
 from conformance.problem import Optimizer, Problem
+
+KERAS2_MIXED = "mixed precision under Keras 2 not built yet"
 
 
 @contextlib.contextmanager
@@ -34,7 +36,7 @@ def floatx(keras: ModuleType, dtype: str) -> Iterator[None]:
 
 
 def optimizer(keras: ModuleType, optimizer: Optimizer, learning_rate: Any = None,
-              clip: dict[str, Any] | None = None) -> Any:
+              clip: dict[str, Any] | None = None, loss_scale_factor: float | None = None) -> Any:
     """A Keras optimizer with every hyperparameter passed explicitly (Keras 2 and 3 alike).
 
     Weight decay is left out here: the case format's weight decay is added to the gradient
@@ -42,7 +44,8 @@ def optimizer(keras: ModuleType, optimizer: Optimizer, learning_rate: Any = None
     Keras's own defaults (Adam epsilon 1e-7, Adagrad initial accumulator 0.1) never apply.
     `learning_rate`: a schedule object instead of the constant rate. `clip`: the case's
     clipping as the optimizer's own `global_clipnorm`, `clipnorm` (each variable on its own)
-    or `clipvalue`.
+    or `clipvalue`. `loss_scale_factor` (Keras 3 only): a fixed loss scale, the optimizer's own
+    (the loss is multiplied by it, the gradients divided by it, nothing is skipped).
     """
     settings = optimizer.settings
     optimizers = keras.optimizers
@@ -51,6 +54,8 @@ def optimizer(keras: ModuleType, optimizer: Optimizer, learning_rate: Any = None
         clipping[KERAS_CLIP_ARGUMENT[clip["kind"]]] = clip["threshold"]
     common = {"learning_rate": settings["learning_rate"] if learning_rate is None else learning_rate,
               "weight_decay": None, "use_ema": False} | clipping
+    if loss_scale_factor is not None:
+        common["loss_scale_factor"] = loss_scale_factor
     if optimizer.name == "sgd":
         return optimizers.SGD(momentum=settings["momentum"], nesterov=settings["nesterov"], **common)
     if optimizer.name == "adam":
@@ -66,6 +71,95 @@ def optimizer(keras: ModuleType, optimizer: Optimizer, learning_rate: Any = None
 
 
 KERAS_CLIP_ARGUMENT = {"global_norm": "global_clipnorm", "norm": "clipnorm", "value": "clipvalue"}
+
+
+def scaled_optimizer(keras: ModuleType, problem: Problem, learning_rate: Any = None,
+                     clip: dict[str, Any] | None = None) -> Any:
+    """The case's optimizer (`optimizer`) with the case's loss scale, as Keras 3 users set it.
+
+    No loss scale: the optimizer itself. Fixed S: the optimizer's own `loss_scale_factor=S`
+    (Keras 3's LossScaleOptimizer has no fixed mode). Dynamic: `LossScaleOptimizer(inner,
+    initial_scale=S0, dynamic_growth_steps=G)`; its growth (x2) and backoff (x0.5) are fixed in
+    Keras 3, with no argument to pass. Clipping stays on the inner optimizer, which clips the
+    unscaled gradients (the wrapper refuses clipping arguments). Keras 2: Unavailable.
+    """
+    scale = problem.loss_scale
+    if scale is None:
+        return optimizer(keras, problem.optimizer, learning_rate, clip)
+    require_keras3(keras)
+    if scale["kind"] == "fixed":
+        return optimizer(keras, problem.optimizer, learning_rate, clip, loss_scale_factor=scale["scale"])
+    inner = optimizer(keras, problem.optimizer, learning_rate, clip)
+    return keras.optimizers.LossScaleOptimizer(inner, initial_scale=scale["initial"],
+                                               dynamic_growth_steps=scale["growth_interval"])
+
+
+def require_keras3(keras: ModuleType) -> None:
+    """Mixed precision is built for Keras 3 only: Keras 2 needs a float32 last layer (its loss is
+    in the compute dtype otherwise) and counts skipped steps in `iterations`; until that is
+    built and measured, a skip rather than wrong numbers."""
+    if not is_keras3(keras):
+        raise Unavailable(KERAS2_MIXED)
+
+
+def is_keras3(keras: ModuleType) -> bool:
+    """Keras 3 has `keras.ops`; Keras 2 (`tf.keras` of TF <= 2.15) has not."""
+    return getattr(keras, "ops", None) is not None
+
+
+def layer_dtype(keras: ModuleType, problem: Problem) -> Any:
+    """The dtype each `Dense` gets: the case's dtype, or under mixed precision a per-layer
+    `keras.DTypePolicy("mixed_bfloat16" | "mixed_float16")`: float32 variables, the layer's
+    inputs, matmul, bias add and activation in the compute dtype. The model's own policy stays
+    float32 (no global state), so `compile` does not wrap the optimizer by itself."""
+    if problem.precision is None:
+        return problem.dtype
+    require_keras3(keras)
+    return keras.DTypePolicy(problem.precision)
+
+
+def scaling_state(keras: ModuleType, optimizer: Any) -> tuple[float, int]:
+    """The optimizer's loss scale now (`dynamic_scale`, or the fixed `loss_scale_factor`) and
+    its `iterations`, which in Keras 3 count applied steps only (a skipped step leaves them)."""
+    scale = getattr(optimizer, "dynamic_scale", None)
+    value = _number(keras, scale) if scale is not None else float(optimizer.loss_scale_factor)
+    return value, int(_number(keras, optimizer.iterations))
+
+
+def loss_scale_settings(optimizer: Any) -> dict[str, Any] | None:
+    """The loss scale settings as the optimizer holds them (what was really passed)."""
+    if hasattr(optimizer, "inner_optimizer"):
+        return {"class": type(optimizer).__name__, "inner": type(optimizer.inner_optimizer).__name__,
+                "initial_scale": float(optimizer.initial_scale),
+                "dynamic_growth_steps": int(optimizer.dynamic_growth_steps),
+                "growth_factor": 2.0, "backoff_factor": 0.5,
+                "note": "growth x2 and backoff x0.5 are fixed in Keras 3 (no argument)"}
+    factor = getattr(optimizer, "loss_scale_factor", None)
+    return None if factor is None else {"class": type(optimizer).__name__, "loss_scale_factor": float(factor)}
+
+
+def precision_info(problem: Problem, model: Any, dtypes: dict[str, str]) -> dict[str, Any]:
+    """`info["precision"]`: the precision, the compute dtype of the layers' policy, the dtypes
+    read from a probe's real tensors (`dtypes`: output, loss, gradient, variable), the loss
+    scale settings as the optimizer holds them, and the calls used."""
+    optimizer = model.optimizer
+    settings = loss_scale_settings(optimizer)
+    api = f"Dense(dtype=keras.DTypePolicy({problem.precision!r})) per layer"
+    if settings is not None and "initial_scale" in settings:
+        api += (f"; keras.optimizers.LossScaleOptimizer({settings['inner']}, initial_scale="
+                f"{settings['initial_scale']:g}, dynamic_growth_steps={settings['dynamic_growth_steps']})")
+    elif settings is not None:
+        api += f"; {settings['class']}(loss_scale_factor={settings['loss_scale_factor']:g})"
+    api += "; compile(auto_scale_loss=False)"
+    return {"precision": problem.precision, "compute_dtype": str(model.layers[0].compute_dtype)} | dtypes | \
+        {"loss_scale": settings, "api": api}
+
+
+def dtype_name(dtype: Any) -> str:
+    """A framework dtype as a short name ("bfloat16", "float32"): TF's `<dtype: 'x'>`, torch's
+    `torch.x` and NumPy/JAX dtypes alike."""
+    name = getattr(dtype, "name", None)
+    return str(name) if isinstance(name, str) else str(dtype).removeprefix("torch.")
 
 
 def schedule(keras: ModuleType, problem: Problem) -> Any:
@@ -141,14 +235,16 @@ def model(keras: ModuleType, problem: Problem, steps_per_execution: int, jit_com
         layers.append(keras.layers.Dense(layer.units, activation=chosen, use_bias=layer.bias,
                                          kernel_regularizer=regularizer,
                                          bias_regularizer=regularizer if layer.bias else None,
-                                         dtype=problem.dtype, name=layer.name))
+                                         dtype=layer_dtype(keras, problem), name=layer.name))
         initial.append([kernel] + ([] if bias is None else [bias]))
     built = keras.Sequential([keras.Input(shape=(problem.features,), dtype=problem.dtype), *layers])
     for dense, weights in zip(layers, initial):
         dense.set_weights(weights)
-    built.compile(optimizer=optimizer(keras, problem.optimizer, per_step_schedule(keras, problem), problem.clip),
+    # mixed precision: the loss scale is the one built here, never compile's default wrapper
+    wrapper = {} if problem.precision is None else {"auto_scale_loss": False}
+    built.compile(optimizer=scaled_optimizer(keras, problem, per_step_schedule(keras, problem), problem.clip),
                   loss=loss(keras, problem),
-                  steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+                  steps_per_execution=steps_per_execution, jit_compile=jit_compile, **wrapper)
     return built
 
 
@@ -197,6 +293,26 @@ class EpochRecords:
         self.rates: list[float] = []  # with a schedule: the rate of each epoch's last step
         self.ends: list[float] = []  # perf_counter at the end of each case epoch
         self.started = 0.0
+        self.scales: list[float] = []  # with a loss scale: the optimizer's scale after each epoch
+        self.iterations: list[int] = []  # ... and its iterations (applied steps) then
+
+    def record_scaling(self, scale: float, iterations: int) -> None:
+        """With a loss scale: the optimizer's scale and iterations at an epoch's end."""
+        self.scales.append(scale)
+        self.iterations.append(iterations)
+
+    @property
+    def history_loss_scale(self) -> np.ndarray | None:
+        return np.asarray(self.scales, dtype=np.float64) if self.problem.loss_scale is not None else None
+
+    @property
+    def history_skipped(self) -> np.ndarray | None:
+        """Skipped steps per epoch: the epoch's steps less the optimizer's applied ones (the
+        increase of Keras 3's `iterations`, which a skipped step leaves alone)."""
+        if self.problem.loss_scale is None:
+            return None
+        applied = np.diff(np.asarray([0, *self.iterations], dtype=np.int64))
+        return self.problem.steps_per_epoch - applied
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.started = time.perf_counter()

@@ -7,6 +7,14 @@ about 2 ms of dispatch per step here), recording each epoch's parameters and los
 static sizes (the full ones, then the smaller last one). Every optax setting is explicit; where
 optax can place epsilon either way (`rmsprop`'s `eps_in_sqrt`), the case format's (PyTorch's)
 placement is passed. The formulas are compared in docs/optimizers.md.
+
+Mixed precision is written by hand, as JAX users write it (JAX lowers nothing by itself): the
+forward pass casts parameters and inputs `.astype(compute dtype)` and the output
+`.astype(float32)` before the loss; parameters and optax state stay float32. A fixed loss scale
+S is `grad(loss * S) / S`; a dynamic one is `(scale, good)` in the scan carry with the
+Keras/torch rule, and the optimizer wrapped in `optax.apply_if_finite`, which leaves the
+parameters and the whole inner state (Adam's count, a schedule's count) as they were on a
+non-finite gradient (docs/design/mixed-precision.md, section 2.3).
 """
 
 from __future__ import annotations
@@ -61,10 +69,20 @@ def train(problem: Problem, device: str) -> Trajectory:
     reduce = jnp.mean if problem.reduction == "mean" else jnp.sum
     optimizer = make_optimizer(optax, problem.optimizer, schedule(optax, problem), dtype)
     optimizer = with_clipping(optax, problem.clip, params, optimizer)
+    scaling = LossScaling(jnp, problem.loss_scale)
+    optimizer = scaling.wrap(optax, optimizer)
+    compute = None if problem.precision is None else jnp.dtype(problem.compute_dtype)
 
     losses = getattr(optax, "losses", optax)  # optax >= 0.2.2 keeps its losses in optax.losses
     weighted = problem.sample_weight is not None
     w = jax.device_put(problem.sample_weight.astype(dtype).reshape(-1, 1), place) if weighted else None
+
+    def outputs_of(parameters: Any, x_batch: Any) -> Any:
+        """The model's outputs; under mixed precision computed in the compute dtype from cast
+        parameters and inputs, and cast back to float32 for the loss."""
+        if compute is None:
+            return forward(parameters, x_batch, model)
+        return forward(cast(parameters, compute), x_batch.astype(compute), model).astype(dtype)
 
     def per_sample(outputs: Any, y_batch: Any) -> Any:
         """The case's loss per sample, as JAX users write it: optax's Huber and logits losses;
@@ -79,12 +97,14 @@ def train(problem: Problem, device: str) -> Trajectory:
         return jnp.square(outputs - y_batch)
 
     def loss_of(parameters: Any, x_batch: Any, y_batch: Any, w_batch: Any) -> Any:
-        values = per_sample(forward(parameters, x_batch, model), y_batch)
+        values = per_sample(outputs_of(parameters, x_batch), y_batch)
         return reduce(values * w_batch if weighted else values)
 
-    def step(parameters: Any, state: Any, order: Any, start: Any, size: int) -> Any:
+    def step(carry: Any, order: Any, start: Any, size: int) -> Any:
         """One optimizer step on `size` rows from `start`: of `order` when the case shuffles,
-        else a slice of the data itself (the same rows, without a gather)."""
+        else a slice of the data itself (the same rows, without a gather). The carry is
+        (parameters, optimizer state, loss scaler state)."""
+        parameters, state, scaler = carry
         w_batch = None
         if shuffled:
             rows = jax.lax.dynamic_slice_in_dim(order, start, size)
@@ -96,41 +116,40 @@ def train(problem: Problem, device: str) -> Trajectory:
             y_batch = jax.lax.dynamic_slice_in_dim(y, start, size)
             if weighted:
                 w_batch = jax.lax.dynamic_slice_in_dim(w, start, size)
-        loss, gradients = jax.value_and_grad(loss_of)(parameters, x_batch, y_batch, w_batch)
+        loss, gradients = scaling.value_and_grad(jax, loss_of, scaler)(parameters, x_batch, y_batch, w_batch)
         updates, state = optimizer.update(gradients, state, parameters)
-        return optax.apply_updates(parameters, updates), state, loss
+        return (optax.apply_updates(parameters, updates), state, scaling.next(scaler, state)), loss
 
     full_batches, last_batch = divmod(problem.n, problem.batch_size)
     shuffled = problem.orders is not None
     orders = jax.device_put(problem.orders if shuffled else np.arange(problem.n)[None], place)
 
     @jax.jit
-    def run_training(parameters: Any, state: Any, orders: Any) -> Any:
+    def run_training(parameters: Any, state: Any, scaler: Any, orders: Any) -> Any:
         def one_epoch(carry: Any, epoch: Any) -> Any:
             order = orders[epoch] if shuffled else orders[0]
 
             def one_batch(carry: Any, index: Any) -> Any:
-                parameters, state, loss = step(*carry, order, index * problem.batch_size, problem.batch_size)
-                return (parameters, state), loss
+                return step(carry, order, index * problem.batch_size, problem.batch_size)
 
             carry, losses = jax.lax.scan(one_batch, carry, jnp.arange(full_batches))
             total = jnp.sum(losses) * problem.batch_size
             if last_batch:
-                parameters, state, loss = step(*carry, order, full_batches * problem.batch_size, last_batch)
-                carry, total = (parameters, state), total + loss * last_batch
+                carry, loss = step(carry, order, full_batches * problem.batch_size, last_batch)
+                total = total + loss * last_batch
             flat = flat_parameters(carry[0], model)
-            return carry, (flat, total, last_rate(carry[1]))
+            return carry, (flat, total, last_rate(carry[1]), scaling.record(carry[2], carry[1]))
 
-        (parameters, state), (history, totals, rates) = jax.lax.scan(one_epoch, (parameters, state),
-                                                                     jnp.arange(problem.epochs))
-        return parameters, history, totals, rates
+        (parameters, _, _), (history, totals, rates, scales) = jax.lax.scan(
+            one_epoch, (parameters, state, scaler), jnp.arange(problem.epochs))
+        return parameters, history, totals, rates, scales
 
-    params, history, totals, rates = run_training(params, optimizer.init(params), orders)
+    params, history, totals, rates, scales = run_training(params, optimizer.init(params), scaling.init(), orders)
     history = np.asarray(history, dtype=np.float64)
     predictions = None
     if problem.predict_x is not None:
         predict_x = jax.device_put(problem.predict_x.astype(dtype), place)
-        outputs = forward(params, predict_x, model)
+        outputs = outputs_of(params, predict_x)
         if problem.loss == "bce":  # `predict` compares probabilities
             outputs = jax.nn.sigmoid(outputs)
         predictions = np.asarray(outputs, dtype=np.float64)[:, 0]
@@ -140,8 +159,127 @@ def train(problem: Problem, device: str) -> Trajectory:
             "jit_compilations": int(run_training._cache_size())}
     if problem.schedule is not None:
         info["schedule"] = "optax.inject_hyperparams(learning_rate=schedule)"
+    if compute is not None:
+        first = model[0].name
+        shapes = jax.eval_shape(lambda p: (x[:1].astype(compute) @ cast(p[first]["kernel"], compute),
+                                           forward(cast(p, compute), x[:1].astype(compute), model),
+                                           scaling.value_and_grad(jax, loss_of, scaling.init())(
+                                               p, x[:1], y[:1], None if w is None else w[:1])), params)
+        info["precision"] = precision_info(problem, shapes, params, scaling)
+    loss_scale, skipped = scaling.per_epoch(scales, problem.epochs)
     return Trajectory(history, np.asarray(totals, dtype=np.float64) / problem.n, predictions, info,
-                      rates=np.asarray(rates, dtype=np.float64) if problem.schedule is not None else None)
+                      rates=np.asarray(rates, dtype=np.float64) if problem.schedule is not None else None,
+                      loss_scale=loss_scale, skipped=skipped)
+
+
+def cast(tree: Any, dtype: Any) -> Any:
+    """Every array of a pytree `.astype(dtype)`: mixed precision's cast of the parameters."""
+    return _frameworks.jax().tree.map(lambda array: array.astype(dtype), tree)
+
+
+def precision_info(problem: Problem, shapes: Any, params: Any, scaling: LossScaling) -> dict[str, Any]:
+    """What this run computed in which dtype, read from `jax.eval_shape` of the first layer's
+    matmul, of the forward pass and of the (scaled) loss and gradient function, and from the
+    trained parameters."""
+    matmul, output, (loss, gradients) = shapes
+    leaves = _frameworks.jax().tree.leaves
+    compute = problem.compute_dtype
+    api = (f"parameters and inputs .astype({compute}), output .astype(float32) before the loss"
+           + scaling.api)
+    return {"precision": problem.precision, "compute_dtype": str(matmul.dtype), "output_dtype": str(output.dtype),
+            "loss_dtype": str(loss.dtype), "gradient_dtype": str(leaves(gradients)[0].dtype),
+            "variable_dtype": str(leaves(params)[0].dtype), "loss_scale": scaling.settings, "api": api}
+
+
+class LossScaling:
+    """Loss scaling as JAX users write it (optax has no loss scaler, only `apply_if_finite`).
+
+    None: plain `value_and_grad`. Fixed S: the gradient of `loss * S`, divided by S. Dynamic:
+    the scaler state `(scale, good)` rides in the scan carry; after `growth_interval`
+    consecutive finite steps the scale doubles, a non-finite gradient halves it and resets
+    `good` (Keras 3's and torch's rule, every factor explicit), and the optimizer is wrapped in
+    `optax.apply_if_finite`, which skips the step: zero updates, the inner state unchanged.
+    Which steps were non-finite is read from that wrapper's state (`last_finite`,
+    `total_notfinite`), so the scale follows exactly the steps optax skipped.
+    """
+
+    GROWTH, BACKOFF = 2.0, 0.5
+    NEVER_GIVE_UP = 2**31 - 1  # apply_if_finite's max_consecutive_errors: skip every non-finite step
+
+    def __init__(self, jnp: Any, loss_scale: dict[str, Any] | None) -> None:
+        self.jnp = jnp
+        self.kind = None if loss_scale is None else loss_scale["kind"]
+        self.loss_scale = loss_scale
+        self.settings: dict[str, Any] | None = None
+        self.api = ""
+        if self.kind == "fixed":
+            self.settings = {"kind": "fixed", "scale": loss_scale["scale"]}
+            self.api = "; jax.value_and_grad of loss * scale, gradients / scale"
+        elif self.kind == "dynamic":
+            self.settings = {"kind": "dynamic", "initial": loss_scale["initial"],
+                             "growth_interval": loss_scale["growth_interval"], "growth_factor": self.GROWTH,
+                             "backoff_factor": self.BACKOFF, "max_consecutive_errors": self.NEVER_GIVE_UP}
+            self.api = ("; jax.value_and_grad of loss * scale, gradients / scale, (scale, good) in the lax.scan"
+                        " carry; optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)")
+
+    def wrap(self, optax: Any, optimizer: Any) -> Any:
+        """The optimizer (clipping included: it clips the unscaled gradient), wrapped to skip
+        non-finite steps under a dynamic scale."""
+        if self.kind != "dynamic":
+            return optimizer
+        return optax.apply_if_finite(optimizer, max_consecutive_errors=self.NEVER_GIVE_UP)
+
+    def init(self) -> Any:
+        """The scaler's part of the carry: (scale, good) under a dynamic scale, else empty."""
+        if self.kind != "dynamic":
+            return ()
+        return self.jnp.asarray(self.loss_scale["initial"], self.jnp.float32), self.jnp.asarray(0, self.jnp.int32)
+
+    def value_and_grad(self, jax: Any, loss_of: Any, scaler: Any) -> Any:
+        """`jax.value_and_grad(loss_of)`, of the scaled loss when there is a scale, returning the
+        unscaled loss and the unscaled gradients."""
+        if self.kind is None:
+            return jax.value_and_grad(loss_of)
+        scale = scaler[0] if self.kind == "dynamic" else self.loss_scale["scale"]
+
+        def scaled(*arguments: Any) -> Any:
+            loss = loss_of(*arguments)
+            return loss * scale, loss
+
+        def unscaled(*arguments: Any) -> Any:
+            (_, loss), gradients = jax.value_and_grad(scaled, has_aux=True)(*arguments)
+            return loss, jax.tree.map(lambda gradient: gradient / scale, gradients)
+
+        return unscaled
+
+    def next(self, scaler: Any, state: Any) -> Any:
+        """The scaler after a step, from whether `apply_if_finite` found its gradient finite."""
+        if self.kind != "dynamic":
+            return scaler
+        jnp = self.jnp
+        scale, good = scaler
+        finite = state.last_finite
+        good = jnp.where(finite, good + 1, 0)
+        grow = good == self.loss_scale["growth_interval"]
+        scale = jnp.where(finite, jnp.where(grow, scale * self.GROWTH, scale), scale * self.BACKOFF)
+        return scale, jnp.where(grow, 0, good)
+
+    def record(self, scaler: Any, state: Any) -> Any:
+        """What an epoch records: the scale after its last step and optax's running count of
+        non-finite (skipped) steps."""
+        if self.kind != "dynamic":
+            return ()
+        return scaler[0], state.total_notfinite
+
+    def per_epoch(self, recorded: Any, epochs: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Trajectory.loss_scale and .skipped: None without a scale; constant and zeros for a
+        fixed one; the recorded scales and the per-epoch differences of optax's count."""
+        if self.kind is None:
+            return None, None
+        if self.kind == "fixed":
+            return np.full(epochs, self.loss_scale["scale"], dtype=np.float64), np.zeros(epochs, dtype=np.int64)
+        scales, totals = recorded
+        return np.asarray(scales, dtype=np.float64), np.diff(np.asarray(totals, dtype=np.int64), prepend=0)
 
 
 def last_rate(state: Any) -> Any:

@@ -40,6 +40,7 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
     tf = _frameworks.tensorflow()
     with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
         model = _model(problem, steps_per_execution=1 if plain else problem.steps_per_epoch, jit_compile=jit_compile)
+        dtypes = None if problem.precision is None else _precision_dtypes(model, problem)
         recorder = _recorder_class()(problem, per_execution=not plain)
         scheduler = _keras_common.epoch_scheduler(_tensorflow.keras(), problem)
         callbacks = [recorder] if scheduler is None else [scheduler, recorder]
@@ -68,8 +69,27 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
                  "loss_includes_l2_penalty": True}  # the trajectory check adds the replay's penalty
     if scheduler is not None:
         info["schedule"] = "keras.callbacks.LearningRateScheduler (every epoch)"
+    if dtypes is not None:
+        info["precision"] = _keras_common.precision_info(problem, model, dtypes)
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info,
-                      rates=recorder.history_rates)
+                      rates=recorder.history_rates, loss_scale=recorder.history_loss_scale,
+                      skipped=recorder.history_skipped)
+
+
+def _precision_dtypes(model: Any, problem: Problem) -> dict[str, str]:
+    """The dtypes of a mixed-precision step's real tensors, from one eager step's forward pass,
+    loss and gradients on the first batch (nothing is applied): the same layers, policies and
+    loss class that `fit` traces."""
+    tf = _frameworks.tensorflow()
+    rows = problem.batch(0, 0)
+    with tf.GradientTape() as tape:
+        output = model(problem.x[rows], training=True)
+        loss = _keras_common.loss(_tensorflow.keras(), problem)(problem.y[rows].reshape(-1, 1), output)
+    gradients = tape.gradient(loss, model.trainable_variables)
+    name = _keras_common.dtype_name
+    return {"output_dtype": name(output.dtype), "loss_dtype": name(loss.dtype),
+            "gradient_dtype": ", ".join(sorted({name(gradient.dtype) for gradient in gradients})),
+            "variable_dtype": ", ".join(sorted({name(v.dtype) for v in model.trainable_variables}))}
 
 
 def _model(problem: Problem, steps_per_execution: int, jit_compile: bool) -> Any:
@@ -113,17 +133,23 @@ def _recorder_class() -> type:
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             if self.per_execution:
-                self.record(self._read_parameters_and_reset_metrics(), logs)
+                parameters, scaling = self._read_parameters_and_reset_metrics()
+                self.record(parameters, logs)
                 self.record_rate(keras)
+                if scaling:
+                    self.record_scaling(float(scaling[0]), int(scaling[1]))
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if not self.per_execution:
                 self.record(np.concatenate([np.ravel(v.numpy()) for v in _keras_common.parameters(self.model)]),
                             logs)
                 self.record_rate(keras)
+                if self.problem.loss_scale is not None:
+                    self.record_scaling(*_keras_common.scaling_state(keras, self.model.optimizer))
 
-        def _read_parameters_and_reset_metrics(self) -> np.ndarray:
-            """The layer's parameters, flat, with the metrics zeroed as `reset_metrics` does.
+        def _read_parameters_and_reset_metrics(self) -> tuple[np.ndarray, list[Any]]:
+            """The layer's parameters, flat, with the metrics zeroed as `reset_metrics` does,
+            and with a loss scale the optimizer's scale and iterations (else an empty list).
 
             One compiled call per execution instead of a read per variable and Keras's eager
             reset (which costs about as much as a small case's training step).
@@ -132,14 +158,20 @@ def _recorder_class() -> type:
                 tf = _frameworks.tensorflow()
                 weights = _keras_common.parameters(self.model)
                 counters = [variable for metric in self.model.metrics for variable in metric.variables]
+                optimizer = self.model.optimizer
+                scale = getattr(optimizer, "dynamic_scale", None)
 
                 def read_and_reset() -> Any:
                     flat = tf.concat([tf.reshape(weight, [-1]) for weight in weights], axis=0)
                     for variable in counters:
                         variable.assign(tf.zeros_like(variable))
-                    return flat
+                    if self.problem.loss_scale is None:
+                        return flat, []
+                    now = tf.constant(optimizer.loss_scale_factor, tf.float32) if scale is None else scale
+                    return flat, [tf.identity(now), tf.identity(optimizer.iterations)]
 
                 self._read_and_reset = tf.function(read_and_reset)
-            return self._read_and_reset().numpy()
+            flat, scaling = self._read_and_reset()
+            return flat.numpy(), [value.numpy() for value in scaling]
 
     return EpochRecorder

@@ -125,7 +125,13 @@ class ResultChecks(OfRun):
                 "replay_predictions": None if replay.predictions is None else floats(replay.predictions),
                 "curve": curve(trajectory),
                 "distance": downsample(compare.distance_per_epoch(trajectory.params, replay.params)),
-                "info": {key: plain(value) for key, value in trajectory.info.items()},
+                "info": {key: plain(value) for key, value in trajectory.info.items() if key != "precision"},
+                "precision": _plain_mapping(trajectory.info.get("precision")),
                 "deterministic": None if result.repeat is None else result.repeat["identical"]}
 
 
+def _plain_mapping(value: Any) -> dict[str, Any] | None:
+    """A backend's record of what ran in which dtype, kept as a mapping of plain values."""
+    if not isinstance(value, dict):
+        return None
+    return {str(key): (_plain_mapping(item) if isinstance(item, dict) else plain(item)) for key, item in value.items()}

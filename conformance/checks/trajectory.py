@@ -37,6 +37,12 @@ class TrajectoryCheck(OfRun):
         bands, replay = self.refs.trajectory_bands, self.refs.replay
         epochs = bands.comparable
         record |= {"tolerance": self.tolerance(), "epochs": len(replay.params), "comparable": epochs}
+        scaling = scaling_apart(result.trajectory, replay)
+        if scaling is not None:
+            record["loss_scale_first_differs"] = scaling
+            return Outcome(False, f"{result.label}: {scaling['message']} (float64 replay, compared exactly: the "
+                                  f"scale and skipped steps are decisions, not rounding) [case {self.case.name}]",
+                           record)
         if epochs == 0:
             return Outcome(False, f"rounding alone moves this training by more than {bands.limit:g} "
                                   f"relative from epoch 1 on: too sensitive to compare paths [case {self.case.name}]",
@@ -88,6 +94,28 @@ def rates_apart(got: Trajectory, replay: Trajectory) -> dict[str, Any] | None:
         return None
     epoch = int(np.argmax(apart))
     return {"epoch": epoch + 1, "got": float(got.rates[epoch]), "expected": float(replay.rates[epoch])}
+
+
+def scaling_apart(got: Trajectory, replay: Trajectory) -> dict[str, Any] | None:
+    """Under a loss scale: the first epoch whose scale after its last step, or whose number of
+    skipped steps, differs from the replay's; None when every epoch agrees. A result that
+    recorded neither differs at epoch 1 (it cannot show that it scaled at all)."""
+    if replay.loss_scale is None:
+        return None
+    if got.loss_scale is None or got.skipped is None:
+        return {"epoch": 1, "message": "recorded no loss scale or skipped steps, though the case scales the loss"}
+    scales, skipped = np.asarray(got.loss_scale, dtype=np.float64), np.asarray(got.skipped)
+    if scales.shape != replay.loss_scale.shape or skipped.shape != replay.skipped.shape:
+        return {"epoch": 1, "message": f"recorded {scales.size} epochs of loss scale, expected {replay.loss_scale.size}"}
+    apart = (scales != replay.loss_scale) | (skipped != replay.skipped)
+    if not apart.any():
+        return None
+    epoch = int(np.argmax(apart))
+    return {"epoch": epoch + 1, "got": {"scale": float(scales[epoch]), "skipped": int(skipped[epoch])},
+            "expected": {"scale": float(replay.loss_scale[epoch]), "skipped": int(replay.skipped[epoch])},
+            "message": f"loss scaling first differs at epoch {epoch + 1}: scale {scales[epoch]:g} after "
+                       f"{int(skipped[epoch])} skipped step(s), but should be {replay.loss_scale[epoch]:g} after "
+                       f"{int(replay.skipped[epoch])} ({int(apart.sum())} epoch(s) differ)"}
 
 
 class _Path:

@@ -67,22 +67,40 @@ def curves_svg(results: list[dict[str, Any]], replay: dict[str, Any] | None) -> 
 def rates_svg(results: list[dict[str, Any]], replay: dict[str, Any] | None) -> str:
     """One panel: the learning rate of each epoch's last step, as each framework reports it,
     over the case format's (the replay's); empty without a schedule."""
+    return epoch_series_svg(results, replay, "rate", "case format (replay)", "learning rate (each epoch's last step)",
+                            "rate", "learning rate per epoch")
+
+
+def loss_scale_svg(results: list[dict[str, Any]], replay: dict[str, Any] | None) -> str:
+    """Two panels: log2 of each result's loss scale after every epoch, and the steps it skipped,
+    over the replay's; empty without a loss scale."""
+    scale = epoch_series_svg(results, replay, "loss_scale", "float64 replay", "loss scale after each epoch",
+                             "log2 scale", "loss scale per epoch")
+    skipped = epoch_series_svg(results, replay, "skipped", "float64 replay", "skipped steps per epoch",
+                               "skipped", "skipped steps per epoch")
+    return scale + skipped
+
+
+def epoch_series_svg(results: list[dict[str, Any]], replay: dict[str, Any] | None, key: str, replay_label: str,
+                     title: str, axis: str, aria: str) -> str:
+    """One panel of a per-epoch series from each result's curve record (`key`), over the
+    replay's (grey); empty when fewer than two lines have it."""
     lines: list[Series] = []
-    if replay is not None and replay.get("rate"):
-        lines.append(Series("case format (replay)", replay["rate"]["epoch"], replay["rate"]["value"], "#000000",
+    if replay is not None and replay.get(key):
+        lines.append(Series(replay_label, replay[key]["epoch"], replay[key]["value"], "#000000",
                             width=2.5, opacity=0.35))
     for index, result in enumerate(results):
-        rate = (result.get("curve") or {}).get("rate")
-        if rate:
-            lines.append(Series(f"{result['backend']}, {result['device']}", rate["epoch"], rate["value"],
+        series = (result.get("curve") or {}).get(key)
+        if series:
+            lines.append(Series(f"{result['backend']}, {result['device']}", series["epoch"], series["value"],
                                 COLORS[index % len(COLORS)], DASHES.get(result["backend"], OTHER_DASH)))
     if len(lines) < 2:
         return ""
     legend, legend_height = _legend(lines, HEIGHT)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT + legend_height:.0f}" '
             f'width="100%" style="max-width:{WIDTH}px" font-family="sans-serif" font-size="11" '
-            f'role="img" aria-label="learning rate per epoch">'
-            + _panel(lines, "learning rate (each epoch's last step)", "rate", 0, legend) + "</svg>")
+            f'role="img" aria-label="{aria}">'
+            + _panel(lines, title, axis, 0, legend) + "</svg>")
 
 
 def trajectory_svg(trajectories: list[dict[str, Any]]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from conformance.report.plots import curves_svg, fit_svg, rates_svg, trajectory_svg
+from conformance.report.plots import curves_svg, fit_svg, loss_scale_svg, rates_svg, trajectory_svg
 
 STATUSES = ("passed", "failed", "xfailed", "skipped", "error", "crashed")
 SEVERITY = ("crashed", "error", "failed", "not run", "xfailed", "skipped", "passed")
@@ -165,6 +165,8 @@ def _case_view(name: str, items: list[dict[str, Any]], columns: list[tuple[str, 
         "plot": curves_svg(results, pairwise.get("replay")) if results else "",
         "fit_plot": _fit_plot(results),
         "rate_plot": rates_svg(results, pairwise.get("replay")) if results else "",
+        "loss_scale_plot": loss_scale_svg(results, pairwise.get("replay")) if results else "",
+        "precision": [r for r in results if r.get("precision")],
         "trajectories": trajectories, "trajectory_plot": trajectory_svg(trajectories),
         "expected": [e for e in items if e.get("expected")],
         "failures": [e for e in items if e.get("status") in ("failed", "error", "crashed")],
