@@ -53,6 +53,8 @@ class When(Strict):
     schedule_settings: dict[str, Condition] = {}  # the schedule's settings, and every (step, epoch)
     clip: OneOrMany | None = None  # v1.2: global_norm, norm, value
     activation: OneOrMany | None = None  # v1.2: some hidden layer has one of these activations
+    precision: OneOrMany | None = None  # v1.2: mixed_bfloat16, mixed_float16
+    loss_scale: OneOrMany | None = None  # v1.2: fixed, dynamic
 
     @field_validator("settings", "loss_settings", "schedule_settings")
     @classmethod
@@ -130,6 +132,10 @@ def holds(when: When, problem: Problem) -> bool:
     if when.loss is not None and problem.loss not in _names(when.loss):
         return False
     if not _kind_holds(when.schedule, problem.schedule) or not _kind_holds(when.clip, problem.clip):
+        return False
+    if when.precision is not None and problem.precision not in _names(when.precision):
+        return False
+    if not _kind_holds(when.loss_scale, problem.loss_scale):
         return False
     activations = {layer["activation"] for layer in problem.hidden or []}
     if when.activation is not None and not activations & set(_names(when.activation)):

@@ -2,7 +2,7 @@
 
 Hypothesis does the search: `hypothesis.find` over reductions of the failing case (how many
 epochs, samples, features, hidden layers and hidden units to keep; which batching, shuffling,
-initialisation, sample weights and optimizer options to keep rather than reset to the format's
+initialisation, sample weights, optimizer options, schedule, clipping, precision and loss scale to keep rather than reset to the format's
 defaults) with the predicate
 "this reduced case still fails parity on the same backend and device, in the same way (a
 mismatch, or a divergence)". Hypothesis shrinks integers toward their lower bounds and booleans
@@ -84,7 +84,7 @@ def reduction_space(case: dict[str, Any]) -> dict[str, Any]:
     for option in settings:
         if option != "learning_rate":
             knobs[f"keep_{option}"] = st.booleans()
-    for extra in ("schedule", "clip"):
+    for extra in ("schedule", "clip", "precision", "loss_scale"):
         if extra in training:
             knobs[f"keep_{extra}"] = st.booleans()
     hidden = case["model"].get("hidden") or []
@@ -131,9 +131,11 @@ def reduced(case: dict[str, Any], reduction: dict[str, Any]) -> dict[str, Any]:
                                     if option == "learning_rate" or reduction.get(f"keep_{option}", True)}}
     if kind == "sgd" and not training["optimizer"][kind].get("momentum"):
         training["optimizer"][kind].pop("nesterov", None)  # nesterov needs momentum
-    for extra in ("schedule", "clip"):
+    for extra in ("schedule", "clip", "precision", "loss_scale"):
         if extra in training and not reduction.get(f"keep_{extra}", True):
             del training[extra]
+    if "precision" not in training:  # a loss scale only with mixed_float16
+        training.pop("loss_scale", None)
     cosine = training.get("schedule", {}).get("cosine")
     if cosine and cosine.get("warmup_steps", 0) > training["epochs"]:  # a warm-up within the fewer epochs
         cosine["warmup_steps"] = training["epochs"]

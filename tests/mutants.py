@@ -340,7 +340,7 @@ CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: mixed precision
     ("torch-grad-scaler-default-initial-scale", ("torch", "torch_compile"), "main",
      "GradScaler keeps its default initial scale 2^16 over the one given (a different skipped-step sequence)",
      lambda: _patch_init(_torch().amp.GradScaler, _set(init_scale=2.0**16))),
-    ("keras-mixed-policy-variables-in-compute-dtype", TF_KERAS, "main",
+    ("keras-mixed-policy-variables-in-compute-dtype", ("keras", "keras_xla"), "main",
      "a mixed DTypePolicy creates its variables in the compute dtype (master weights not float32)",
      _keras_policy_variables_in_compute_dtype),
     ("keras-loss-scale-default-initial-scale", TF_KERAS, "main",

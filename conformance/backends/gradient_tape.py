@@ -5,6 +5,12 @@ records each epoch's parameters and loss) instead of eager steps: the same ops i
 order, without ~1 ms of Python per step or a round trip to Python per epoch. Batches are cut
 with static sizes (the full batches, then the smaller last one), which XLA requires; the
 `gradient_tape_xla` backend runs this same function with `jit_compile=True`.
+
+Mixed precision (`problem.precision`) as the TensorFlow guide's custom loops write it: float32
+`tf.Variable`s (the policy's variable dtype), `tf.cast` of the inputs, kernels and biases to the
+policy's compute dtype in the forward pass, the output cast to float32 before the loss; a loss
+scale through Keras 3's optimizer (`scale_loss` in the tape, `apply` unscales, and skips a step
+with non-finite gradients under `LossScaleOptimizer`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import _frameworks, _keras_common, _tensorflow
+from conformance.backends import Unavailable, _frameworks, _keras_common, _tensorflow
 from conformance.problem import Problem, Trajectory
 
 NAME = "gradient_tape"
@@ -43,10 +49,12 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
         rate_schedule = _keras_common.schedule(keras, problem)
         # per step: the Keras schedule is the optimizer's learning rate; per epoch: the loop
         # assigns the schedule's value at each epoch's start to the optimizer's rate variable
-        optimizer = _keras_common.optimizer(keras, problem.optimizer,
-                                            None if problem.schedule_every_epoch else rate_schedule)
+        optimizer, scaling = _optimizer(keras, problem, None if problem.schedule_every_epoch else rate_schedule)
         optimizer.build(variables)
-        run_training = _training_function(problem, layers, optimizer, rate_schedule, jit_compile)
+        compute_dtype = _compute_dtype(keras, problem)
+        seen: dict[str, str] = {}  # dtypes of the traced tensors (mixed precision)
+        run_training = _training_function(problem, layers, optimizer, rate_schedule, jit_compile, compute_dtype,
+                                          seen)
         orders = tf.range(problem.n, dtype=tf.int64)[tf.newaxis] if problem.orders is None \
             else tf.constant(problem.orders, dtype=tf.int64)
         info: dict[str, Any] = {}
@@ -54,19 +62,76 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
             started = time.perf_counter()
             run_training(orders, tf.constant(0))
             info["compile_seconds"] = time.perf_counter() - started
-        params, totals, rates = run_training(orders, tf.constant(problem.epochs))
+        recorded = run_training(orders, tf.constant(problem.epochs))
         if jit_compile:
             info["xla"] = _tensorflow.xla_evidence(run_training, orders, tf.constant(problem.epochs))
-        params = params.numpy().astype(np.float64)
-        losses = totals.numpy().astype(np.float64) / problem.n
+        if compute_dtype is not None:
+            info["precision"] = _precision_info(problem, seen, scaling)
+        params = recorded["params"].numpy().astype(np.float64)
+        losses = recorded["totals"].numpy().astype(np.float64) / problem.n
         predictions = None
         if problem.predict_x is not None:
-            outputs = _forward(tf, tf.constant(problem.predict_x), layers)
+            outputs = _forward(tf, tf.constant(problem.predict_x), layers, compute_dtype)
             if problem.loss == "bce":  # `predict` compares probabilities
                 outputs = tf.math.sigmoid(outputs)
             predictions = outputs.numpy()[:, 0].astype(np.float64)
+    scaled = problem.loss_scale is not None
     return Trajectory(params, losses, predictions, _tensorflow.environment(device, layers[0][1]) | info,
-                      rates=rates.numpy().astype(np.float64) if rate_schedule is not None else None)
+                      rates=recorded["rates"].numpy().astype(np.float64) if rate_schedule is not None else None,
+                      loss_scale=recorded["scales"].numpy().astype(np.float64) if scaled else None,
+                      skipped=recorded["skipped"].numpy().astype(np.int64) if scaled else None)
+
+
+def _compute_dtype(keras: Any, problem: Problem) -> str | None:
+    """The compute dtype of the case's mixed-precision policy (`keras.mixed_precision.Policy`,
+    whose variable dtype, float32, is the variables'), or None without mixed precision."""
+    if problem.precision is None:
+        return None
+    policy = keras.mixed_precision.Policy(problem.precision)
+    if policy.variable_dtype != problem.dtype:
+        raise ValueError(f"{problem.precision} keeps variables in {policy.variable_dtype}, not {problem.dtype}")
+    return str(policy.compute_dtype)
+
+
+def _optimizer(keras: Any, problem: Problem, learning_rate: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The case's Keras optimizer, and under a loss scale the scaling settings as passed.
+
+    With a loss scale the loop scales the loss with the optimizer's `scale_loss` and hands the
+    scaled gradients to `apply`, which unscales them (and, dynamic, skips a non-finite step)
+    before it updates: Keras 3's own mechanism, so the clipping moves onto the (inner) optimizer
+    (`global_clipnorm` / `clipnorm` / `clipvalue`), which clips the unscaled gradients. A fixed
+    scale is the optimizer's `loss_scale_factor` (Keras 3's `LossScaleOptimizer` has no fixed
+    mode and tells users to set that instead); a dynamic one is
+    `LossScaleOptimizer(inner, initial_scale, dynamic_growth_steps)`, whose growth x2 and backoff
+    x0.5 are Keras's fixed rule (not arguments). Keras 2's scaler API differs
+    (`get_scaled_loss`, `get_unscaled_gradients`, and skipped steps advance `iterations`): not
+    written here for lack of a TF 2.15 environment to test it, so such cases skip.
+    """
+    if problem.loss_scale is None:
+        return _keras_common.optimizer(keras, problem.optimizer, learning_rate), None
+    if _tensorflow.keras_major() < 3:
+        raise Unavailable(f"loss scaling in the GradientTape loop is written for Keras 3 (scale_loss / apply); "
+                          f"Keras {_tensorflow.keras_version()}'s get_scaled_loss / get_unscaled_gradients "
+                          "path is not implemented")
+    inner = _keras_common.optimizer(keras, problem.optimizer, learning_rate, problem.clip)
+    if problem.loss_scale["kind"] == "fixed":
+        inner.loss_scale_factor = float(problem.loss_scale["scale"])
+        return inner, {"optimizer": type(inner).__name__, "loss_scale_factor": inner.loss_scale_factor}
+    optimizer = keras.optimizers.LossScaleOptimizer(inner, initial_scale=float(problem.loss_scale["initial"]),
+                                                    dynamic_growth_steps=int(problem.loss_scale["growth_interval"]))
+    return optimizer, {"optimizer": f"LossScaleOptimizer({type(inner).__name__})",
+                       "initial_scale": optimizer.initial_scale,
+                       "dynamic_growth_steps": optimizer.dynamic_growth_steps,
+                       "growth_factor": 2.0, "backoff_factor": 0.5}  # Keras 3's fixed rule
+
+
+def _precision_info(problem: Problem, seen: dict[str, str], scaling: dict[str, Any] | None) -> dict[str, Any]:
+    """info["precision"]: the dtypes of the traced tensors of this run, and the calls used."""
+    api = f"tf.cast to keras.mixed_precision.Policy({problem.precision!r}).compute_dtype in the forward pass, " \
+          "tf.cast(output, float32) before the loss"
+    if scaling is not None:
+        api += f"; {scaling['optimizer']}: optimizer.scale_loss(loss) in the tape, optimizer.apply(grads, vars)"
+    return {"precision": problem.precision, **seen, "loss_scale": scaling, "api": api}
 
 
 def _variables(tf: Any, problem: Problem) -> list[tuple[Any, Any, Any]]:
@@ -81,16 +146,31 @@ def _variables(tf: Any, problem: Problem) -> list[tuple[Any, Any, Any]]:
     return found
 
 
-def _forward(tf: Any, x: Any, layers: list[tuple[Any, Any, Any]]) -> Any:
-    """x through every layer: `tf.matmul` and the bias, then the hidden layers' activation."""
-    output = x
+def _forward(tf: Any, x: Any, layers: list[tuple[Any, Any, Any]], compute_dtype: str | None = None,
+             seen: dict[str, str] | None = None) -> Any:
+    """x through every layer: `tf.matmul` and the bias, then the hidden layers' activation.
+
+    Mixed precision (`compute_dtype`): the input, each kernel and each bias `tf.cast` to the
+    compute dtype, so that the matmul, the bias add and the activation run in it, and the
+    output cast back to the variables' dtype (float32) before the loss; `seen` gets the dtypes
+    of the traced tensors (the first matmul's, and the model's output before that cast).
+    Without it no cast is traced: the graph is the float32/float64 loop's.
+    """
+    cast = (lambda value: value) if compute_dtype is None else (lambda value: tf.cast(value, compute_dtype))
+    output = cast(x)
     for layer, kernel, bias in layers:
-        output = tf.matmul(output, kernel)
+        output = tf.matmul(output, cast(kernel))
+        if seen is not None:
+            seen.setdefault("compute_dtype", output.dtype.name)
         if bias is not None:
-            output = output + bias
+            output = output + cast(bias)
         if layer.name != "output":
             output = activation(tf, layer.activation, layer.settings)(output)
-    return output
+    if compute_dtype is None:
+        return output
+    if seen is not None:
+        seen["output_dtype"] = output.dtype.name
+    return tf.cast(output, layers[-1][1].dtype)
 
 
 def activation(tf: Any, name: str, settings: dict[str, Any] | None) -> Any:
@@ -120,10 +200,14 @@ def _clipped(tf: Any, gradients: list[Any], clip: dict[str, Any] | None) -> list
 
 
 def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], optimizer: Any, rate_schedule: Any,
-                       jit_compile: bool) -> Any:
-    """A tf.function(orders, epochs) that trains; returns per-epoch parameters, loss sums and
-    (with a schedule) the rate of each epoch's last step, read from the Keras schedule at the
-    optimizer's iteration count, or from its rate variable per epoch.
+                       jit_compile: bool, compute_dtype: str | None = None, seen: dict[str, str] | None = None) -> Any:
+    """A tf.function(orders, epochs) that trains; returns per-epoch parameters ("params"), loss
+    sums ("totals") and (with a schedule) the rate of each epoch's last step ("rates"), read
+    from the Keras schedule at the optimizer's iteration count, or from its rate variable per
+    epoch. With a loss scale also, per epoch, the optimizer's scale after its last step
+    ("scales": `dynamic_scale`, or the fixed `loss_scale_factor`) and its skipped steps
+    ("skipped": the steps that did not advance the optimizer's `iterations`, which under
+    `LossScaleOptimizer` counts applied steps only).
 
     `orders` holds each epoch's row order, or one row (0..n-1) used by every epoch when the
     case does not shuffle. `epochs` (a tensor, so that XLA compiles one program for any count)
@@ -158,6 +242,7 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
         return tf.square(residual)
 
     shuffled = problem.orders is not None
+    scaled = problem.loss_scale is not None
 
     def step(order: Any, start: Any, size: int) -> Any:
         """One optimizer step on `size` rows of `order` from `start`; the loss times the size.
@@ -171,13 +256,30 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
             y_batch = tf.slice(y, tf.stack([start, 0]), [size, 1])
             w_batch = tf.slice(w, tf.stack([start, 0]), [size, 1]) if weighted else None
         with tf.GradientTape() as tape:
-            losses = per_sample(_forward(tf, x_batch, layers), y_batch)
+            losses = per_sample(_forward(tf, x_batch, layers, compute_dtype, seen), y_batch)
             loss = reduce(losses * w_batch if weighted else losses)
-        gradients = _clipped(tf, tape.gradient(loss, variables), problem.clip)
-        if decay:
-            gradients = [g + decay * v for g, v in zip(gradients, variables)]
-        optimizer.apply_gradients(zip(gradients, variables))
+            if scaled:
+                scaled_loss = optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss if scaled else loss, variables)
+        if seen is not None:
+            seen.update(loss_dtype=loss.dtype.name, gradient_dtype=gradients[0].dtype.name,
+                        variable_dtype=variables[0].dtype.name)
+        if scaled:
+            scaled_step(gradients)
+        else:
+            gradients = _clipped(tf, gradients, problem.clip)
+            if decay:
+                gradients = [g + decay * v for g, v in zip(gradients, variables)]
+            optimizer.apply_gradients(zip(gradients, variables))
         return loss * tf.constant(size, dtype=x.dtype)
+
+    def scaled_step(gradients: list[Any]) -> None:
+        """The update from the scaled loss's gradients: coupled decay joins them at the loss's
+        scale (`scale_loss` of the decay term), and `apply` unscales, clips (the optimizer's
+        own clipping) and updates, or under `LossScaleOptimizer` skips a non-finite step."""
+        if decay:
+            gradients = [g + optimizer.scale_loss(decay * v) for g, v in zip(gradients, variables)]
+        optimizer.apply(gradients, variables)
 
     per_epoch = problem.schedule_every_epoch
 
