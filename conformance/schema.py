@@ -395,7 +395,7 @@ class Training(Strict):
                                       "dtype float32 (it is {dtype})", {"precision": self.precision, "dtype": self.dtype})
         if self.loss_scale is not None and self.precision != "mixed_float16":
             raise PydanticCustomError("loss_scale", "loss_scale is for float16's narrow range; expected precision "
-                                      "mixed_float16 with it (it is {precision})", {"precision": str(self.precision)})
+                                      "mixed_float16 with it (it is {precision})", {"precision": self.precision or "not set"})
         return self
 
     @model_validator(mode="after")

@@ -52,7 +52,7 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
         optimizer, scaling = _optimizer(keras, problem, None if problem.schedule_every_epoch else rate_schedule)
         optimizer.build(variables)
         compute_dtype = _compute_dtype(keras, problem)
-        seen: dict[str, str] = {}  # dtypes of the traced tensors (mixed precision)
+        seen = None if compute_dtype is None else {}  # mixed precision: the traced tensors' dtypes
         run_training = _training_function(problem, layers, optimizer, rate_schedule, jit_compile, compute_dtype,
                                           seen)
         orders = tf.range(problem.n, dtype=tf.int64)[tf.newaxis] if problem.orders is None \
@@ -290,15 +290,27 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
             return tf.cast(optimizer.learning_rate, tf.float64)
         return tf.cast(rate_schedule(optimizer.iterations - 1), tf.float64)
 
+    def last_scale() -> Any:
+        """The loss scale the optimizer holds now: `LossScaleOptimizer`'s variable, or the fixed
+        factor."""
+        if problem.dynamic_scaling:
+            return tf.cast(optimizer.dynamic_scale, tf.float64)
+        return tf.constant(optimizer.loss_scale_factor, tf.float64)
+
     @tf.function(jit_compile=jit_compile)
     def run_training(orders: Any, epochs: Any) -> Any:
         params = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[problem.parameter_count])
         totals = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[])
         rates = tf.TensorArray(tf.float64, size=problem.epochs, element_shape=[])
+        if scaled:
+            scales = tf.TensorArray(tf.float64, size=problem.epochs, element_shape=[])
+            skipped = tf.TensorArray(tf.int64, size=problem.epochs, element_shape=[])
         for epoch in tf.range(epochs):
             order = orders[epoch] if shuffled else orders[0]
             if per_epoch:
                 optimizer.learning_rate.assign(tf.cast(rate_schedule(epoch), optimizer.learning_rate.dtype))
+            if scaled:
+                applied = tf.cast(optimizer.iterations, tf.int64)
             total = tf.constant(0.0, dtype=x.dtype)
             for index in tf.range(full_batches, dtype=tf.int64):
                 total += step(order, index * batch, batch)
@@ -307,6 +319,13 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
             totals = totals.write(epoch, total)
             params = params.write(epoch, tf.concat([tf.reshape(v, [-1]) for v in variables], axis=0))
             rates = rates.write(epoch, last_rate())
-        return params.stack(), totals.stack(), rates.stack()
+            if scaled:
+                scales = scales.write(epoch, last_scale())
+                skipped = skipped.write(epoch, problem.steps_per_epoch
+                                        - (tf.cast(optimizer.iterations, tf.int64) - applied))
+        recorded = {"params": params.stack(), "totals": totals.stack(), "rates": rates.stack()}
+        if scaled:
+            recorded.update(scales=scales.stack(), skipped=skipped.stack())
+        return recorded
 
     return run_training
