@@ -181,7 +181,8 @@ AUTO_RUNS = 4  # perturbed replays per case
 AUTO_FACTOR = 10.0  # the band is this many times the largest spread they show
 AUTO_SCALE_FRACTION = 1e-3  # parameters near 0 are judged against this fraction of the largest one
 AUTO_LIMIT = 1e-2  # a derived rtol above this: rounding alone moves the training too far to compare
-LIMIT_UNITS = 32  # mixed precision: "too sensitive" is a derived rtol above 32 u of the compute dtype
+LIMIT_UNITS = 64  # mixed precision: "too sensitive" is a derived rtol above 64 u of the compute dtype
+MIXED_SCALE_FRACTION = 0.1  # mixed precision: values below this fraction of the largest are judged by atol
 TRAJECTORY_WINDOW = 2  # the per-epoch band is the widest of this many epochs either side
 
 
@@ -199,6 +200,15 @@ class RoundingSpread:
     @property
     def limit(self) -> float:
         return auto_limit(self.compute_unit)
+
+    @property
+    def scale_fraction(self) -> float:
+        """Values below this fraction of the largest are judged by atol: AUTO_SCALE_FRACTION, or
+        under mixed precision MIXED_SCALE_FRACTION: rounding to the compute dtype moves every
+        parameter by about u times the largest value it meets (measured: 0.4 u x the largest
+        parameter for a float16 tanh layer, the small ones included), so a small parameter's
+        relative spread says nothing about the framework."""
+        return AUTO_SCALE_FRACTION if self.compute_unit <= self.unit else MIXED_SCALE_FRACTION
 
 
 def auto_limit(compute_unit: float) -> float:
@@ -232,7 +242,7 @@ def rounding_spread(problem: Problem, unperturbed: Trajectory,
 
 
 def band_from_spread(values: np.ndarray, spread: np.ndarray, unit: float,
-                     factor: float = AUTO_FACTOR) -> tuple[float, float, float] | None:
+                     factor: float = AUTO_FACTOR, floor: float = AUTO_SCALE_FRACTION) -> tuple[float, float, float] | None:
     """(rtol, atol, relative spread) of the band around `values` that holds `factor` times the
     spread everywhere, or None when no value is finite.
 
@@ -246,7 +256,7 @@ def band_from_spread(values: np.ndarray, spread: np.ndarray, unit: float,
     if not finite.any():
         return None
     values, spread = np.abs(values[finite]), spread[finite]
-    large = values > AUTO_SCALE_FRACTION * (float(np.max(values)) or 1.0)
+    large = values > floor * (float(np.max(values)) or 1.0)
     relative = float(np.max(spread[large] / values[large])) if large.any() else 0.0
     rtol = max(factor * relative, 4 * unit)
     atol = factor * max(0.0, float(np.max(spread - rtol / factor * values)))
@@ -267,7 +277,7 @@ def rounding_band(problem: Problem, unperturbed: Trajectory,
     """
     spread = spread or rounding_spread(problem, unperturbed, to_original)
     final_spread = np.concatenate([spread.params[-1], spread.predictions])
-    band = band_from_spread(_final_values(unperturbed), final_spread, spread.unit)
+    band = band_from_spread(_final_values(unperturbed), final_spread, spread.unit, floor=spread.scale_fraction)
     if band is None:
         return {"rtol": None, "atol": None, "method": "no finite replay to measure rounding on"}
     rtol, atol, relative = band
@@ -312,7 +322,8 @@ def trajectory_bands(unperturbed: Trajectory, spread: RoundingSpread, window: in
     rtol, atol, loss_rtol, loss_atol = (np.full(epochs, np.inf) for _ in range(4))
     loss_floor = AUTO_FACTOR * max(spread.unit, spread.compute_unit) * abs(float(unperturbed.loss[0])) if epochs else 0.0
     for epoch in range(epochs):
-        band = band_from_spread(unperturbed.params[epoch], spread.params[epoch], spread.unit)
+        band = band_from_spread(unperturbed.params[epoch], spread.params[epoch], spread.unit,
+                                floor=spread.scale_fraction)
         if band is not None:
             rtol[epoch], atol[epoch], _ = band
         band = band_from_spread(unperturbed.loss[epoch:epoch + 1], spread.loss[epoch:epoch + 1], spread.unit)

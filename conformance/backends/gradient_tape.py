@@ -297,35 +297,37 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
             return tf.cast(optimizer.dynamic_scale, tf.float64)
         return tf.constant(optimizer.loss_scale_factor, tf.float64)
 
+    def write_epoch(arrays: tuple[Any, ...], epoch: Any, total: Any, count_before: Any) -> tuple[Any, ...]:
+        """`arrays` with the epoch's records written (a loss scale adds the scale and the
+        skipped steps: those that did not advance `iterations` since `count_before`)."""
+        params, totals, rates, *scaling = arrays
+        written = (params.write(epoch, tf.concat([tf.reshape(v, [-1]) for v in variables], axis=0)),
+                   totals.write(epoch, total), rates.write(epoch, last_rate()))
+        if not scaled:
+            return written
+        scales, skipped = scaling
+        applied = tf.cast(optimizer.iterations, tf.int64) - count_before
+        return written + (scales.write(epoch, last_scale()), skipped.write(epoch, problem.steps_per_epoch - applied))
+
     @tf.function(jit_compile=jit_compile)
     def run_training(orders: Any, epochs: Any) -> Any:
-        params = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[problem.parameter_count])
-        totals = tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[])
-        rates = tf.TensorArray(tf.float64, size=problem.epochs, element_shape=[])
+        arrays = (tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[problem.parameter_count]),
+                  tf.TensorArray(x.dtype, size=problem.epochs, element_shape=[]),
+                  tf.TensorArray(tf.float64, size=problem.epochs, element_shape=[]))
         if scaled:
-            scales = tf.TensorArray(tf.float64, size=problem.epochs, element_shape=[])
-            skipped = tf.TensorArray(tf.int64, size=problem.epochs, element_shape=[])
+            arrays += (tf.TensorArray(tf.float64, size=problem.epochs, element_shape=[]),
+                       tf.TensorArray(tf.int64, size=problem.epochs, element_shape=[]))
         for epoch in tf.range(epochs):
             order = orders[epoch] if shuffled else orders[0]
             if per_epoch:
                 optimizer.learning_rate.assign(tf.cast(rate_schedule(epoch), optimizer.learning_rate.dtype))
-            if scaled:
-                applied = tf.cast(optimizer.iterations, tf.int64)
+            count_before = tf.cast(optimizer.iterations, tf.int64) if scaled else None
             total = tf.constant(0.0, dtype=x.dtype)
             for index in tf.range(full_batches, dtype=tf.int64):
                 total += step(order, index * batch, batch)
             if last_batch:
                 total += step(order, tf.constant(full_batches * batch, dtype=tf.int64), last_batch)
-            totals = totals.write(epoch, total)
-            params = params.write(epoch, tf.concat([tf.reshape(v, [-1]) for v in variables], axis=0))
-            rates = rates.write(epoch, last_rate())
-            if scaled:
-                scales = scales.write(epoch, last_scale())
-                skipped = skipped.write(epoch, problem.steps_per_epoch
-                                        - (tf.cast(optimizer.iterations, tf.int64) - applied))
-        recorded = {"params": params.stack(), "totals": totals.stack(), "rates": rates.stack()}
-        if scaled:
-            recorded.update(scales=scales.stack(), skipped=skipped.stack())
-        return recorded
+            arrays = write_epoch(arrays, epoch, total, count_before)
+        return dict(zip(("params", "totals", "rates", "scales", "skipped"), (a.stack() for a in arrays)))
 
     return run_training

@@ -118,7 +118,7 @@ def train(problem: Problem, device: str) -> Trajectory:
                 w_batch = jax.lax.dynamic_slice_in_dim(w, start, size)
         loss, gradients = scaling.value_and_grad(jax, loss_of, scaler)(parameters, x_batch, y_batch, w_batch)
         updates, state = optimizer.update(gradients, state, parameters)
-        return (optax.apply_updates(parameters, updates), state, scaling.next(scaler, state)), loss
+        return (optax.apply_updates(parameters, updates), state, scaling.next(scaler, gradients)), loss
 
     full_batches, last_batch = divmod(problem.n, problem.batch_size)
     shuffled = problem.orders is not None
@@ -138,7 +138,7 @@ def train(problem: Problem, device: str) -> Trajectory:
                 carry, loss = step(carry, order, full_batches * problem.batch_size, last_batch)
                 total = total + loss * last_batch
             flat = flat_parameters(carry[0], model)
-            return carry, (flat, total, last_rate(carry[1]), scaling.record(carry[2], carry[1]))
+            return carry, (flat, total, last_rate(carry[1]), scaling.record(carry[2]))
 
         (parameters, _, _), (history, totals, rates, scales) = jax.lax.scan(
             one_epoch, (parameters, state, scaler), jnp.arange(problem.epochs))
@@ -199,8 +199,7 @@ class LossScaling:
     consecutive finite steps the scale doubles, a non-finite gradient halves it and resets
     `good` (Keras 3's and torch's rule, every factor explicit), and the optimizer is wrapped in
     `optax.apply_if_finite`, which skips the step: zero updates, the inner state unchanged.
-    Which steps were non-finite is read from that wrapper's state (`last_finite`,
-    `total_notfinite`), so the scale follows exactly the steps optax skipped.
+    The carry also counts the non-finite steps so far (what each epoch records).
     """
 
     GROWTH, BACKOFF = 2.0, 0.5
@@ -230,10 +229,12 @@ class LossScaling:
         return optax.apply_if_finite(optimizer, max_consecutive_errors=self.NEVER_GIVE_UP)
 
     def init(self) -> Any:
-        """The scaler's part of the carry: (scale, good) under a dynamic scale, else empty."""
+        """The scaler's part of the carry: (scale, good, non-finite steps so far) under a dynamic
+        scale, else empty."""
         if self.kind != "dynamic":
             return ()
-        return self.jnp.asarray(self.loss_scale["initial"], self.jnp.float32), self.jnp.asarray(0, self.jnp.int32)
+        jnp = self.jnp
+        return jnp.asarray(self.loss_scale["initial"], jnp.float32), jnp.asarray(0, jnp.int32), jnp.asarray(0, jnp.int32)
 
     def value_and_grad(self, jax: Any, loss_of: Any, scaler: Any) -> Any:
         """`jax.value_and_grad(loss_of)`, of the scaled loss when there is a scale, returning the
@@ -252,28 +253,30 @@ class LossScaling:
 
         return unscaled
 
-    def next(self, scaler: Any, state: Any) -> Any:
-        """The scaler after a step, from whether `apply_if_finite` found its gradient finite."""
+    def next(self, scaler: Any, gradients: Any) -> Any:
+        """The scaler after a step: whether every (unscaled) gradient is finite, the test
+        `apply_if_finite` makes to skip the step, decides the new scale."""
         if self.kind != "dynamic":
             return scaler
         jnp = self.jnp
-        scale, good = scaler
-        finite = state.last_finite
+        scale, good, nonfinite = scaler
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(gradient))
+                                    for gradient in _frameworks.jax().tree.leaves(gradients)]))
         good = jnp.where(finite, good + 1, 0)
         grow = good == self.loss_scale["growth_interval"]
         scale = jnp.where(finite, jnp.where(grow, scale * self.GROWTH, scale), scale * self.BACKOFF)
-        return scale, jnp.where(grow, 0, good)
+        return scale, jnp.where(grow, 0, good), nonfinite + jnp.where(finite, 0, 1)
 
-    def record(self, scaler: Any, state: Any) -> Any:
-        """What an epoch records: the scale after its last step and optax's running count of
-        non-finite (skipped) steps."""
+    def record(self, scaler: Any) -> Any:
+        """What an epoch records: the scale after its last step and the count of non-finite
+        (skipped) steps so far."""
         if self.kind != "dynamic":
             return ()
-        return scaler[0], state.total_notfinite
+        return scaler[0], scaler[2]
 
     def per_epoch(self, recorded: Any, epochs: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Trajectory.loss_scale and .skipped: None without a scale; constant and zeros for a
-        fixed one; the recorded scales and the per-epoch differences of optax's count."""
+        fixed one; the recorded scales and the per-epoch differences of the skip count."""
         if self.kind is None:
             return None, None
         if self.kind == "fixed":

@@ -1,0 +1,136 @@
+"""Mixed precision (v1.2 `training.precision`, `training.loss_scale`): the replay's rounding to
+the compute dtype, its loss scaling and skipped steps, the exact comparison of scale and skips,
+and that the derived bands still separate the bugs the spec names from rounding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conformance import network, optimizers, reference
+from conformance.case import CaseFile, load
+from conformance.checks.trajectory import scaling_apart
+from conformance.problem import Trajectory, prepare
+from tests.conftest import ROOT
+from tests.test_schema import load_text
+
+CASES = ROOT / "cases" / "precision"
+LINEAR = """
+dataset:
+  generate: {n: 64, features: 2, x: {normal: {mean: 0, std: 1}}, weights: [1.5, -0.5], bias: 2,
+             noise: {normal: {std: 0.1}}, seed: 7}
+model: {init: {uniform: {low: -0.1, high: 0.1, seed: 3}}}
+training: {epochs: 10, batch_size: 16, optimizer: {sgd: {learning_rate: 0.05}}, %s}
+"""
+
+
+def problem_of(write_case, training: str):
+    return prepare(load_text(write_case, LINEAR % training)).problem
+
+
+def shipped(name: str):
+    path = CASES / f"{name}.yaml"
+    return prepare(load(CaseFile(path, CASES)))
+
+
+def test_rounding_to_the_compute_dtype():
+    bf16, f16 = reference.rounder("bfloat16"), reference.rounder("float16")
+    assert bf16(np.array([1 + 2**-9, 1 + 3 * 2**-9]))[0] == 1.0  # half a spacing: to even
+    assert bf16(np.array([1 + 3 * 2**-9]))[0] == 1 + 2**-7
+    assert f16(np.array([65504.0, 65520.0]))[0] == 65504.0 and np.isinf(f16(np.array([65520.0]))[0])
+    assert reference.rounder("float32") is None and reference.rounder("float64") is None
+
+
+def test_the_forward_pass_lands_on_the_compute_grid():
+    rd = reference.rounder("bfloat16")
+    model = network.layers(3, [{"units": 4, "activation": "tanh", "settings": None}], True)
+    params = np.random.default_rng(0).normal(size=sum(layer.size for layer in model))
+    output, tape = network.forward(params, np.random.default_rng(1).normal(size=(5, 3)), model, rd=rd)
+    assert np.array_equal(rd(output), output) and np.array_equal(rd(tape[1][0]), tape[1][0])
+    exact, _ = network.forward(params, np.random.default_rng(1).normal(size=(5, 3)), model)
+    assert 0 < np.max(np.abs(output - exact) / np.abs(exact)) < 0.05
+
+
+def test_mixed_precision_moves_the_replay_by_rounding_not_more(write_case):
+    mixed = problem_of(write_case, "precision: mixed_bfloat16")
+    plain = dataclasses.replace(mixed, precision=None)
+    apart = np.abs(reference.replay(mixed).final - reference.replay(plain).final)
+    assert 1e-5 < apart.max() < 0.05
+
+
+def test_a_power_of_two_fixed_scale_changes_no_number_when_nothing_underflows(write_case):
+    scaled = problem_of(write_case, "precision: mixed_float16, loss_scale: {fixed: 1024}")
+    unscaled = dataclasses.replace(scaled, loss_scale=None)
+    assert np.array_equal(reference.replay(scaled).params, reference.replay(unscaled).params)
+    assert reference.replay(scaled).loss_scale.tolist() == [1024.0] * 10
+    assert reference.replay(unscaled).loss_scale is None
+
+
+def test_the_dynamic_rule_doubles_after_the_interval_and_halves_on_overflow():
+    scaler = reference.LossScaler({"kind": "dynamic", "initial": 8.0, "growth_interval": 2})
+    decisions = [scaler.skips(finite) for finite in (True, True, False, True)]
+    assert decisions == [False, False, True, False] and scaler.scale == 8.0 and scaler.good == 1
+    fixed = reference.LossScaler({"kind": "fixed", "scale": 4.0})
+    assert not fixed.skips(False) and fixed.scale == 4.0
+
+
+def test_an_overflowing_start_skips_steps_and_leaves_everything_as_it_was():
+    problem = shipped("float16-adam-dynamic-overflow").problem
+    replay = reference.replay(problem)
+    steps = problem.steps_per_epoch
+    assert replay.skipped[:2].tolist() == [steps, steps]  # 2^20 overflows for two whole epochs
+    assert np.array_equal(replay.params[0], problem.initial_params())
+    # started where those skips end (and two epochs shorter: no shuffling, so the same batches), the
+    # training is the same number for number: a skipped step changes no parameter, no Adam t
+    settled = dataclasses.replace(problem, epochs=problem.epochs - 2, loss_scale=problem.loss_scale | {
+        "initial": problem.loss_scale["initial"] / 2 ** (2 * steps)})
+    again = reference.replay(settled)
+    assert np.array_equal(again.params, replay.params[2:]) and np.array_equal(again.skipped, replay.skipped[2:])
+
+
+def test_scale_and_skips_are_compared_exactly():
+    replay = Trajectory(np.zeros((3, 1)), np.zeros(3), loss_scale=np.array([4.0, 8.0, 8.0]),
+                        skipped=np.array([2, 0, 1]))
+    same = dataclasses.replace(replay)
+    assert scaling_apart(same, replay) is None
+    other = dataclasses.replace(replay, loss_scale=np.array([4.0, 8.0, 4.0]))
+    assert scaling_apart(other, replay)["epoch"] == 3
+    assert "recorded no loss scale" in scaling_apart(dataclasses.replace(replay, loss_scale=None), replay)["message"]
+    assert scaling_apart(replay, dataclasses.replace(replay, loss_scale=None)) is None
+
+
+def _share_of_band(prepared, trained: Trajectory) -> float:
+    problem = prepared.problem
+    replay = reference.replay(problem)
+    band = reference.rounding_band(problem, replay, prepared.to_original)
+    assert band["rtol"] <= band["limit"], "the case must stay comparable"
+    return float(np.max(np.abs(trained.final - replay.final) / (band["atol"] + band["rtol"] * np.abs(replay.final))))
+
+
+def test_the_band_catches_master_weights_kept_in_bfloat16(monkeypatch):
+    prepared = shipped("bfloat16-master-weights-and-loss")
+    rd = reference.rounder("bfloat16")
+    original = optimizers.make_update
+    monkeypatch.setattr(reference, "make_update", lambda optimizer, rounding=None: (
+        lambda update: lambda p, g, rate: rd(update(p, g, rate)))(original(optimizer, rounding)))
+    kept_in_bfloat16 = reference.replay(prepared.problem)
+    monkeypatch.setattr(reference, "make_update", original)
+    assert _share_of_band(prepared, kept_in_bfloat16) > 1.5
+
+
+def test_a_float16_loss_overflows_where_the_float32_one_does_not():
+    problem = shipped("float16-large-targets-loss-in-float32").problem
+    residual = problem.y.astype(np.float64)  # from the zero init, the first residuals are the targets
+    assert np.isinf(reference.rounder("float16")(residual**2)).any()
+    assert np.isfinite(reference.replay(problem).loss).all()
+
+
+@pytest.mark.parametrize("path", sorted(CASES.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_precision_case_is_comparable(path):
+    prepared = prepare(load(CaseFile(path, CASES)))
+    replay = reference.replay(prepared.problem)
+    spread = reference.rounding_spread(prepared.problem, replay, prepared.to_original)
+    bands = reference.trajectory_bands(replay, spread)
+    assert bands.comparable == len(replay.params), f"{path.stem}: only {bands.comparable} epochs comparable"
