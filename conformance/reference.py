@@ -241,8 +241,8 @@ def rounding_spread(problem: Problem, unperturbed: Trajectory,
                           UNIT_ROUNDOFF[problem.compute_dtype])
 
 
-def band_from_spread(values: np.ndarray, spread: np.ndarray, unit: float,
-                     factor: float = AUTO_FACTOR, floor: float = AUTO_SCALE_FRACTION) -> tuple[float, float, float] | None:
+def band_from_spread(values: np.ndarray, spread: np.ndarray, unit: float, factor: float = AUTO_FACTOR,
+                     floor: float = AUTO_SCALE_FRACTION) -> tuple[float, float, float] | None:
     """(rtol, atol, relative spread) of the band around `values` that holds `factor` times the
     spread everywhere, or None when no value is finite.
 
@@ -320,7 +320,8 @@ def trajectory_bands(unperturbed: Trajectory, spread: RoundingSpread, window: in
     """
     epochs = len(unperturbed.params)
     rtol, atol, loss_rtol, loss_atol = (np.full(epochs, np.inf) for _ in range(4))
-    loss_floor = AUTO_FACTOR * max(spread.unit, spread.compute_unit) * abs(float(unperturbed.loss[0])) if epochs else 0.0
+    loss_floor = AUTO_FACTOR * max(spread.unit, spread.compute_unit) * abs(float(unperturbed.loss[0])) \
+        if epochs else 0.0
     for epoch in range(epochs):
         band = band_from_spread(unperturbed.params[epoch], spread.params[epoch], spread.unit,
                                 floor=spread.scale_fraction)

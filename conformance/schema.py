@@ -391,11 +391,13 @@ class Training(Strict):
     @model_validator(mode="after")
     def _precision_rules(self) -> "Training":
         if self.precision is not None and self.dtype != "float32":
-            raise PydanticCustomError("precision", "precision {precision} keeps the variables in float32; expected "
-                                      "dtype float32 (it is {dtype})", {"precision": self.precision, "dtype": self.dtype})
+            raise PydanticCustomError("precision", "precision {precision} keeps the variables in float32; "
+                                      "expected dtype float32 (it is {dtype})",
+                                      {"precision": self.precision, "dtype": self.dtype})
         if self.loss_scale is not None and self.precision != "mixed_float16":
-            raise PydanticCustomError("loss_scale", "loss_scale is for float16's narrow range; expected precision "
-                                      "mixed_float16 with it (it is {precision})", {"precision": self.precision or "not set"})
+            raise PydanticCustomError("loss_scale", "loss_scale is for float16's narrow range; expected "
+                                      "precision mixed_float16 with it (it is {precision})",
+                                      {"precision": self.precision or "not set"})
         return self
 
     @model_validator(mode="after")

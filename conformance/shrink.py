@@ -2,7 +2,8 @@
 
 Hypothesis does the search: `hypothesis.find` over reductions of the failing case (how many
 epochs, samples, features, hidden layers and hidden units to keep; which batching, shuffling,
-initialisation, sample weights, optimizer options, schedule, clipping, precision and loss scale to keep rather than reset to the format's
+initialisation, sample weights, optimizer options, schedule, clipping, precision and loss scale
+to keep rather than reset to the format's
 defaults) with the predicate
 "this reduced case still fails parity on the same backend and device, in the same way (a
 mismatch, or a divergence)". Hypothesis shrinks integers toward their lower bounds and booleans

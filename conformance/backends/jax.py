@@ -234,7 +234,8 @@ class LossScaling:
         if self.kind != "dynamic":
             return ()
         jnp = self.jnp
-        return jnp.asarray(self.loss_scale["initial"], jnp.float32), jnp.asarray(0, jnp.int32), jnp.asarray(0, jnp.int32)
+        zero = jnp.asarray(0, jnp.int32)
+        return jnp.asarray(self.loss_scale["initial"], jnp.float32), zero, zero
 
     def value_and_grad(self, jax: Any, loss_of: Any, scaler: Any) -> Any:
         """`jax.value_and_grad(loss_of)`, of the scaled loss when there is a scale, returning the

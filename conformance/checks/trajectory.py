@@ -106,7 +106,8 @@ def scaling_apart(got: Trajectory, replay: Trajectory) -> dict[str, Any] | None:
         return {"epoch": 1, "message": "recorded no loss scale or skipped steps, though the case scales the loss"}
     scales, skipped = np.asarray(got.loss_scale, dtype=np.float64), np.asarray(got.skipped)
     if scales.shape != replay.loss_scale.shape or skipped.shape != replay.skipped.shape:
-        return {"epoch": 1, "message": f"recorded {scales.size} epochs of loss scale, expected {replay.loss_scale.size}"}
+        return {"epoch": 1,
+                "message": f"recorded {scales.size} epochs of loss scale, expected {replay.loss_scale.size}"}
     apart = (scales != replay.loss_scale) | (skipped != replay.skipped)
     if not apart.any():
         return None
