@@ -15,6 +15,8 @@ This file is the entry point, both for you and for those processes (the internal
     keras_workers.py  Keras 3 worker processes: start-up, round trip, per step, the pipe's cost
     schedules.py      what a learning-rate schedule or clipping costs per step  (not in --quick)
     hidden.py         hidden layers: harness / bare loop beside the linear model's (not in --quick)
+    precision.py      mixed precision: each backend's ms per step in bfloat16 and float16 against
+                      float32                                                 (not in --quick)
     growth.py         cost against n and against epochs                       (not in --quick)
     suite_wall.py     the whole suite's wall time: -n 0 / -n auto, --fuzz, each backend added
                                                                              (not in --quick)
@@ -35,6 +37,7 @@ import growth
 import hidden
 import keras_workers
 import per_step
+import precision
 import schedules
 import suite_wall
 from _runner import BACKENDS, COMPILED, OTHERS
@@ -60,6 +63,7 @@ def main() -> None:
         return
     schedules.print_section()
     hidden.print_section()
+    precision.print_section()
     growth.print_section()
     suite_wall.print_section()
 

@@ -2,7 +2,10 @@
 
 `jit_compile=True` makes XLA compilation mandatory (TensorFlow raises instead of falling back
 to the graph executor), and each result records the traced function's must-compile attribute
-as TensorFlow reports it, with the compile time measured apart from the training.
+as TensorFlow reports it, with the compile time measured apart from the training. Mixed
+precision runs here too: XLA rounds a bfloat16 layer's matmul and bias add apart (the graph
+executor fuses them), and its bfloat16 kernel gradient can differ from the graph's in the last
+bit (measured on one full-batch step of cases/precision/bfloat16-master-weights-and-loss.yaml).
 """
 
 from __future__ import annotations

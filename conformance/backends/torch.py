@@ -1,6 +1,6 @@
 """PyTorch: `nn.Linear` (or an `nn.Sequential` of them with activation modules), the case's loss
 module (`MSELoss`, `HuberLoss`, `BCEWithLogitsLoss` or `BCELoss`) and `torch.optim`: the loop its
-tutorials write."""
+tutorials write. Mixed precision: `torch.autocast` and `torch.amp.GradScaler` (MixedPrecision)."""
 
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ class MixedPrecision:
         return {"precision": self.problem.precision, "compute_dtype": name,
                 "output_dtype": _dtype_name(output), "loss_dtype": _dtype_name(loss),
                 "gradient_dtype": _dtype_name(weight.grad), "variable_dtype": _dtype_name(weight),
-                "loss_scale": self.passed,
+                "loss_scale": self.passed, "lowering": "x @ W + b rounded once (addmm), then the activation",
                 "api": f"torch.autocast({self.device_type!r}, dtype=torch.{name}) around model and loss module; "
                        f"{scaling}"}
 
@@ -258,7 +258,7 @@ def _unsupported(device: str, compute: str, dynamic: bool) -> str | None:
         except RuntimeError as error:
             return f"torch.autocast({device_type!r}, dtype=torch.{compute}) failed: {str(error).splitlines()[0]}"
     if output.dtype != dtype:
-        said = "; ".join(str(warning.message) for warning in caught)
+        said = "; ".join(" ".join(str(warning.message).split()) for warning in caught)
         return (f"torch.autocast({device_type!r}, dtype=torch.{compute}) does not lower here: a Linear's output is "
                 f"{output.dtype}" + (f" ({said})" if said else ""))
     if not dynamic:
