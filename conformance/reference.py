@@ -80,9 +80,6 @@ class LossScaler:
         return False
 
 
-GRADIENT_JITTER = False
-
-
 def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Trajectory:
     """Train `problem` in float64, visiting batches exactly as the backends do.
 
@@ -106,7 +103,10 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
     dynamic scale skips the step (`LossScaler`). Outputs, activations and gradients are then
     perturbed by the compute dtype's u (the gradient afresh every step: a lowering that rounds
     elsewhere moves each step's gradient by about one rounding), parameters and optimizer state
-    by float32's.
+    by float32's. The gradient's perturbation stands for summation: a float32 sum in another order
+    rounds to the compute dtype a unit away now and then, and XLA (jax, keras_jax, keras_xla)
+    sums a bias's or a kernel's gradient in the compute dtype itself (measured: two float16
+    units off the once-rounded sum of 128 samples).
     """
     x = problem.x.astype(np.float64)
     y = problem.y.astype(np.float64)
@@ -154,8 +154,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
                     continue
                 if rounding is not None:
                     grad = grad * (1.0 + (gradient_bias - 1.0) * np.sqrt(len(y[batch])))
-                    if rd is not None and GRADIENT_JITTER:
-                        grad = jitter(grad, compute_unit)
+                    if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
+                        grad = jitter(grad, compute_unit)  # can round a unit away
                 penalty += decay / 2 * float(params @ params) * len(y[batch])
                 grad = schedules.clip(grad, problem.clip, network.blocks(model))
                 params = update(params, grad, rate)
