@@ -187,7 +187,8 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
         outcome = _check(spec, run, versions)
     except backends.Unavailable as reason:
         record["message"] = str(reason)
-        pytest.skip(f"{spec.source}: {spec.backend} cannot run here: {reason}")
+        who = spec.backend or "one of the case's backends"  # the pairwise item trains every backend
+        pytest.skip(f"{spec.source}: {who} cannot run here: {reason}")
     except TrainingCrashed as crash:
         if not crash.process_died:
             raise

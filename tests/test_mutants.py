@@ -48,6 +48,13 @@ def _run(pytester, tmp_path, monkeypatch, mutant: str, backend: str, case: str) 
     ("keras-jax-sgd-nesterov-ignored", "keras_jax", "cases/features/nesterov.yaml",
      "nesterov-keras_jax-cpu-trajectory"),
     ("torch-relu-as-clamp", "torch", "cases/hidden/relu-at-zero.yaml", "relu-at-zero-torch-cpu-parity"),
+    # mixed precision: the three bugs the spec says must fail whatever the band
+    ("torch-master-weights-in-compute-dtype", "torch", "cases/precision/bfloat16-master-weights-and-loss.yaml",
+     "bfloat16-master-weights-and-loss-torch-cpu-parity"),
+    ("torch-mse-in-compute-dtype", "torch", "cases/precision/float16-large-targets-loss-in-float32.yaml",
+     "float16-large-targets-loss-in-float32-torch-cpu-trajectory"),
+    ("torch-grad-scaler-default-initial-scale", "torch", "cases/precision/float16-adam-dynamic-overflow.yaml",
+     "float16-adam-dynamic-overflow-torch-cpu-trajectory"),
 ])
 def test_a_shipped_case_catches_the_mutant(pytester, tmp_path, monkeypatch, mutant, backend, case, caught):
     needs = {"torch": "torch", "keras_jax": "jax"}[backend]
