@@ -63,6 +63,8 @@ class Problem:
     # {"kind": "dynamic", "initial": S0, "growth_interval": G} (growth x2, backoff x0.5)
     precision: str | None = None
     loss_scale: dict[str, Any] | None = None
+    # v1.2 data parallelism: each step's batch is split into `replicas` contiguous shards
+    replicas: int = 1
 
     @property
     def n(self) -> int:
@@ -90,6 +92,12 @@ class Problem:
         start = step * self.batch_size
         stop = min(start + self.batch_size, self.n)
         return slice(start, stop) if self.orders is None else self.orders[epoch, start:stop]
+
+    def shards(self, batch: np.ndarray | slice) -> list[np.ndarray]:
+        """One step's samples split over the replicas: contiguous, as even as possible, the first
+        shards one sample larger (the case format's rule; every backend feeds replica r shard r)."""
+        indices = np.arange(self.n)[batch] if isinstance(batch, slice) else np.asarray(batch)
+        return np.array_split(indices, self.replicas)
 
     def epoch_losses(self, step_losses: np.ndarray) -> np.ndarray:
         """Each epoch's loss from its steps' batch losses: weighted by batch size, over n, as
@@ -210,6 +218,7 @@ def prepare(case: LoadedCase) -> Prepared:
                      for kernel, part in layered[:-1]] if hidden else None,
         precision=spec.training.precision,
         loss_scale=_loss_scale(spec.training.loss_scale),
+        replicas=_replicas(case, len(y), batch_size),
     )
     names = network.parameter_names(model)
     _check_certified(case, d)
@@ -295,6 +304,19 @@ def _clip(clip: Any) -> dict[str, Any] | None:
         return None
     kind, threshold = choice(clip)
     return {"kind": kind, "threshold": float(threshold)}
+
+
+def _replicas(case: LoadedCase, n: int, batch_size: int) -> int:
+    """The case's replicas; CaseError when a step's batch (the last one included) has fewer
+    samples than replicas: every replica needs a shard (an empty one has no mean loss)."""
+    replicas = case.spec.training.replicas
+    smallest = min(batch_size, n - (-(-n // batch_size) - 1) * batch_size)
+    if replicas > smallest:
+        which = "the last batch" if smallest < batch_size else "each batch"
+        raise CaseError(f"{case.source.display}: training.replicas: {replicas} replicas, but {which} has "
+                        f"{smallest} sample(s); expected at most {smallest} (every replica needs at least one "
+                        "sample of every step)")
+    return replicas
 
 
 def _loss_scale(loss_scale: Any) -> dict[str, Any] | None:

@@ -78,7 +78,12 @@ class TrainedResults:
         started = time.perf_counter()
         try:
             with timing.phase("training"):
-                trajectory = backends.load(backend).train(self.problem, device)
+                module = backends.load(backend)
+                if self.problem.replicas > 1 and not getattr(module, "DATA_PARALLEL", False):
+                    raise backends.Unavailable(f"{backend} does not train data-parallel (training.replicas: "
+                                               f"{self.problem.replicas}): " + getattr(
+                                                   module, "WHY_NOT_DATA_PARALLEL", "not built yet"))
+                trajectory = module.train(self.problem, device)
         except backends.Unavailable as reason:
             return Trained(backend, device, None, time.perf_counter() - started, unavailable=str(reason))
         except workers.WorkerDied as death:

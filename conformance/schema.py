@@ -387,6 +387,7 @@ class Training(Strict):
     clip: Optional[Clip] = None  # type: ignore[valid-type]  # v1.2
     precision: Optional[Literal[PRECISIONS]] = None  # type: ignore[valid-type]  # v1.2: compute dtype
     loss_scale: Optional[LossScale] = None  # type: ignore[valid-type]  # v1.2, only with mixed_float16
+    replicas: Annotated[int, Field(ge=1, le=64)] = 1  # v1.2: data-parallel replicas, each a shard of every batch
 
     @model_validator(mode="after")
     def _precision_rules(self) -> "Training":

@@ -9,6 +9,9 @@
                                          backend turns out not to work here (a broken compiler)
     SELECTED_BY_DEFAULT: bool            optional (default True): False leaves it out of a run unless
                                          --backend or a case's `backends:` names it
+    DATA_PARALLEL: bool                  optional (default False): trains `problem.replicas` > 1 as
+                                         its framework's data-parallel API does; else such a case
+                                         skips, with WHY_NOT_DATA_PARALLEL (optional) as the reason
 
 Modules are imported on first use, and frameworks only inside them, so that the harness (and
 its own tests) work without TensorFlow or PyTorch installed.
