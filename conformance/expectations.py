@@ -55,6 +55,7 @@ class When(Strict):
     activation: OneOrMany | None = None  # v1.2: some hidden layer has one of these activations
     precision: OneOrMany | None = None  # v1.2: mixed_bfloat16, mixed_float16
     loss_scale: OneOrMany | None = None  # v1.2: fixed, dynamic
+    replicas: Condition | None = None  # v1.2: a number of replicas, or a comparison such as "> 1"
 
     @field_validator("settings", "loss_settings", "schedule_settings")
     @classmethod
@@ -136,6 +137,8 @@ def holds(when: When, problem: Problem) -> bool:
     if when.precision is not None and problem.precision not in _names(when.precision):
         return False
     if not _kind_holds(when.loss_scale, problem.loss_scale):
+        return False
+    if when.replicas is not None and not _all_hold({"replicas": when.replicas}, {"replicas": problem.replicas}):
         return False
     activations = {layer["activation"] for layer in problem.hidden or []}
     if when.activation is not None and not activations & set(_names(when.activation)):

@@ -12,7 +12,7 @@ zero) and noise; bias or not; the initialisation; full batch or mini-batches, sh
 the optimizer and every option; float32 or float64; the loss (mse, huber, bce) and its
 settings; sample weights; learning-rate schedules and clipping (v1.2); hidden layers (v1.2,
 `with_hidden_layers`); mixed precision and loss scaling (v1.2,
-`with_precision`). Learning rates come from the data: for SGD, a fraction of 1/L, L the
+`with_precision`); data-parallel replicas (v1.2, `with_replicas`). Learning rates come from the data: for SGD, a fraction of 1/L, L the
 Lipschitz constant of the full-batch gradient (below the stability bound 2/L of gradient
 descent); for the adaptive optimizers, a step that is a small fraction of the parameters' scale.
 """
@@ -101,7 +101,25 @@ def draw(seed: int, index: int) -> dict[str, Any]:
             "dataset": {"inline": inline}, "model": {"bias": has_bias, "init": init}, "training": training,
             "tolerance": {"parity": "auto", "lstsq": None}}
     case = with_hidden_layers(np.random.default_rng([seed, index, 23]), case)
-    return with_precision(np.random.default_rng([seed, index, 22]), case)
+    case = with_precision(np.random.default_rng([seed, index, 22]), case)
+    return with_replicas(np.random.default_rng([seed, index, 24]), case)
+
+
+def with_replicas(rng: np.random.Generator, case: dict[str, Any]) -> dict[str, Any]:
+    """Maybe (one case in six) 2 or 3 data-parallel replicas, from a stream of its own (v1.2;
+    every other draw stays as it was), when every batch, the last one included, has a sample for
+    each replica."""
+    if rng.random() >= 1 / 6:
+        return case
+    replicas = int(rng.integers(2, 4))
+    n = len(case["dataset"]["inline"]["y"])
+    batch = case["training"]["batch_size"] or n
+    smallest = min(batch, n - (math.ceil(n / batch) - 1) * batch)
+    if smallest < replicas:
+        return case
+    case["training"]["replicas"] = replicas
+    case["description"] = case["description"][:-1] + f"; {replicas} replicas."
+    return case
 
 
 def with_precision(rng: np.random.Generator, case: dict[str, Any]) -> dict[str, Any]:

@@ -88,6 +88,8 @@ def reduction_space(case: dict[str, Any]) -> dict[str, Any]:
     for extra in ("schedule", "clip", "precision", "loss_scale"):
         if extra in training:
             knobs[f"keep_{extra}"] = st.booleans()
+    if training.get("replicas", 1) > 1:  # how many replicas to keep (1: no data parallelism)
+        knobs["replicas"] = st.integers(1, training["replicas"])
     hidden = case["model"].get("hidden") or []
     if hidden:  # how many hidden layers to keep (0: the linear model), and at most how many units each
         knobs["hidden_layers"] = st.integers(0, len(hidden))
@@ -137,6 +139,10 @@ def reduced(case: dict[str, Any], reduction: dict[str, Any]) -> dict[str, Any]:
             del training[extra]
     if "precision" not in training:  # a loss scale only with mixed_float16
         training.pop("loss_scale", None)
+    if "replicas" in training:  # never more replicas than the smallest batch has samples
+        batch = training.get("batch_size") or samples
+        smallest = min(batch, samples - (-(-samples // batch) - 1) * batch)
+        training["replicas"] = min(reduction.get("replicas", training["replicas"]), smallest)
     cosine = training.get("schedule", {}).get("cosine")
     if cosine and cosine.get("warmup_steps", 0) > training["epochs"]:  # a warm-up within the fewer epochs
         cosine["warmup_steps"] = training["epochs"]

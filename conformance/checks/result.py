@@ -125,8 +125,10 @@ class ResultChecks(OfRun):
                 "replay_predictions": None if replay.predictions is None else floats(replay.predictions),
                 "curve": curve(trajectory),
                 "distance": downsample(compare.distance_per_epoch(trajectory.params, replay.params)),
-                "info": {key: plain(value) for key, value in trajectory.info.items() if key != "precision"},
+                "info": {key: plain(value) for key, value in trajectory.info.items()
+                         if key not in ("precision", "replicas")},
                 "precision": _plain_mapping(trajectory.info.get("precision")),
+                "replicas": _plain_mapping(trajectory.info.get("replicas")),
                 "deterministic": None if result.repeat is None else result.repeat["identical"]}
 
 
@@ -134,4 +136,6 @@ def _plain_mapping(value: Any) -> dict[str, Any] | None:
     """A backend's record of what ran in which dtype, kept as a mapping of plain values."""
     if not isinstance(value, dict):
         return None
-    return {str(key): (_plain_mapping(item) if isinstance(item, dict) else plain(item)) for key, item in value.items()}
+    return {str(key): (_plain_mapping(item) if isinstance(item, dict) else
+                       [plain(part) for part in item] if isinstance(item, (list, tuple)) else plain(item))
+            for key, item in value.items()}
