@@ -12,7 +12,8 @@ zero) and noise; bias or not; the initialisation; full batch or mini-batches, sh
 the optimizer and every option; float32 or float64; the loss (mse, huber, bce) and its
 settings; sample weights; learning-rate schedules and clipping (v1.2); hidden layers (v1.2,
 `with_hidden_layers`); mixed precision and loss scaling (v1.2,
-`with_precision`); data-parallel replicas (v1.2, `with_replicas`). Learning rates come from the data: for SGD, a fraction of 1/L, L the
+`with_precision`); data-parallel replicas (v1.2, `with_replicas`). Learning rates come from
+the data: for SGD, a fraction of 1/L, L the
 Lipschitz constant of the full-batch gradient (below the stability bound 2/L of gradient
 descent); for the adaptive optimizers, a step that is a small fraction of the parameters' scale.
 """
