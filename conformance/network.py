@@ -176,6 +176,8 @@ def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
         z = _dense(rd, a, kernel, bias)
         value, slope = activate(layer.activation, layer.settings, z)
         value = rd(value)
+        if rd is not _exact:
+            slope = _slope_from_output(layer.activation, value, slope)
         if factors is not None:
             value, slope = value * factors[index], slope * factors[index]
         tape.append((a, slope))
@@ -190,6 +192,17 @@ Rounder = Callable[[np.ndarray], np.ndarray]
 
 def _exact(values: np.ndarray) -> np.ndarray:
     return values
+
+
+def _slope_from_output(name: str, value: np.ndarray, slope: np.ndarray) -> np.ndarray:
+    """tanh's and sigmoid's derivatives as every framework's backward pass computes them: from
+    the (rounded) output, 1 - a^2 and a (1 - a) (TensorFlow's TanhGrad, torch's tanh_backward,
+    JAX's JVP all read the result, not the input)."""
+    if name == "tanh":
+        return 1.0 - value * value
+    if name == "sigmoid":
+        return value * (1.0 - value)
+    return slope
 
 
 def _dense(rd: Rounder, a: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
