@@ -10,6 +10,15 @@ In the worker the model, optimizer and loss are the `keras` backend's (_keras_co
 order, one Keras epoch per case epoch. Every setting is explicit: `jit_compile=True` on JAX
 (what Keras's "auto" picks there), `jit_compile=False` on PyTorch (eager, what "auto" picks),
 and `steps_per_execution=1` (Keras's default, and the only value its PyTorch backend allows).
+
+Data parallelism (`replicas` > 1) is Keras's own on JAX: `fit` under a
+`keras.distribution.DataParallel` over R devices (its `scope()`), which replicates every variable
+and shards each global batch over the devices itself; before training the split its data layout
+makes of every batch size is checked against Problem.shards (a split that differs, or a batch
+that Keras cannot split, skips with the reason). On a CPU the R devices are JAX's host devices
+from `--xla_force_host_platform_device_count`, set before JAX starts: a worker kind of its own,
+so that one-replica cases keep the plain worker. Keras on PyTorch has no such API
+(WHY_NOT_DATA_PARALLEL).
 """
 
 from __future__ import annotations
@@ -33,6 +42,14 @@ ENVIRONMENT = {
     "jax": {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
     "torch": {"KERAS_BACKEND": "torch"},
 }
+REPLICA_DEVICES = 4  # JAX CPU devices of the data-parallel worker (more when a case asks for more)
+WHY_NOT_DATA_PARALLEL = {
+    "torch": ("Keras 3 has no data-parallel API on its PyTorch backend: keras.distribution (DataParallel, "
+              "ModelParallel) is implemented for JAX only (keras/src/backend/__init__.py sets distribution_lib "
+              "= None for torch), and the torch trainer's fit has no distribution path; Keras's multi-GPU guide "
+              "for PyTorch wraps the model in torch DistributedDataParallel under a hand-written torch loop "
+              "instead of fit, which is the torch backend's DDP, not Keras's"),
+}
 
 
 def available(framework: str) -> str | None:
@@ -50,19 +67,28 @@ def available(framework: str) -> str | None:
     return None
 
 
-def worker_kind(framework: str) -> workers.WorkerKind:
-    """The worker for Keras on `framework`; determinism, when requested, is part of its kind."""
+def worker_kind(framework: str, replicas: int = 1, device: str = "cpu") -> workers.WorkerKind:
+    """The worker for Keras on `framework`; determinism, when requested, is part of its kind.
+    Replicas on a CPU need JAX with several host devices: a worker kind of its own."""
     environment = dict(ENVIRONMENT[framework])
+    name = f"keras_{framework}"
     if _frameworks.determinism_requested():
         environment["CONFORMANCE_DETERMINISM"] = "1"
-    return workers.WorkerKind(f"keras_{framework}", environment, setup="conformance.backends._keras3:setup")
+    if replicas > 1 and device == "cpu":
+        count = max(REPLICA_DEVICES, replicas)
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+        environment |= {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+        name = f"{name}_{count}_cpu_devices"
+    return workers.WorkerKind(name, environment, setup="conformance.backends._keras3:setup")
 
 
 def train(framework: str, problem: Problem, device: str) -> Trajectory:
     """Train `problem` with Keras on `framework` in this process's worker for it."""
+    if problem.replicas > 1 and framework in WHY_NOT_DATA_PARALLEL:
+        raise Unavailable(WHY_NOT_DATA_PARALLEL[framework])
     try:
-        data = workers.POOL.call(worker_kind(framework), "conformance.backends._keras3:train_here",
-                                 problem.to_data(), device)
+        data = workers.POOL.call(worker_kind(framework, problem.replicas, device),
+                                 "conformance.backends._keras3:train_here", problem.to_data(), device)
     except workers.WorkerError as error:
         if error.kind == Unavailable.__name__:
             raise Unavailable(error.message) from None
@@ -95,7 +121,9 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
     started = time.perf_counter()
     problem = Problem.from_data(problem_data)
     backend = keras.backend.backend()
-    with _keras_common.floatx(keras, problem.dtype), keras.device(_keras_device(backend, device)):
+    distribution = None if problem.replicas == 1 else data_parallel(keras, problem, device)
+    placement = keras.device(_keras_device(backend, device)) if distribution is None else distribution.scope()
+    with _keras_common.floatx(keras, problem.dtype), placement:
         model = _keras_common.model(keras, problem, steps_per_execution=1, jit_compile=JIT_COMPILE[backend])
         kernel = model.layers[-1].kernel
         if kernel.dtype != problem.dtype:
@@ -127,9 +155,78 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
                  "loss_includes_l2_penalty": True}  # the trajectory check adds the replay's penalty
     if dtypes is not None:
         info["precision"] = _keras_common.precision_info(problem, model, dtypes)
+    if distribution is not None:
+        info["replicas"] = replica_info(problem, distribution, model)
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info,
                       rates=recorder.history_rates, loss_scale=recorder.history_loss_scale,
                       skipped=recorder.history_skipped).to_data()
+
+
+def data_parallel(keras: Any, problem: Problem, device: str) -> Any:
+    """`keras.distribution.DataParallel` over `problem.replicas` devices of the kind of `device`
+    (from the named one on), after checking that it splits every batch size of the case as
+    Problem.shards does; Unavailable when there are too few devices or the split differs."""
+    kind, first = ("cpu", 0) if device == "cpu" else ("gpu", int(device.split(":")[1]))
+    listed = keras.distribution.list_devices(kind)
+    chosen = listed[first:first + problem.replicas]
+    if len(chosen) < problem.replicas:
+        raise Unavailable(f"{problem.replicas} replicas from {device} need {problem.replicas} {kind} devices; "
+                          f"Keras lists {listed}")
+    distribution = keras.distribution.DataParallel(devices=chosen)
+    check_split(distribution, problem)
+    return distribution
+
+
+def batch_sizes(problem: Problem) -> list[int]:
+    """The distinct batch sizes of the case: the full one, and a shorter last one if any."""
+    full, last = divmod(problem.n, problem.batch_size)
+    return ([problem.batch_size] if full else []) + ([last] if last else [])
+
+
+def check_split(distribution: Any, problem: Problem) -> None:
+    """Check Keras's own split of each batch size: the data layout fit gives a batch
+    (`distribution.get_data_layout(shape).backend_layout`, a NamedSharding over the batch axis)
+    and the shards Keras's `distribute_data_input` makes of the case's first batch of that size
+    must both put Problem.shards' rows r on the mesh's device r. Unavailable otherwise."""
+    from keras.src.backend.jax.distribution_lib import distribute_data_input
+
+    sizes = batch_sizes(problem)
+    for size in sizes:
+        step = 0 if size == problem.batch_size else problem.steps_per_epoch - 1
+        rows = problem.batch(0, step)
+        layout = distribution.get_data_layout(problem.x[rows].shape).backend_layout
+        try:
+            index_map = layout.devices_indices_map(problem.x[rows].shape)
+        except ValueError as error:  # jax's IndivisibleError: NamedSharding needs equal shards
+            raise Unavailable(f"Keras's DataParallel cannot split a batch of {size} over {problem.replicas} devices "
+                              f"(its data layout {layout.spec} shards the batch axis evenly): {error}") from None
+        placed = distribute_data_input(problem.x[rows], layout, distribution.batch_dim_name)
+        by_device = {shard.device: np.asarray(shard.data) for shard in placed.addressable_shards}
+        for replica, (device, shard) in enumerate(zip(layout.mesh.devices.flat, problem.shards(rows))):
+            given = np.arange(problem.n)[rows][index_map[device][0]]
+            if not (np.array_equal(given, shard) and np.array_equal(by_device[device], problem.x[shard])):
+                raise Unavailable(f"Keras's DataParallel gives device {device} (replica {replica}) rows "
+                                  f"{given.tolist()} of a batch of {size}; Problem.shards gives it {shard.tolist()}")
+
+
+def replica_info(problem: Problem, distribution: Any, model: Any) -> dict[str, Any]:
+    """Trajectory.info["replicas"] for Keras's DataParallel: its devices, the layout of its
+    variables, and whether the copies of each variable are equal on every device."""
+    variables = model.trainable_variables
+    copies = [[np.asarray(shard.data) for shard in v.value.addressable_shards] for v in variables]
+    equal = all(np.array_equal(copy, parts[0]) for parts in copies for copy in parts)
+    devices = [str(device) for device in distribution.device_mesh.devices.flat]
+    shardings = sorted({str(v.value.sharding.spec) for v in variables})
+    return {"replicas": problem.replicas, "devices": devices, "processes": [os.getpid()] * problem.replicas,
+            "ranks": None,
+            "collective": "the all-reduce XLA's SPMD partitioner puts into Keras's jitted train step (the loss is "
+                          "the mean over the global batch, sharded over the mesh's 'batch' axis)",
+            "placement": f"every variable on every device (sharding specs {', '.join(shardings)}: replicated)",
+            "api": "keras.distribution.DataParallel(devices=...); with distribution.scope(): model, compile, fit",
+            "split": f"Keras's own (jax NamedSharding over the batch axis), checked equal to Problem.shards for "
+                     f"batches of {', '.join(str(size) for size in batch_sizes(problem))}",
+            "combined_loss": "mean over the global batch (no per-replica weighting)",
+            "parameters_equal_across_replicas": bool(equal)}
 
 
 def _precision_dtypes(keras: Any, backend: str, model: Any, problem: Problem) -> dict[str, str]:

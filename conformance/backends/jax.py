@@ -15,6 +15,11 @@ S is `grad(loss * S) / S`; a dynamic one is `(scale, good)` in the scan carry wi
 Keras/torch rule, and the optimizer wrapped in `optax.apply_if_finite`, which leaves the
 parameters and the whole inner state (Adam's count, a schedule's count) as they were on a
 non-finite gradient (docs/design/mixed-precision.md, section 2.3).
+
+Data parallelism (`replicas` > 1) is _jax_sharded's: the same model, loss and optax optimizer
+under `jax.shard_map` over R devices (R host devices of a worker process on a CPU), each
+replica's loss combined with `lax.pmean` (mean) or `lax.psum` (sum). One replica runs the code
+here, in this process, unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from conformance.problem import Optimizer, Problem, Trajectory
 
 NAME = "jax"
 LOOKED_FOR = ("cpu", "cuda")  # JAX's gpu devices are named cuda:N in the suite's vocabulary
+DATA_PARALLEL = True  # replicas > 1: the batch sharded over devices (_jax_sharded)
 
 
 def available() -> str | None:
@@ -56,6 +62,12 @@ def device_name(device: str) -> str:
 
 
 def train(problem: Problem, device: str) -> Trajectory:
+    """Train `problem` on `device`: in this process for one replica, the batch sharded over
+    `problem.replicas` devices otherwise (_jax_sharded)."""
+    if problem.replicas > 1:
+        from conformance.backends import _jax_sharded
+
+        return _jax_sharded.train(problem, device)
     jax = _frameworks.jax()
     import jax.numpy as jnp
     import optax
@@ -67,34 +79,10 @@ def train(problem: Problem, device: str) -> Trajectory:
     x = jax.device_put(problem.x.astype(dtype), place)
     y = jax.device_put(problem.y.astype(dtype).reshape(-1, 1), place)
     reduce = jnp.mean if problem.reduction == "mean" else jnp.sum
-    optimizer = make_optimizer(optax, problem.optimizer, schedule(optax, problem), dtype)
-    optimizer = with_clipping(optax, problem.clip, params, optimizer)
-    scaling = LossScaling(jnp, problem.loss_scale)
-    optimizer = scaling.wrap(optax, optimizer)
-    compute = None if problem.precision is None else jnp.dtype(problem.compute_dtype)
-
-    losses = getattr(optax, "losses", optax)  # optax >= 0.2.2 keeps its losses in optax.losses
+    optimizer, scaling = training_optimizer(problem, params, dtype)
     weighted = problem.sample_weight is not None
     w = jax.device_put(problem.sample_weight.astype(dtype).reshape(-1, 1), place) if weighted else None
-
-    def outputs_of(parameters: Any, x_batch: Any) -> Any:
-        """The model's outputs; under mixed precision computed in the compute dtype from cast
-        parameters and inputs, and cast back to float32 for the loss."""
-        if compute is None:
-            return forward(parameters, x_batch, model)
-        return forward(cast(parameters, compute), x_batch.astype(compute), model).astype(dtype)
-
-    def per_sample(outputs: Any, y_batch: Any) -> Any:
-        """The case's loss per sample, as JAX users write it: optax's Huber and logits losses;
-        the formula for mse and for probabilities (JAX has no probability loss to call)."""
-        if problem.loss == "huber":
-            return losses.huber_loss(outputs, y_batch, delta=problem.delta)
-        if problem.loss == "bce":
-            if problem.from_logits:
-                return losses.sigmoid_binary_cross_entropy(outputs, y_batch)
-            p = jax.nn.sigmoid(outputs)
-            return -(y_batch * jnp.log(p) + (1 - y_batch) * jnp.log(1 - p))
-        return jnp.square(outputs - y_batch)
+    outputs_of, per_sample = model_functions(problem, dtype)
 
     def loss_of(parameters: Any, x_batch: Any, y_batch: Any, w_batch: Any) -> Any:
         values = per_sample(outputs_of(parameters, x_batch), y_batch)
@@ -145,21 +133,43 @@ def train(problem: Problem, device: str) -> Trajectory:
         return parameters, history, totals, rates, scales
 
     params, history, totals, rates, scales = run_training(params, optimizer.init(params), scaling.init(), orders)
-    history = np.asarray(history, dtype=np.float64)
+    weight = params["output"]["kernel"]
+    info = environment(params) | {"placed_on": str(next(iter(weight.devices()))),
+                                  "jit_compilations": int(run_training._cache_size())}
+    return trajectory(problem, params, (outputs_of, loss_of, scaling), (x, y, w),
+                      (history, totals, rates, scales), info)
+
+
+def environment(params: dict[str, Any]) -> dict[str, Any]:
+    """Versions and settings, and the dtype of the trained weights."""
+    jax = _frameworks.jax()
+    import optax
+
+    weight = params["output"]["kernel"]
+    return {"jax": jax.__version__, "optax": optax.__version__,
+            "jax_enable_x64": bool(jax.config.jax_enable_x64), "weights_dtype": str(weight.dtype)}
+
+
+def trajectory(problem: Problem, params: dict[str, Any], functions: tuple[Any, Any, LossScaling],
+               data: tuple[Any, Any, Any], results: tuple[Any, ...], info: dict[str, Any]) -> Trajectory:
+    """The Trajectory of a finished run: predictions from the trained `params`, the schedule and
+    precision notes added to `info`. `functions` is (outputs_of, loss_of, scaling), `data` the
+    training (x, y, w) as arrays, `results` what the training loop recorded per epoch
+    (parameters, loss totals, rates, scaler records)."""
+    jax = _frameworks.jax()
+    outputs_of, loss_of, scaling = functions
+    x, y, w = data
+    history, totals, rates, scales = results
     predictions = None
     if problem.predict_x is not None:
-        predict_x = jax.device_put(problem.predict_x.astype(dtype), place)
-        outputs = outputs_of(params, predict_x)
+        outputs = outputs_of(params, problem.predict_x.astype(problem.dtype))
         if problem.loss == "bce":  # `predict` compares probabilities
             outputs = jax.nn.sigmoid(outputs)
         predictions = np.asarray(outputs, dtype=np.float64)[:, 0]
-    weight = params["output"]["kernel"]
-    info = {"jax": jax.__version__, "optax": optax.__version__, "placed_on": str(next(iter(weight.devices()))),
-            "jax_enable_x64": bool(jax.config.jax_enable_x64), "weights_dtype": str(weight.dtype),
-            "jit_compilations": int(run_training._cache_size())}
     if problem.schedule is not None:
         info["schedule"] = "optax.inject_hyperparams(learning_rate=schedule)"
-    if compute is not None:
+    if problem.precision is not None:
+        compute, model = jax.numpy.dtype(problem.compute_dtype), problem.layers
         first = model[0].name
         shapes = jax.eval_shape(lambda p: (x[:1].astype(compute) @ cast(p[first]["kernel"], compute),
                                            forward(cast(p, compute), x[:1].astype(compute), model),
@@ -167,9 +177,55 @@ def train(problem: Problem, device: str) -> Trajectory:
                                                p, x[:1], y[:1], None if w is None else w[:1])), params)
         info["precision"] = precision_info(problem, shapes, params, scaling)
     loss_scale, skipped = scaling.per_epoch(scales, problem.epochs)
-    return Trajectory(history, np.asarray(totals, dtype=np.float64) / problem.n, predictions, info,
+    return Trajectory(np.asarray(history, dtype=np.float64), np.asarray(totals, dtype=np.float64) / problem.n,
+                      predictions, info,
                       rates=np.asarray(rates, dtype=np.float64) if problem.schedule is not None else None,
                       loss_scale=loss_scale, skipped=skipped)
+
+
+def training_optimizer(problem: Problem, params: dict[str, Any], dtype: Any) -> tuple[Any, LossScaling]:
+    """The case's optax optimizer (schedule, clipping, and under a dynamic loss scale
+    `apply_if_finite`) and its loss scaling."""
+    import jax.numpy as jnp
+    import optax
+
+    optimizer = make_optimizer(optax, problem.optimizer, schedule(optax, problem), dtype)
+    optimizer = with_clipping(optax, problem.clip, params, optimizer)
+    scaling = LossScaling(jnp, problem.loss_scale)
+    return scaling.wrap(optax, optimizer), scaling
+
+
+def model_functions(problem: Problem, dtype: Any) -> tuple[Any, Any]:
+    """(outputs_of(parameters, x), per_sample(outputs, y)): the model's forward pass and the
+    case's loss per sample, as the training step uses them."""
+    jax = _frameworks.jax()
+    import jax.numpy as jnp
+    import optax
+
+    model = problem.layers
+    compute = None if problem.precision is None else jnp.dtype(problem.compute_dtype)
+    losses = getattr(optax, "losses", optax)  # optax >= 0.2.2 keeps its losses in optax.losses
+
+    def outputs_of(parameters: Any, x_batch: Any) -> Any:
+        """The model's outputs; under mixed precision computed in the compute dtype from cast
+        parameters and inputs, and cast back to float32 for the loss."""
+        if compute is None:
+            return forward(parameters, x_batch, model)
+        return forward(cast(parameters, compute), x_batch.astype(compute), model).astype(dtype)
+
+    def per_sample(outputs: Any, y_batch: Any) -> Any:
+        """The case's loss per sample, as JAX users write it: optax's Huber and logits losses;
+        the formula for mse and for probabilities (JAX has no probability loss to call)."""
+        if problem.loss == "huber":
+            return losses.huber_loss(outputs, y_batch, delta=problem.delta)
+        if problem.loss == "bce":
+            if problem.from_logits:
+                return losses.sigmoid_binary_cross_entropy(outputs, y_batch)
+            p = jax.nn.sigmoid(outputs)
+            return -(y_batch * jnp.log(p) + (1 - y_batch) * jnp.log(1 - p))
+        return jnp.square(outputs - y_batch)
+
+    return outputs_of, per_sample
 
 
 def cast(tree: Any, dtype: Any) -> Any:

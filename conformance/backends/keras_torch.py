@@ -13,6 +13,7 @@ NAME = "keras_torch"
 LOOKED_FOR = _devices_of.LOOKED_FOR
 devices = _devices_of.devices
 device_name = _devices_of.device_name
+WHY_NOT_DATA_PARALLEL = _keras3.WHY_NOT_DATA_PARALLEL["torch"]
 
 
 def available() -> str | None:
