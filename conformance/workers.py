@@ -85,9 +85,21 @@ class Worker:
 
     def call(self, function: str, *args: Any) -> Any:
         """Run `module:function(*args)` in the worker and return what it returned."""
+        self.send(function, *args)
+        return self.receive(function)
+
+    def send(self, function: str, *args: Any) -> None:
+        """Start `module:function(*args)` in the worker without waiting for it (`receive` gets the
+        result): how a group of workers runs one call in all of them at once."""
         self.calls += 1
         try:
             _send(self.process.stdin, {"function": function, "args": args})
+        except OSError as error:  # BrokenPipeError: the worker is gone
+            raise WorkerDied(self._death_notice(function, error)) from None
+
+    def receive(self, function: str) -> Any:
+        """Wait for the result of the call `send` started; WorkerDied if the worker died first."""
+        try:
             reply = _receive(self.process.stdout)
         except (EOFError, BrokenPipeError, pickle.UnpicklingError) as error:
             raise WorkerDied(self._death_notice(function, error)) from None

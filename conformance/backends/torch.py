@@ -1,6 +1,7 @@
 """PyTorch: `nn.Linear` (or an `nn.Sequential` of them with activation modules), the case's loss
 module (`MSELoss`, `HuberLoss`, `BCEWithLogitsLoss` or `BCELoss`) and `torch.optim`: the loop its
-tutorials write. Mixed precision: `torch.autocast` and `torch.amp.GradScaler` (MixedPrecision)."""
+tutorials write. Mixed precision: `torch.autocast` and `torch.amp.GradScaler` (MixedPrecision).
+Replicas > 1: the same loop in one process per replica under `DistributedDataParallel` (_torch_ddp)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import Unavailable, _frameworks
+from conformance.backends import Unavailable, _frameworks, _torch_ddp
 from conformance.problem import Optimizer, Problem, Trajectory
 
 NAME = "torch"
 LOOKED_FOR = ("cpu", "cuda", "mps")  # device kinds asked of torch: cuda:N, mps
+DATA_PARALLEL = True  # DistributedDataParallel, one process per replica (conformance/backends/_torch_ddp.py)
 
 
 def available() -> str | None:
@@ -39,20 +41,31 @@ def device_name(device: str) -> str:
 
 
 def train(problem: Problem, device: str) -> Trajectory:
+    if problem.replicas > 1:
+        return _torch_ddp.train(NAME, problem, device)
     return train_steps(problem, device, compile_step=None)
 
 
-def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
+def train_replica(problem: Problem, device: str, replica: Any) -> Trajectory:
+    """One rank's part of a data-parallel case (called in its process by _torch_ddp)."""
+    return train_steps(problem, device, compile_step=None, replica=replica)
+
+
+def train_steps(problem: Problem, device: str, compile_step: Any, replica: Any = None) -> Trajectory:
     """The tutorial loop; `compile_step`, when given, wraps the training step (torch.compile).
 
     Returns the trajectory; `info` gets each epoch's wall time under "epoch_seconds" only when
-    the step is compiled (the caller derives the compile time from it).
+    the step is compiled (the caller derives the compile time from it). `replica` (a
+    _torch_ddp.Replica, in one rank's process of a process group): the model is wrapped in
+    DistributedDataParallel, each step trains this rank's shard, and `info["shard_losses"]`
+    keeps this rank's loss of every step (the caller combines the ranks' into batch losses).
     """
     torch = _frameworks.torch()
     dtype = getattr(torch, problem.dtype)
     x = torch.as_tensor(problem.x, device=device)
     y = torch.as_tensor(problem.y, device=device).reshape(-1, 1)
     model, linears = build_model(torch, problem, device, dtype)
+    forward = model if replica is None else replica.wrap(torch, model, device)
     parameters = list(model.parameters())
     # A compiled step reads the learning rate as a tensor: with a Python float, every new rate
     # of a schedule is a new constant and recompiles the step (PyTorch's tutorial "Running the
@@ -67,7 +80,7 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
     w = torch.as_tensor(problem.sample_weight, device=device).reshape(-1, 1) if weighted else None
 
     def batch_loss(x_batch: Any, y_batch: Any, w_batch: Any) -> Any:
-        loss = loss_function(model(x_batch), y_batch)
+        loss = loss_function(forward(x_batch), y_batch)
         if w_batch is not None:
             loss = (loss * w_batch).mean() if problem.reduction == "mean" else (loss * w_batch).sum()
         return loss
@@ -99,6 +112,8 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
         for start in range(0, problem.n, problem.batch_size):
             rows = slice(start, start + problem.batch_size) if orders is None \
                 else orders[epoch, start:start + problem.batch_size]
+            if replica is not None:
+                rows = replica.rows(torch, problem, epoch, start, device)
             if scheduler is not None and start == last_start:
                 rates.append(float(optimizer.param_groups[0]["lr"]))
             scale = None if mixed is None else mixed.scale()
@@ -122,6 +137,8 @@ def train_steps(problem: Problem, device: str, compile_step: Any) -> Trajectory:
                 outputs = torch.sigmoid(outputs)
             predictions = outputs[:, 0].cpu().double().numpy()
     info = _environment(torch, device, linears[0].weight)
+    if replica is not None:
+        info["shard_losses"] = step_losses.numpy()
     if compile_step is not None:
         info["epoch_seconds"] = np.diff(ends)
     if scheduler is not None:

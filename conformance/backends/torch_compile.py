@@ -12,6 +12,10 @@ a silent eager result.
 Mixed precision compiles the same step with autocast and the loss scale inside it: GradScaler's
 calls break the graph and run eagerly (measured: three to five graphs per case, all compiled by
 the first applied optimizer step, none per step).
+
+Replicas > 1: the same compiled step in one process per replica, the model wrapped in
+`DistributedDataParallel` (Dynamo's DDPOptimizer splits the graph at DDP's buckets), each rank
+compiling its own (conformance/backends/_torch_ddp.py).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import shutil
 from typing import Any
 
-from conformance.backends import Unavailable, _compiled, _frameworks
+from conformance.backends import Unavailable, _compiled, _frameworks, _torch_ddp
 from conformance.backends import torch as torch_backend
 from conformance.problem import Problem, Trajectory
 
@@ -33,6 +37,7 @@ COMPILE_OPTIONS = {"backend": "inductor", "mode": "default"}
 # Compiling costs 0.3-3 s per case on a 2-core machine, which makes the default run of the shipped
 # cases more than twice as slow (benchmarks/run.py measures it): run it with --backend torch_compile.
 SELECTED_BY_DEFAULT = False
+DATA_PARALLEL = True  # DistributedDataParallel, one process per replica (conformance/backends/_torch_ddp.py)
 
 
 def available() -> str | None:
@@ -45,6 +50,19 @@ def available() -> str | None:
 
 
 def train(problem: Problem, device: str) -> Trajectory:
+    if problem.replicas > 1:
+        return _torch_ddp.train(NAME, problem, device)
+    return train_compiled(problem, device)
+
+
+def train_replica(problem: Problem, device: str, replica: Any) -> Trajectory:
+    """One rank's part of a data-parallel case (called in its process by _torch_ddp)."""
+    return train_compiled(problem, device, replica)
+
+
+def train_compiled(problem: Problem, device: str, replica: Any = None) -> Trajectory:
+    """The torch loop with its step compiled, in this process (`replica`: as one rank of a
+    process group, see torch.train_steps)."""
     torch = _frameworks.torch()
     dynamo = importlib.import_module("torch._dynamo")
     from torch._dynamo.utils import counters
@@ -52,7 +70,8 @@ def train(problem: Problem, device: str) -> Trajectory:
     dynamo.reset()
     counters.clear()
     try:
-        trajectory = torch_backend.train_steps(problem, device, lambda step: torch.compile(step, **COMPILE_OPTIONS))
+        trajectory = torch_backend.train_steps(problem, device, lambda step: torch.compile(step, **COMPILE_OPTIONS),
+                                               replica)
     except dynamo.exc.BackendCompilerFailed as error:
         raise Unavailable(f"torch.compile's {COMPILE_OPTIONS['backend']} backend failed to compile: "
                           f"{str(error).splitlines()[0]}") from error
