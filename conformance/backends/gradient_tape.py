@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import Unavailable, _frameworks, _keras_common, _tensorflow
+from conformance.backends import Unavailable, _frameworks, _keras_common, _tensorflow, _tf_distributed
 from conformance.problem import Problem, Trajectory
 
 NAME = "gradient_tape"
@@ -30,6 +30,7 @@ LOOKED_FOR = _tensorflow.LOOKED_FOR
 available = _tensorflow.available
 devices = _tensorflow.devices
 device_name = _tensorflow.device_name
+DATA_PARALLEL = True
 
 
 def train(problem: Problem, device: str) -> Trajectory:
@@ -43,6 +44,12 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
     nothing), so the compile time is measured apart from the training, which reuses the
     compiled program.
     """
+    if problem.replicas > 1:  # MirroredStrategy in a replicated worker (_tf_distributed)
+        if not _tf_distributed.in_replicated_worker():
+            return _tf_distributed.train_in_worker(NAME + ("_xla" if jit_compile else ""), problem, device)
+        from conformance.backends import _tape_distributed
+
+        return _tape_distributed.train(problem, device, jit_compile)
     tf = _frameworks.tensorflow()
     with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
         layers = _variables(tf, problem)
@@ -201,6 +208,22 @@ def _clipped(tf: Any, gradients: list[Any], clip: dict[str, Any] | None) -> list
     return [tf.clip_by_value(gradient, -threshold, threshold) for gradient in gradients]
 
 
+def per_sample_loss(tf: Any, problem: Problem, output: Any, y_batch: Any, delta: Any) -> Any:
+    """The case's loss per sample, (m, 1), as a GradientTape loop's author writes it: the
+    formula for mse and huber, TensorFlow's logits loss, Keras's probability loss (with its
+    clipping) for a model that ends in a sigmoid."""
+    if problem.loss == "bce":
+        if problem.from_logits:
+            return tf.nn.sigmoid_cross_entropy_with_logits(labels=y_batch, logits=output)
+        probabilities = tf.math.sigmoid(output)
+        return tf.reshape(_tensorflow.keras().losses.binary_crossentropy(y_batch, probabilities), [-1, 1])
+    residual = output - y_batch
+    if problem.loss == "huber":
+        size = tf.abs(residual)
+        return tf.where(size <= delta, 0.5 * tf.square(residual), delta * (size - 0.5 * delta))
+    return tf.square(residual)
+
+
 def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], optimizer: Any, rate_schedule: Any,
                        jit_compile: bool, compute_dtype: str | None = None, seen: dict[str, str] | None = None) -> Any:
     """A tf.function(orders, epochs) that trains; returns per-epoch parameters ("params"), loss
@@ -229,19 +252,7 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
     w = tf.constant(problem.sample_weight.reshape(-1, 1) if weighted else np.ones((1, 1), problem.dtype))
 
     def per_sample(output: Any, y_batch: Any) -> Any:
-        """The case's loss per sample, (m, 1), as a GradientTape loop's author writes it: the
-        formula for mse and huber, TensorFlow's logits loss, Keras's probability loss (with its
-        clipping) for a model that ends in a sigmoid."""
-        if problem.loss == "bce":
-            if problem.from_logits:
-                return tf.nn.sigmoid_cross_entropy_with_logits(labels=y_batch, logits=output)
-            probabilities = tf.math.sigmoid(output)
-            return tf.reshape(_tensorflow.keras().losses.binary_crossentropy(y_batch, probabilities), [-1, 1])
-        residual = output - y_batch
-        if problem.loss == "huber":
-            size = tf.abs(residual)
-            return tf.where(size <= delta, 0.5 * tf.square(residual), delta * (size - 0.5 * delta))
-        return tf.square(residual)
+        return per_sample_loss(tf, problem, output, y_batch, delta)
 
     shuffled = problem.orders is not None
     scaled = problem.loss_scale is not None

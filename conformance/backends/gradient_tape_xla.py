@@ -18,6 +18,7 @@ LOOKED_FOR = _tensorflow.LOOKED_FOR
 available = _tensorflow.xla_available
 devices = _tensorflow.devices
 device_name = _tensorflow.device_name
+DATA_PARALLEL = True
 
 
 def train(problem: Problem, device: str) -> Trajectory:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import _frameworks, _keras_common, _tensorflow
+from conformance.backends import Unavailable, _frameworks, _keras_common, _tensorflow, _tf_distributed
 from conformance.problem import Problem, Trajectory
 
 NAME = "keras"
@@ -21,6 +21,9 @@ LOOKED_FOR = _tensorflow.LOOKED_FOR
 available = _tensorflow.available
 devices = _tensorflow.devices
 device_name = _tensorflow.device_name
+DATA_PARALLEL = True
+DISTRIBUTED_API = ("tf.distribute.MirroredStrategy(devices); model built and compiled in strategy.scope(); "
+                   "fit(strategy.distribute_datasets_from_function(shards in order), steps_per_epoch)")
 
 
 def train(problem: Problem, device: str) -> Trajectory:
@@ -36,34 +39,38 @@ def train_plain(problem: Problem, device: str) -> Trajectory:
 
 
 def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = False) -> Trajectory:
-    """`compile` + `fit`, with `compile(jit_compile=...)` as given (the `keras_xla` backend: True)."""
+    """`compile` + `fit`, with `compile(jit_compile=...)` as given (the `keras_xla` backend: True).
+
+    Replicas > 1: the same model built and compiled inside `MirroredStrategy.scope()`, and `fit`
+    fed each replica its shard of every step (_tf_distributed), in a replicated worker process.
+    """
+    if problem.replicas > 1 and not _tf_distributed.in_replicated_worker():
+        return _tf_distributed.train_in_worker("keras_xla" if jit_compile else "keras", problem, device)
+    if problem.replicas > 1 and plain:
+        raise ValueError("plain fit trains one replica")
     tf = _frameworks.tensorflow()
-    with _tensorflow.floatx(problem.dtype), tf.device(_tensorflow.tf_device(device)):
-        model = _model(problem, steps_per_execution=1 if plain else problem.steps_per_epoch, jit_compile=jit_compile)
-        dtypes = None if problem.precision is None else _precision_dtypes(model, problem)
-        recorder = _recorder_class()(problem, per_execution=not plain)
+    strategy = _tf_distributed.strategy(problem, device) if problem.replicas > 1 else None
+    placement = tf.device(_tensorflow.tf_device(device)) if strategy is None else strategy.scope()
+    per_step = plain or strategy is not None  # one step per execution, one Keras epoch per case epoch
+    with _tensorflow.floatx(problem.dtype), placement:
+        model = _model(problem, steps_per_execution=1 if per_step else problem.steps_per_epoch, jit_compile=jit_compile)
+        dtypes = None if problem.precision is None else _probe_dtypes(model, problem, strategy)
+        recorder = _recorder_class()(problem, per_execution=not per_step)
         scheduler = _keras_common.epoch_scheduler(_tensorflow.keras(), problem)
-        callbacks = [recorder] if scheduler is None else [scheduler, recorder]
-        if plain:
-            model.fit(problem.x, problem.y.reshape(-1, 1), sample_weight=problem.sample_weight,
-                      batch_size=problem.batch_size, epochs=problem.epochs, verbose=0, shuffle=False,
-                      callbacks=callbacks)
-        else:  # one execution (a compiled loop of steps) per case epoch, in one long Keras epoch; a
-            # per-epoch schedule's callback needs Keras's epochs, one per case epoch
-            epochs = problem.epochs if scheduler is not None else 1
-            steps = problem.epochs * problem.steps_per_epoch // epochs
-            model.fit(_stream(problem), epochs=epochs, steps_per_epoch=steps, verbose=0, shuffle=False,
-                      callbacks=callbacks)
+        _fit(model, problem, [recorder] if scheduler is None else [scheduler, recorder], plain, strategy)
         predictions = None
         if problem.predict_x is not None:
             predictions = _keras_common.outputs_as_predictions(problem, model(problem.predict_x, training=False),
                                                                tf.math.sigmoid)
     kernel = model.layers[-1].kernel
-    feeding = "fit(x, y)" if plain else "fit(tf.data, steps_per_execution=one epoch)"
+    feeding = "fit(x, y)" if plain else "fit(tf.data, steps_per_execution=one epoch)" if strategy is None else \
+        "fit(distribute_datasets_from_function(one shard per replica and step), steps_per_execution=1)"
     info = _tensorflow.environment(device, kernel) | {"jit_compile": bool(getattr(model, "jit_compile", False)),
                                                       "feeding": feeding, "kernel_dtype": str(kernel.dtype)}
     if jit_compile:
         info |= {"xla": _tensorflow.keras_xla_evidence(model, problem), "compile_seconds": recorder.compile_seconds}
+    if strategy is not None:
+        info["replicas"] = _tf_distributed.info(strategy, _keras_common.parameters(model), DISTRIBUTED_API)
     if problem.optimizer.settings.get("weight_decay"):
         info |= {"loss_note": "Keras's loss includes the L2 term that carries weight decay",
                  "loss_includes_l2_penalty": True}  # the trajectory check adds the replay's penalty
@@ -74,6 +81,64 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info,
                       rates=recorder.history_rates, loss_scale=recorder.history_loss_scale,
                       skipped=recorder.history_skipped)
+
+
+def _fit(model: Any, problem: Problem, callbacks: list[Any], plain: bool, strategy: Any) -> None:
+    """`fit` on NumPy arrays (plain), on the harness's shards of every step under a strategy
+    (one Keras epoch per case epoch, `steps_per_execution=1`: Keras 3.15's multi-step loop over
+    a distributed iterator fails with "You must feed a value for placeholder tensor", measured;
+    keras-team/keras#19246),
+    or on one tf.data stream (one execution per case epoch, in one long Keras epoch; a per-epoch
+    schedule's callback needs Keras's epochs, one per case epoch)."""
+    if plain:
+        model.fit(problem.x, problem.y.reshape(-1, 1), sample_weight=problem.sample_weight,
+                  batch_size=problem.batch_size, epochs=problem.epochs, verbose=0, shuffle=False, callbacks=callbacks)
+    elif strategy is not None:
+        tf = _frameworks.tensorflow()
+        try:
+            model.fit(_tf_distributed.distributed_shards(strategy, problem, problem.sample_weight is not None),
+                      epochs=problem.epochs, steps_per_epoch=problem.steps_per_epoch, verbose=0, shuffle=False,
+                      callbacks=callbacks)
+        except tf.errors.InvalidArgumentError as error:
+            reason = _why_fit_failed(str(error), problem, model)
+            if reason is None:
+                raise
+            raise Unavailable(reason) from None
+    else:
+        epochs = problem.epochs if problem.schedule_every_epoch else 1
+        steps = problem.epochs * problem.steps_per_epoch // epochs
+        model.fit(_stream(problem), epochs=epochs, steps_per_epoch=steps, verbose=0, shuffle=False,
+                  callbacks=callbacks)
+
+
+def _why_fit_failed(message: str, problem: Problem, model: Any) -> str | None:
+    """Why `fit` under MirroredStrategy failed, for two known Keras/TensorFlow limits (a skip
+    with the reason), or None for anything else (raised as it is)."""
+    sizes = [len(shard) for shard in problem.shards(problem.batch(0, 0))]
+    version = f"Keras {_tensorflow.keras_version()}"
+    if "AddN" in message and len(set(sizes)) > 1:
+        return (f"{version}'s fit under MirroredStrategy adds up the replicas' first batches to build the model "
+                f"(Trainer._maybe_symbolic_build: strategy.reduce('MEAN', batch)), which fails when they differ "
+                f"in size: the first step's shards here have {sizes} samples (keras-team/keras#19246); only a "
+                "case whose first batch splits evenly trains")
+    if "Trying to access resource" in message and getattr(model, "jit_compile", False):
+        return (f"{version} compiles its train step with XLA together with the optimizer's update of every "
+                "replica's copy of the variables (Keras 3: strategy.run inside the jitted function; Keras 2: the "
+                "jitted replica step reaches them through the optimizer's merge_call), and XLA cannot reach "
+                "variables on another device: "
+                "\"Trying to access resource ... located in device CPU:1 from device CPU:0\" (TensorFlow's XLA "
+                "known issue \"tf.Variable on a different device\"), measured on logical CPUs")
+    return None
+
+
+def _probe_dtypes(model: Any, problem: Problem, strategy: Any) -> dict[str, str]:
+    """`_precision_dtypes`, under a strategy in its replicas' context (a mirrored variable's
+    cast is refused in the cross-replica context); every replica sees the same dtypes."""
+    if strategy is None:
+        return _precision_dtypes(model, problem)
+    found: dict[str, str] = {}
+    strategy.run(lambda: found.update(_precision_dtypes(model, problem)))
+    return found
 
 
 def _precision_dtypes(model: Any, problem: Problem) -> dict[str, str]:
