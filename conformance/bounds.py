@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         for index, entry in enumerate(case.spec.expect):
             print(f"{source.display}: expect[{index}] {entry.check} {entry.backend_names or 'any backend'}")
             checks = [entry.check] + (["trajectory"] if entry.check == "parity" and not any(
-                other.check == "trajectory" for other in case.spec.expect) else [])
+                other.check == "trajectory" and set(other.backend_names or []) & set(entry.backend_names or [])
+                for other in case.spec.expect) else [])
             for check in checks:
                 found = measure(run, entry, check, versions)
                 failing = [(name, outcome) for name, outcome in found if not outcome.passed]
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 bound = f"{{rtol: {rtol:.2g}, atol: {atol:.2g}}}"
                 print(f"    {check} bound: {bound}   # {options.margin:g} x the measured size")
                 if check == entry.check:
-                    bounds[index] = (bound, relative)
+                    if entry.bound is None:  # an entry's own bound stays as it was written
+                        bounds[index] = (bound, relative)
                 else:
                     added.append(_trajectory_entry(entry, index, [name for name, _ in failing], bound, relative,
                                                    measured_with))
