@@ -59,10 +59,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="known deviations applied to every case (YAML), on top of the file shipped with the "
                          "harness (conformance/expectations.yaml); repeatable; 'none' drops the files before it, "
                          "the shipped one included")
+    group.addoption("--data-parallel", action="store_true", default=False,
+                    help=f"add the data-parallel cases (cases/{COSTLY_CASES}/) to a run without --cases: each "
+                         "replica count starts its own process group or worker per backend, about 25%% of the "
+                         "default run's time on 2 cores")
     group.addoption("--report-label", default=None, metavar="LABEL",
                     help="report folder name under the reports folder; default: $TOX_ENV_NAME or 'local'")
     group.addoption("--reports-dir", default=None, metavar="DIR",
                     help="where reports go; default: reports/ in the folder pytest is started in")
+
+
+COSTLY_CASES = "data-parallel"  # left out of a run without --cases unless --data-parallel
+
+
+def default_locations(root: Path, data_parallel: bool) -> list[Path]:
+    """The shipped cases a run without --cases takes: every folder of `root`, the data-parallel
+    one only with --data-parallel (an explicit --cases takes what it names)."""
+    if data_parallel or not (root / COSTLY_CASES).is_dir():
+        return [root]
+    return sorted(path for path in root.iterdir() if path.name != COSTLY_CASES and not path.name.startswith("."))
 
 
 def runs_conformance(config: pytest.Config) -> bool:
@@ -109,7 +124,8 @@ def pytest_configure(config: pytest.Config) -> None:
     here = config.invocation_params.dir  # the folder pytest was started in
     reports = Path(config.getoption("reports_dir") or here / "reports")
     default_cases = here / "cases" if (here / "cases").is_dir() else config.rootpath / "cases"
-    cases = [Path(path) for path in config.getoption("cases")] or [default_cases]
+    cases = [Path(path) for path in config.getoption("cases")] or default_locations(
+        default_cases, config.getoption("data_parallel"))
     config.stash[OPTIONS] = {"cases": cases, "backends": config.getoption("backend"),
                              "devices": config.getoption("device"), "label": label, "reports": reports,
                              "determinism": config.getoption("determinism"),
