@@ -17,6 +17,8 @@ This file is the entry point, both for you and for those processes (the internal
     hidden.py         hidden layers: harness / bare loop beside the linear model's (not in --quick)
     precision.py      mixed precision: each backend's ms per step in bfloat16 and float16 against
                       float32                                                 (not in --quick)
+    data_parallel.py  data parallelism: ms per step with 2 and 3 replicas against one
+                                                                             (not in --quick)
     growth.py         cost against n and against epochs                       (not in --quick)
     suite_wall.py     the whole suite's wall time: -n 0 / -n auto, --fuzz, each backend added
                                                                              (not in --quick)
@@ -33,6 +35,7 @@ import argparse
 import json
 
 import compiled
+import data_parallel
 import growth
 import hidden
 import keras_workers
@@ -64,6 +67,7 @@ def main() -> None:
     schedules.print_section()
     hidden.print_section()
     precision.print_section()
+    data_parallel.print_section()
     growth.print_section()
     suite_wall.print_section()
 
