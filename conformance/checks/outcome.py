@@ -69,6 +69,7 @@ class Outcome:
     record: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False  # the check had nothing to compare: neither a pass nor a failure
     compared: Compared | None = None  # for a bound on an expected deviation
+    decision: bool = False  # a different loss-scale decision: only an entry about loss scaling excuses it
 
 
 def tol_text(tol: Any) -> str:

@@ -42,7 +42,7 @@ class TrajectoryCheck(OfRun):
             record["loss_scale_first_differs"] = scaling
             return Outcome(False, f"{result.label}: {scaling['message']} (float64 replay, compared exactly: the "
                                   f"scale and skipped steps are decisions, not rounding) [case {self.case.name}]",
-                           record)
+                           record, decision=True)
         if epochs == 0:
             return Outcome(False, f"rounding alone moves this training by more than {bands.limit:g} "
                                   f"relative from epoch 1 on: too sensitive to compare paths [case {self.case.name}]",
