@@ -215,8 +215,11 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
     entry = covering.entry
     when = getattr(entry, "when", None)  # an expectations-file entry's conditions (a case's own entries have none)
     if outcome.decision and when is not None and when.loss_scale is None:
-        pytest.fail(f"{outcome.message}; the known deviation that applies here is not about loss scaling and "
-                    f"does not excuse a different decision: {covering.reason}", pytrace=False)
+        upstream = ("the first epoch's decision differs: no deviation came before it" if outcome.compared is None
+                    else "the entry has no bound" if entry.bound is None else outcome.compared.beyond(entry.bound))
+        if upstream:  # the decision is not downstream of the deviation this entry describes
+            pytest.fail(f"{outcome.message}; the known deviation that applies here is not about loss scaling, and "
+                        f"the path up to that epoch is beyond it ({upstream}): {covering.reason}", pytrace=False)
     record["expected"] = entry.reason
     if outcome.compared is not None:
         record["deviation"] = outcome.compared.size(entry.bound)

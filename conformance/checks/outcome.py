@@ -69,7 +69,10 @@ class Outcome:
     record: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False  # the check had nothing to compare: neither a pass nor a failure
     compared: Compared | None = None  # for a bound on an expected deviation
-    decision: bool = False  # a different loss-scale decision: only an entry about loss scaling excuses it
+    # a different loss-scale decision (`compared`: the path of the epochs before it, None when it
+    # differs in the first): excused by an entry about loss scaling, or by one whose bound holds
+    # that path (a decision downstream of the deviation it describes, which must have come first)
+    decision: bool = False
 
 
 def tol_text(tol: Any) -> str:

@@ -40,9 +40,15 @@ class TrajectoryCheck(OfRun):
         scaling = scaling_apart(result.trajectory, replay)
         if scaling is not None:
             record["loss_scale_first_differs"] = scaling
+            earlier = scaling["epoch"] - 1  # the epochs whose parameters the differing decision was made from
+            before = _Path(result.trajectory, replay, bands, earlier, self.prepared.parameter_names) \
+                if earlier else None
             return Outcome(False, f"{result.label}: {scaling['message']} (float64 replay, compared exactly: the "
                                   f"scale and skipped steps are decisions, not rounding) [case {self.case.name}]",
-                           record, decision=True)
+                           record, decision=True,
+                           compared=None if before is None else Compared(
+                               before.got, before.expected, before.label, result.label, "float64 replay",
+                               f"case {self.case.name}"))
         if epochs == 0:
             return Outcome(False, f"rounding alone moves this training by more than {bands.limit:g} "
                                   f"relative from epoch 1 on: too sensitive to compare paths [case {self.case.name}]",
