@@ -31,7 +31,8 @@ TF_KERAS = ("keras", "keras_xla", "gradient_tape", "gradient_tape_xla")  # Keras
 class Mutant:
     name: str
     backends: tuple[str, ...]  # the backends that train with the mutated code: the ones that must catch it
-    process: str  # where the patch goes: "main" (the test process) or a Keras worker ("keras_jax", "keras_torch")
+    process: str  # where the patch goes: "main" (the test process), a Keras worker ("keras_jax", "keras_torch")
+    # or a data-parallel worker ("jax_sharded", "tf_replicated")
     bug: str  # what is wrong, in a user's words
     apply: Callable[[], None]
 
@@ -350,6 +351,36 @@ CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: mixed precision
      "optax.apply_if_finite applies non-finite updates: a dynamic loss scale's skip does nothing",
      _optax_apply_if_finite_applies),
 ]]
+
+
+def _jax_pmean_as_psum() -> None:
+    """lax.pmean summing instead of averaging over the replicas (the gradient R times too large)."""
+    import jax
+
+    jax.lax.pmean = jax.lax.psum
+
+
+def _tf_average_loss_per_replica() -> None:
+    """tf.nn.compute_average_loss dividing by each replica's own batch, not the global batch size:
+    the mistake TensorFlow's distributed-training guide warns of (gradients R times too large
+    after the all-reduce's sum)."""
+    import tensorflow as tf
+
+    original = tf.nn.compute_average_loss
+
+    def per_replica(losses: Any, sample_weight: Any = None, global_batch_size: Any = None) -> Any:
+        return original(losses, sample_weight=sample_weight, global_batch_size=tf.shape(losses)[0])
+
+    tf.nn.compute_average_loss = per_replica
+
+
+CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: data parallelism
+    ("jax-pmean-as-psum", ("jax",), "jax_sharded", "lax.pmean sums over the replicas instead of averaging",
+     _jax_pmean_as_psum),
+    ("tape-average-loss-per-replica", ("gradient_tape", "gradient_tape_xla"), "tf_replicated",
+     "tf.nn.compute_average_loss divides by the replica's own batch, not the global batch size",
+     _tf_average_loss_per_replica),
+]]
 BY_NAME = {mutant.name: mutant for mutant in CATALOGUE}
 
 
@@ -371,7 +402,16 @@ def in_worker() -> None:
 
 
 def _worker_process() -> str:
-    return {"jax": "keras_jax", "torch": "keras_torch"}.get(os.environ.get("KERAS_BACKEND", ""), "")
+    """Which worker this process is: Keras on JAX or PyTorch, or a data-parallel worker (JAX with
+    host devices, TensorFlow with logical devices)."""
+    keras = {"jax": "keras_jax", "torch": "keras_torch"}.get(os.environ.get("KERAS_BACKEND", ""), "")
+    if keras:
+        return keras
+    from conformance.backends import _tf_distributed
+
+    if _tf_distributed.REPLICAS_VARIABLE in os.environ:
+        return "tf_replicated"
+    return "jax_sharded" if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") else ""
 
 
 def pytest_configure(config: Any) -> None:

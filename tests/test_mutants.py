@@ -19,7 +19,8 @@ def test_the_catalogue_covers_every_framework_path():
     assert len(mutants.CATALOGUE) >= 15 and len(mutants.BY_NAME) == len(mutants.CATALOGUE)
     covered = {backend for mutant in mutants.CATALOGUE for backend in mutant.backends}
     assert {"torch", "keras", "gradient_tape", "jax", "keras_jax", "keras_torch"} <= covered
-    assert {mutant.process for mutant in mutants.CATALOGUE} == {"main", "keras_jax", "keras_torch"}
+    assert {mutant.process for mutant in mutants.CATALOGUE} == {"main", "keras_jax", "keras_torch", "jax_sharded",
+                                                               "tf_replicated"}
 
 
 def test_an_unknown_mutant_is_an_error(monkeypatch):
