@@ -134,3 +134,40 @@ def test_every_shipped_precision_case_is_comparable(path):
     spread = reference.rounding_spread(prepared.problem, replay, prepared.to_original)
     bands = reference.trajectory_bands(replay, spread)
     assert bands.comparable == len(replay.params), f"{path.stem}: only {bands.comparable} epochs comparable"
+
+
+class _Value:
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def numpy(self) -> float:
+        return self.value
+
+
+class _Keras2Scaler:
+    """The two things Keras2Skips reads of Keras 2's LossScaleOptimizer, set by hand."""
+
+    def __init__(self, scale: float) -> None:
+        self.loss_scale, self.dynamic_counter = _Value(scale), _Value(0)
+
+    def after(self, scale: float, counter: int) -> None:
+        self.loss_scale, self.dynamic_counter = _Value(scale), _Value(counter)
+
+
+def test_keras2_skips_are_read_from_the_scaler_state():
+    """Keras 2 advances `iterations` on a skipped step, so a skip is read from the scaler: its
+    counter back at 0 without growth. Growth (counter 0, scale doubled) and a good step (counter
+    up) are not skips; a skip at the floor of 1 (scale stays 1, counter 0) is."""
+    from conformance.backends._keras_common import Keras2Skips
+
+    scaler = _Keras2Scaler(1024.0)
+    skips = Keras2Skips(scaler)
+    for scale, counter in [(512.0, 0), (512.0, 1), (512.0, 2), (1024.0, 0), (1024.0, 1), (512.0, 0)]:
+        scaler.after(scale, counter)
+        skips.after_step()
+    assert skips.skipped == 2
+    floor = _Keras2Scaler(1.0)
+    at_floor = Keras2Skips(floor)
+    floor.after(1.0, 0)
+    at_floor.after_step()
+    assert at_floor.skipped == 1

@@ -125,7 +125,7 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
     placement = keras.device(_keras_device(backend, device)) if distribution is None else distribution.scope()
     with _keras_common.floatx(keras, problem.dtype), placement:
         model = _keras_common.model(keras, problem, steps_per_execution=1, jit_compile=JIT_COMPILE[backend])
-        kernel = model.layers[-1].kernel
+        kernel = _keras_common.output_kernel(model)
         if kernel.dtype != problem.dtype:
             raise Unavailable(f"Keras on {backend} made a {kernel.dtype} kernel for this {problem.dtype} case")
         if problem.dtype == "float64" and (rounded := _float64_rounding_here()):
@@ -154,7 +154,7 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
         info |= {"loss_note": "Keras's loss includes the L2 term that carries weight decay",
                  "loss_includes_l2_penalty": True}  # the trajectory check adds the replay's penalty
     if dtypes is not None:
-        info["precision"] = _keras_common.precision_info(problem, model, dtypes)
+        info["precision"] = _keras_common.precision_info(keras, problem, model, dtypes)
     if distribution is not None:
         info["replicas"] = replica_info(problem, distribution, model)
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info,

@@ -17,10 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import Unavailable, _compiled
+from conformance.backends import _compiled
 from conformance.problem import Optimizer, Problem
-
-KERAS2_MIXED = "mixed precision under Keras 2 not built yet"
 
 
 @contextlib.contextmanager
@@ -75,18 +73,22 @@ KERAS_CLIP_ARGUMENT = {"global_norm": "global_clipnorm", "norm": "clipnorm", "va
 
 def scaled_optimizer(keras: ModuleType, problem: Problem, learning_rate: Any = None,
                      clip: dict[str, Any] | None = None) -> Any:
-    """The case's optimizer (`optimizer`) with the case's loss scale, as Keras 3 users set it.
+    """The case's optimizer (`optimizer`) with the case's loss scale, as Keras users set it.
 
-    No loss scale: the optimizer itself. Fixed S: the optimizer's own `loss_scale_factor=S`
-    (Keras 3's LossScaleOptimizer has no fixed mode). Dynamic: `LossScaleOptimizer(inner,
-    initial_scale=S0, dynamic_growth_steps=G)`; its growth (x2) and backoff (x0.5) are fixed in
-    Keras 3, with no argument to pass. Clipping stays on the inner optimizer, which clips the
-    unscaled gradients (the wrapper refuses clipping arguments). Keras 2: Unavailable.
+    No loss scale: the optimizer itself. Keras 3: a fixed S is the optimizer's own
+    `loss_scale_factor=S` (Keras 3's LossScaleOptimizer has no fixed mode); dynamic is
+    `LossScaleOptimizer(inner, initial_scale=S0, dynamic_growth_steps=G)`. Keras 2:
+    `tf.keras.mixed_precision.LossScaleOptimizer(inner, dynamic=..., initial_scale=...,
+    dynamic_growth_steps=...)`, fixed or dynamic. Growth (x2) and backoff (x0.5) are fixed in
+    both, with no argument to pass. Clipping stays on the inner optimizer, which clips the
+    unscaled gradients (Keras 3's wrapper refuses clipping arguments).
     """
     scale = problem.loss_scale
     if scale is None:
         return optimizer(keras, problem.optimizer, learning_rate, clip)
-    require_keras3(keras)
+    if not is_keras3(keras):
+        inner = optimizer(keras, problem.optimizer, learning_rate, clip)
+        return keras2_loss_scale_optimizer(keras, inner, scale)
     if scale["kind"] == "fixed":
         return optimizer(keras, problem.optimizer, learning_rate, clip, loss_scale_factor=scale["scale"])
     inner = optimizer(keras, problem.optimizer, learning_rate, clip)
@@ -94,12 +96,15 @@ def scaled_optimizer(keras: ModuleType, problem: Problem, learning_rate: Any = N
                                                dynamic_growth_steps=scale["growth_interval"])
 
 
-def require_keras3(keras: ModuleType) -> None:
-    """Mixed precision is built for Keras 3 only: Keras 2 needs a float32 last layer (its loss is
-    in the compute dtype otherwise) and counts skipped steps in `iterations`; until that is
-    built and measured, a skip rather than wrong numbers."""
-    if not is_keras3(keras):
-        raise Unavailable(KERAS2_MIXED)
+def keras2_loss_scale_optimizer(keras: ModuleType, inner: Any, scale: dict[str, Any]) -> Any:
+    """Keras 2's `mixed_precision.LossScaleOptimizer` around `inner`, every setting explicit:
+    `dynamic=False, initial_scale=S` (fixed: never skips) or `dynamic=True, initial_scale=S0,
+    dynamic_growth_steps=G`. Unlike Keras 3 it advances `iterations` on a skipped step (so
+    Adam's bias correction and a schedule count it; docs/mixed-precision.md)."""
+    if scale["kind"] == "fixed":
+        return keras.mixed_precision.LossScaleOptimizer(inner, dynamic=False, initial_scale=float(scale["scale"]))
+    return keras.mixed_precision.LossScaleOptimizer(inner, dynamic=True, initial_scale=float(scale["initial"]),
+                                                    dynamic_growth_steps=int(scale["growth_interval"]))
 
 
 def is_keras3(keras: ModuleType) -> bool:
@@ -109,48 +114,84 @@ def is_keras3(keras: ModuleType) -> bool:
 
 def layer_dtype(keras: ModuleType, problem: Problem) -> Any:
     """The dtype each `Dense` gets: the case's dtype, or under mixed precision a per-layer
-    `keras.DTypePolicy("mixed_bfloat16" | "mixed_float16")`: float32 variables, the layer's
-    inputs, matmul, bias add and activation in the compute dtype. The model's own policy stays
-    float32 (no global state), so `compile` does not wrap the optimizer by itself."""
+    policy ("mixed_bfloat16" | "mixed_float16": `keras.DTypePolicy` in Keras 3,
+    `keras.mixed_precision.Policy` in Keras 2): float32 variables, the layer's inputs, matmul,
+    bias add and activation in the compute dtype. The model's own policy stays float32 (no
+    global state), so `compile` does not wrap the optimizer by itself."""
     if problem.precision is None:
         return problem.dtype
-    require_keras3(keras)
+    if not is_keras3(keras):
+        return keras.mixed_precision.Policy(problem.precision)
     return keras.DTypePolicy(problem.precision)
 
 
 def scaling_state(keras: ModuleType, optimizer: Any) -> tuple[float, int]:
-    """The optimizer's loss scale now (`dynamic_scale`, or the fixed `loss_scale_factor`) and
-    its `iterations`, which in Keras 3 count applied steps only (a skipped step leaves them)."""
+    """The optimizer's loss scale now and its `iterations`: Keras 3's `dynamic_scale` or fixed
+    `loss_scale_factor` (its iterations count applied steps only), Keras 2's `loss_scale`
+    (its iterations count skipped steps too: Keras2Skips reads those)."""
+    if not is_keras3(keras):
+        return _number(keras, optimizer.loss_scale), int(_number(keras, optimizer.iterations))
     scale = getattr(optimizer, "dynamic_scale", None)
     value = _number(keras, scale) if scale is not None else float(optimizer.loss_scale_factor)
     return value, int(_number(keras, optimizer.iterations))
 
 
+class Keras2Skips:
+    """Skipped steps of Keras 2's dynamic `LossScaleOptimizer`, read from its state after every
+    step. Keras 2 advances `iterations` on a skipped step, so the count of applied steps is not
+    there; a step was skipped when its good-step counter went back to 0 without the scale
+    growing (growth also zeroes the counter, but doubles the scale; a skip halves it, with a
+    floor of 1 where it stays)."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.scale = float(optimizer.loss_scale.numpy())
+        self.skipped = 0
+
+    def after_step(self) -> None:
+        scale = float(self.optimizer.loss_scale.numpy())
+        if int(self.optimizer.dynamic_counter.numpy()) == 0 and scale <= self.scale:
+            self.skipped += 1
+        self.scale = scale
+
+
 def loss_scale_settings(optimizer: Any) -> dict[str, Any] | None:
     """The loss scale settings as the optimizer holds them (what was really passed)."""
     if hasattr(optimizer, "inner_optimizer"):
-        return {"class": type(optimizer).__name__, "inner": type(optimizer.inner_optimizer).__name__,
-                "initial_scale": float(optimizer.initial_scale),
-                "dynamic_growth_steps": int(optimizer.dynamic_growth_steps),
-                "growth_factor": 2.0, "backoff_factor": 0.5,
-                "note": "growth x2 and backoff x0.5 are fixed in Keras 3 (no argument)"}
+        settings = {"class": type(optimizer).__name__, "inner": type(optimizer.inner_optimizer).__name__}
+        if getattr(optimizer, "dynamic", True) is False:  # Keras 2's fixed scale
+            return settings | {"dynamic": False, "initial_scale": float(optimizer.initial_scale)}
+        return settings | {"initial_scale": float(optimizer.initial_scale),
+                           "dynamic_growth_steps": int(optimizer.dynamic_growth_steps),
+                           "growth_factor": 2.0, "backoff_factor": 0.5,
+                           "note": "growth x2 and backoff x0.5 are fixed in Keras (no argument)"}
     factor = getattr(optimizer, "loss_scale_factor", None)
     return None if factor is None else {"class": type(optimizer).__name__, "loss_scale_factor": float(factor)}
 
 
-def precision_info(problem: Problem, model: Any, dtypes: dict[str, str]) -> dict[str, Any]:
+def precision_info(keras: ModuleType, problem: Problem, model: Any, dtypes: dict[str, str]) -> dict[str, Any]:
     """`info["precision"]`: the precision, the compute dtype of the layers' policy, the dtypes
     read from a probe's real tensors (`dtypes`: output, loss, gradient, variable), the loss
     scale settings as the optimizer holds them, and the calls used."""
     optimizer = model.optimizer
     settings = loss_scale_settings(optimizer)
-    api = f"Dense(dtype=keras.DTypePolicy({problem.precision!r})) per layer"
-    if settings is not None and "initial_scale" in settings:
-        api += (f"; keras.optimizers.LossScaleOptimizer({settings['inner']}, initial_scale="
+    keras3 = is_keras3(keras)
+    policy = "keras.DTypePolicy" if keras3 else "tf.keras.mixed_precision.Policy"
+    api = f"Dense(dtype={policy}({problem.precision!r})) per layer"
+    if not keras3:
+        api += "; Activation('linear', dtype='float32') last (the loss in float32)"
+    prefix = "keras.optimizers" if keras3 else "tf.keras.mixed_precision"
+    if settings is not None and "dynamic_growth_steps" in settings:
+        dynamic = "" if keras3 else "dynamic=True, "
+        api += (f"; {prefix}.LossScaleOptimizer({settings['inner']}, {dynamic}initial_scale="
                 f"{settings['initial_scale']:g}, dynamic_growth_steps={settings['dynamic_growth_steps']})")
+    elif settings is not None and "inner" in settings:
+        api += f"; {prefix}.LossScaleOptimizer({settings['inner']}, dynamic=False, " \
+               f"initial_scale={settings['initial_scale']:g})"
     elif settings is not None:
         api += f"; {settings['class']}(loss_scale_factor={settings['loss_scale_factor']:g})"
-    api += "; compile(auto_scale_loss=False)"
+    if keras3:
+        api += "; compile(auto_scale_loss=False)"
     return {"precision": problem.precision, "compute_dtype": str(model.layers[0].compute_dtype)} | dtypes | \
         {"loss_scale": settings, "api": api}
 
@@ -237,11 +278,15 @@ def model(keras: ModuleType, problem: Problem, steps_per_execution: int, jit_com
                                          bias_regularizer=regularizer if layer.bias else None,
                                          dtype=layer_dtype(keras, problem), name=layer.name))
         initial.append([kernel] + ([] if bias is None else [bias]))
-    built = keras.Sequential([keras.Input(shape=(problem.features,), dtype=problem.dtype), *layers])
+    # Keras 2 computes the loss in its input's dtype: the mixed-precision guide's float32 last layer
+    last = [keras.layers.Activation("linear", dtype="float32", name="output_float32")] \
+        if problem.precision is not None and not is_keras3(keras) else []
+    built = keras.Sequential([keras.Input(shape=(problem.features,), dtype=problem.dtype), *layers, *last])
     for dense, weights in zip(layers, initial):
         dense.set_weights(weights)
     # mixed precision: the loss scale is the one built here, never compile's default wrapper
-    wrapper = {} if problem.precision is None else {"auto_scale_loss": False}
+    # (Keras 2 wraps only when the model's own policy is mixed_float16; here it is float32)
+    wrapper = {"auto_scale_loss": False} if problem.precision is not None and is_keras3(keras) else {}
     built.compile(optimizer=scaled_optimizer(keras, problem, per_step_schedule(keras, problem), problem.clip),
                   loss=loss(keras, problem),
                   steps_per_execution=steps_per_execution, jit_compile=jit_compile, **wrapper)
@@ -274,6 +319,11 @@ def parameters(built: Any) -> list[Any]:
     return [variable for layer in built.layers for variable in layer.weights]
 
 
+def output_kernel(built: Any) -> Any:
+    """The output `Dense`'s kernel (Keras 2 under mixed precision ends in a float32 Activation)."""
+    return next(layer for layer in reversed(built.layers) if layer.weights).kernel
+
+
 class EpochRecords:
     """What a recorder callback keeps per case epoch: the parameters, Keras's own loss, and the
     time at its end. A mixin for the callback classes, which are made at runtime because Keras is
@@ -295,11 +345,13 @@ class EpochRecords:
         self.started = 0.0
         self.scales: list[float] = []  # with a loss scale: the optimizer's scale after each epoch
         self.iterations: list[int] = []  # ... and its iterations (applied steps) then
+        self.skips: Keras2Skips | None = None  # Keras 2's dynamic scaling: skips read per step
 
     def record_scaling(self, scale: float, iterations: int) -> None:
-        """With a loss scale: the optimizer's scale and iterations at an epoch's end."""
+        """With a loss scale: the optimizer's scale and iterations at an epoch's end (less the
+        skipped steps under Keras 2, whose iterations count them)."""
         self.scales.append(scale)
-        self.iterations.append(iterations)
+        self.iterations.append(iterations - (0 if self.skips is None else self.skips.skipped))
 
     @property
     def history_loss_scale(self) -> np.ndarray | None:

@@ -10,9 +10,12 @@ Mixed precision (`problem.precision`) as the TensorFlow guide's custom loops wri
 `tf.Variable`s (the policy's variable dtype), `tf.cast` of the inputs, kernels and biases to the
 policy's compute dtype in the forward pass, the output cast to float32 before the loss; a loss
 scale through Keras 3's optimizer (`scale_loss` in the tape, `apply` unscales, and skips a step
-with non-finite gradients under `LossScaleOptimizer`). Measured on CPU (TF 2.21): in bfloat16 the
-graph executor's oneDNN fuses `matmul`, bias add and activation and rounds once, after the
-activation; float16, and XLA in both, round the matmul and the bias add apart (as the replay).
+with non-finite gradients under `LossScaleOptimizer`), or under Keras 2 through its
+`mixed_precision.LossScaleOptimizer` as its guide's loop writes it (`get_scaled_loss` in the
+tape, `get_unscaled_gradients`, then the loop's own clipping and `apply_gradients`). Measured
+on CPU (TF 2.21): in bfloat16 the graph executor's oneDNN fuses `matmul`, bias add and
+activation and rounds once, after the activation; float16, and XLA in both, round the matmul
+and the bias add apart (as the replay).
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
     compiled program.
     """
     if problem.replicas > 1:  # MirroredStrategy in a replicated worker (_tf_distributed)
+        if problem.loss_scale is not None and _tensorflow.keras_major() < 3:
+            raise Unavailable(f"the replicated GradientTape loop scales the loss with Keras 3's scale_loss / apply; "
+                              f"under Keras {_tensorflow.keras_version()} (get_scaled_loss / "
+                              "get_unscaled_gradients in strategy.run) it is not built: the single-replica loop "
+                              "covers Keras 2's loss scaling")
         if not _tf_distributed.in_replicated_worker():
             return _tf_distributed.train_in_worker(NAME + ("_xla" if jit_compile else ""), problem, device)
         from conformance.backends import _tape_distributed
@@ -112,16 +120,19 @@ def _optimizer(keras: Any, problem: Problem, learning_rate: Any) -> tuple[Any, d
     scale is the optimizer's `loss_scale_factor` (Keras 3's `LossScaleOptimizer` has no fixed
     mode and tells users to set that instead); a dynamic one is
     `LossScaleOptimizer(inner, initial_scale, dynamic_growth_steps)`, whose growth x2 and backoff
-    x0.5 are Keras's fixed rule (not arguments). Keras 2's scaler API differs
-    (`get_scaled_loss`, `get_unscaled_gradients`, and skipped steps advance `iterations`): not
-    written here for lack of a TF 2.15 environment to test it, so such cases skip.
+    x0.5 are Keras's fixed rule (not arguments). Keras 2: its
+    `mixed_precision.LossScaleOptimizer(inner, dynamic, initial_scale, dynamic_growth_steps)`
+    around an optimizer without clipping (the loop clips the unscaled gradients itself).
     """
     if problem.loss_scale is None:
         return _keras_common.optimizer(keras, problem.optimizer, learning_rate), None
     if _tensorflow.keras_major() < 3:
-        raise Unavailable(f"loss scaling in the GradientTape loop is written for Keras 3 (scale_loss / apply); "
-                          f"Keras {_tensorflow.keras_version()}'s get_scaled_loss / get_unscaled_gradients "
-                          "path is not implemented")
+        inner = _keras_common.optimizer(keras, problem.optimizer, learning_rate)
+        optimizer = _keras_common.keras2_loss_scale_optimizer(keras, inner, problem.loss_scale)
+        return optimizer, {"optimizer": f"mixed_precision.LossScaleOptimizer({type(inner).__name__})",
+                           "dynamic": bool(optimizer.dynamic), "initial_scale": float(optimizer.initial_scale),
+                           "dynamic_growth_steps": optimizer.dynamic_growth_steps} | \
+            ({"growth_factor": 2.0, "backoff_factor": 0.5} if optimizer.dynamic else {})
     inner = _keras_common.optimizer(keras, problem.optimizer, learning_rate, problem.clip)
     if problem.loss_scale["kind"] == "fixed":
         inner.loss_scale_factor = float(problem.loss_scale["scale"])
@@ -138,7 +149,10 @@ def _precision_info(problem: Problem, seen: dict[str, str], scaling: dict[str, A
     """info["precision"]: the dtypes of the traced tensors of this run, and the calls used."""
     api = f"tf.cast to keras.mixed_precision.Policy({problem.precision!r}).compute_dtype in the forward pass, " \
           "tf.cast(output, float32) before the loss"
-    if scaling is not None:
+    if scaling is not None and _tensorflow.keras_major() < 3:
+        api += f"; {scaling['optimizer']}: optimizer.get_scaled_loss(loss) in the tape, " \
+               "optimizer.get_unscaled_gradients(grads), the loop's clipping, optimizer.apply_gradients"
+    elif scaling is not None:
         api += f"; {scaling['optimizer']}: optimizer.scale_loss(loss) in the tape, optimizer.apply(grads, vars)"
     return {"precision": problem.precision, **seen, "loss_scale": scaling, "api": api}
 
@@ -256,6 +270,10 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
 
     shuffled = problem.orders is not None
     scaled = problem.loss_scale is not None
+    keras2_scaled = scaled and _tensorflow.keras_major() < 3  # get_scaled_loss / get_unscaled_gradients
+    # Keras 2 advances `iterations` on a skipped step: the loop counts the skips it reads
+    keras2_skips = tf.Variable(0, dtype=tf.int64, trainable=False) \
+        if keras2_scaled and problem.dynamic_scaling else None
 
     def step(order: Any, start: Any, size: int) -> Any:
         """One optimizer step on `size` rows of `order` from `start`; the loss times the size.
@@ -272,18 +290,24 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
             losses = per_sample(_forward(tf, x_batch, layers, compute_dtype, seen), y_batch)
             loss = reduce(losses * w_batch if weighted else losses)
             if scaled:
-                scaled_loss = optimizer.scale_loss(loss)
+                scaled_loss = optimizer.get_scaled_loss(loss) if keras2_scaled else optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss if scaled else loss, variables)
         if seen is not None:
             seen.update(loss_dtype=loss.dtype.name, gradient_dtype=gradients[0].dtype.name,
                         variable_dtype=variables[0].dtype.name)
-        if scaled:
+        if scaled and not keras2_scaled:
             scaled_step(gradients)
-        else:
-            gradients = _clipped(tf, gradients, problem.clip)
-            if decay:
-                gradients = [g + decay * v for g, v in zip(gradients, variables)]
-            optimizer.apply_gradients(zip(gradients, variables))
+            return loss * tf.constant(size, dtype=x.dtype)
+        scale_before = optimizer.loss_scale if keras2_skips is not None else None
+        if keras2_scaled:
+            gradients = optimizer.get_unscaled_gradients(gradients)
+        gradients = _clipped(tf, gradients, problem.clip)
+        if decay:
+            gradients = [g + decay * v for g, v in zip(gradients, variables)]
+        optimizer.apply_gradients(zip(gradients, variables))
+        if keras2_skips is not None:  # skipped: the good-step counter back at 0 without growth
+            skipped = tf.logical_and(tf.equal(optimizer.dynamic_counter, 0), optimizer.loss_scale <= scale_before)
+            keras2_skips.assign_add(tf.cast(skipped, tf.int64))
         return loss * tf.constant(size, dtype=x.dtype)
 
     def scaled_step(gradients: list[Any]) -> None:
@@ -306,9 +330,18 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
     def last_scale() -> Any:
         """The loss scale the optimizer holds now: `LossScaleOptimizer`'s variable, or the fixed
         factor."""
+        if keras2_scaled:
+            return tf.cast(optimizer.loss_scale, tf.float64)
         if problem.dynamic_scaling:
             return tf.cast(optimizer.dynamic_scale, tf.float64)
         return tf.constant(optimizer.loss_scale_factor, tf.float64)
+
+    def applied_steps() -> Any:
+        """The optimizer's applied steps so far: its `iterations` (Keras 3's LossScaleOptimizer
+        counts applied steps only; Keras 2's counts skips too, less those the loop read)."""
+        # a read, not the variable: Keras 2's int64 `iterations` is returned as it is by tf.cast
+        count = tf.identity(tf.cast(optimizer.iterations, tf.int64))
+        return count if keras2_skips is None else count - keras2_skips
 
     def write_epoch(arrays: tuple[Any, ...], epoch: Any, total: Any, count_before: Any) -> tuple[Any, ...]:
         """`arrays` with the epoch's records written (a loss scale adds the scale and the
@@ -319,7 +352,7 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
         if not scaled:
             return written
         scales, skipped = scaling
-        applied = tf.cast(optimizer.iterations, tf.int64) - count_before
+        applied = applied_steps() - count_before
         return written + (scales.write(epoch, last_scale()), skipped.write(epoch, problem.steps_per_epoch - applied))
 
     @tf.function(jit_compile=jit_compile)
@@ -334,7 +367,7 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
             order = orders[epoch] if shuffled else orders[0]
             if per_epoch:
                 optimizer.learning_rate.assign(tf.cast(rate_schedule(epoch), optimizer.learning_rate.dtype))
-            count_before = tf.cast(optimizer.iterations, tf.int64) if scaled else None
+            count_before = applied_steps() if scaled else None
             total = tf.constant(0.0, dtype=x.dtype)
             for index in tf.range(full_batches, dtype=tf.int64):
                 total += step(order, index * batch, batch)

@@ -52,17 +52,19 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
     strategy = _tf_distributed.strategy(problem, device) if problem.replicas > 1 else None
     placement = tf.device(_tensorflow.tf_device(device)) if strategy is None else strategy.scope()
     per_step = plain or strategy is not None  # one step per execution, one Keras epoch per case epoch
+    # Keras 2's skipped steps are read from the loss scaler after each step (Keras2Skips)
+    steps_per_call = 1 if per_step or _keras2_dynamic_scaling(problem) else problem.steps_per_epoch
     with _tensorflow.floatx(problem.dtype), placement:
-        model = _model(problem, steps_per_execution=1 if per_step else problem.steps_per_epoch, jit_compile=jit_compile)
+        model = _model(problem, steps_per_execution=steps_per_call, jit_compile=jit_compile)
         dtypes = None if problem.precision is None else _probe_dtypes(model, problem, strategy)
-        recorder = _recorder_class()(problem, per_execution=not per_step)
+        recorder = _recorder_class()(problem, per_execution=not per_step, steps_per_call=steps_per_call)
         scheduler = _keras_common.epoch_scheduler(_tensorflow.keras(), problem)
         _fit(model, problem, [recorder] if scheduler is None else [scheduler, recorder], plain, strategy)
         predictions = None
         if problem.predict_x is not None:
             predictions = _keras_common.outputs_as_predictions(problem, model(problem.predict_x, training=False),
                                                                tf.math.sigmoid)
-    kernel = model.layers[-1].kernel
+    kernel = _keras_common.output_kernel(model)
     feeding = "fit(x, y)" if plain else "fit(tf.data, steps_per_execution=one epoch)" if strategy is None else \
         "fit(distribute_datasets_from_function(one shard per replica and step), steps_per_execution=1)"
     info = _tensorflow.environment(device, kernel) | {"jit_compile": bool(getattr(model, "jit_compile", False)),
@@ -77,10 +79,14 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
     if scheduler is not None:
         info["schedule"] = "keras.callbacks.LearningRateScheduler (every epoch)"
     if dtypes is not None:
-        info["precision"] = _keras_common.precision_info(problem, model, dtypes)
+        info["precision"] = _keras_common.precision_info(_tensorflow.keras(), problem, model, dtypes)
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info,
                       rates=recorder.history_rates, loss_scale=recorder.history_loss_scale,
                       skipped=recorder.history_skipped)
+
+
+def _keras2_dynamic_scaling(problem: Problem) -> bool:
+    return problem.dynamic_scaling and _tensorflow.keras_major() < 3
 
 
 def _fit(model: Any, problem: Problem, callbacks: list[Any], plain: bool, strategy: Any) -> None:
@@ -186,18 +192,30 @@ def _recorder_class() -> type:
     class EpochRecorder(_keras_common.EpochRecords, keras.callbacks.Callback):
         """Parameters and Keras's own epoch loss after every epoch.
 
-        per_execution: the whole training is one Keras epoch whose executions are the case's
-        epochs; the loss tracker is reset after each, so its mean is the epoch's, as in `fit`.
+        per_execution: the whole training is one Keras epoch (or one per case epoch) whose
+        executions, `steps_per_call` steps each, end the case's epochs; the loss tracker is reset
+        at each case epoch's end, so its mean is the epoch's, as in `fit`. Under Keras 2's dynamic
+        loss scaling every step is an execution, and its skips are read after each.
         """
 
-        def __init__(self, problem: Problem, per_execution: bool) -> None:
+        def __init__(self, problem: Problem, per_execution: bool, steps_per_call: int) -> None:
             super().__init__()
             self.problem, self.per_execution = problem, per_execution
+            self.calls_per_epoch = problem.steps_per_epoch // steps_per_call
+            self.calls = 0
             self.reset_records()
             self._read_and_reset: Any = None
 
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            super().on_train_begin(logs)
+            if _keras2_dynamic_scaling(self.problem):
+                self.skips = _keras_common.Keras2Skips(self.model.optimizer)
+
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            if self.per_execution:
+            if self.skips is not None:
+                self.skips.after_step()
+            self.calls += 1
+            if self.per_execution and self.calls % self.calls_per_epoch == 0:
                 parameters, scaling = self._read_parameters_and_reset_metrics()
                 self.record(parameters, logs)
                 self.record_rate(keras)
@@ -224,7 +242,8 @@ def _recorder_class() -> type:
                 weights = _keras_common.parameters(self.model)
                 counters = [variable for metric in self.model.metrics for variable in metric.variables]
                 optimizer = self.model.optimizer
-                scale = getattr(optimizer, "dynamic_scale", None)
+                scale = getattr(optimizer, "dynamic_scale", None)  # Keras 3 dynamic
+                keras2 = _tensorflow.keras_major() < 3
 
                 def read_and_reset() -> Any:
                     flat = tf.concat([tf.reshape(weight, [-1]) for weight in weights], axis=0)
@@ -232,7 +251,10 @@ def _recorder_class() -> type:
                         variable.assign(tf.zeros_like(variable))
                     if self.problem.loss_scale is None:
                         return flat, []
-                    now = tf.constant(optimizer.loss_scale_factor, tf.float32) if scale is None else scale
+                    if keras2:  # mixed_precision.LossScaleOptimizer, fixed or dynamic
+                        now = optimizer.loss_scale
+                    else:
+                        now = tf.constant(optimizer.loss_scale_factor, tf.float32) if scale is None else scale
                     return flat, [tf.identity(now), tf.identity(optimizer.iterations)]
 
                 self._read_and_reset = tf.function(read_and_reset)
