@@ -21,8 +21,13 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from conformance.schema import BACKEND_NAMES
+
+if TYPE_CHECKING:
+    from conformance.problem import Trajectory
+    from conformance.workers import WorkerKind
 
 MODULES = {name: f"conformance.backends.{name}" for name in BACKEND_NAMES}
 
@@ -41,3 +46,19 @@ def load(name: str) -> ModuleType:
     if name not in MODULES:
         raise KeyError(f"unknown backend {name!r}; expected one of: {', '.join(MODULES)}")
     return importlib.import_module(MODULES[name])
+
+
+def train_in_worker(kind: WorkerKind, function: str, *arguments: Any) -> Trajectory:
+    """`function(*arguments)` in this process's worker of `kind`, its trajectory data back as a
+    Trajectory; the worker's Unavailable raised here as Unavailable (a skip with its reason),
+    any other error as the worker reported it."""
+    from conformance import workers
+    from conformance.problem import Trajectory
+
+    try:
+        data = workers.POOL.call(kind, function, *arguments)
+    except workers.WorkerError as error:
+        if error.kind == Unavailable.__name__:
+            raise Unavailable(error.message) from None
+        raise
+    return Trajectory.from_data(data)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import workers
+from conformance import backends, workers
 from conformance.backends import Unavailable, _frameworks
 from conformance.backends import jax as _jax
 from conformance.problem import Problem, Trajectory
@@ -51,14 +51,8 @@ def worker_kind(replicas: int) -> workers.WorkerKind:
 def train(problem: Problem, device: str) -> Trajectory:
     """Train `problem` data-parallel: on CPU devices of the worker, or on this process's GPUs."""
     if device == "cpu":
-        try:
-            data = workers.POOL.call(worker_kind(problem.replicas), "conformance.backends._jax_sharded:train_here",
-                                     problem.to_data())
-        except workers.WorkerError as error:
-            if error.kind == Unavailable.__name__:
-                raise Unavailable(error.message) from None
-            raise
-        return Trajectory.from_data(data)
+        return backends.train_in_worker(worker_kind(problem.replicas), "conformance.backends._jax_sharded:train_here",
+                                        problem.to_data())
     first = int(device.split(":")[1])
     gpus = _jax._devices()
     chosen = [gpus[f"cuda:{index}"] for index in range(first, first + problem.replicas) if f"cuda:{index}" in gpus]

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import workers
+from conformance import backends, workers
 from conformance.backends import Unavailable, _frameworks, _keras_common
 from conformance.problem import Problem, Trajectory
 
@@ -86,14 +86,8 @@ def train(framework: str, problem: Problem, device: str) -> Trajectory:
     """Train `problem` with Keras on `framework` in this process's worker for it."""
     if problem.replicas > 1 and framework in WHY_NOT_DATA_PARALLEL:
         raise Unavailable(WHY_NOT_DATA_PARALLEL[framework])
-    try:
-        data = workers.POOL.call(worker_kind(framework, problem.replicas, device),
-                                 "conformance.backends._keras3:train_here", problem.to_data(), device)
-    except workers.WorkerError as error:
-        if error.kind == Unavailable.__name__:
-            raise Unavailable(error.message) from None
-        raise
-    return Trajectory.from_data(data)
+    return backends.train_in_worker(worker_kind(framework, problem.replicas, device),
+                                    "conformance.backends._keras3:train_here", problem.to_data(), device)
 
 
 # --- in the worker process -------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import workers
+from conformance import backends, workers
 from conformance.backends import Unavailable, _frameworks
 from conformance.problem import Problem, Trajectory
 
@@ -48,14 +48,8 @@ def worker_kind(replicas: int) -> workers.WorkerKind:
 
 def train_in_worker(backend: str, problem: Problem, device: str) -> Trajectory:
     """Train `problem` with `backend` in this process's replicated worker for its R."""
-    try:
-        data = workers.POOL.call(worker_kind(problem.replicas), "conformance.backends._tf_distributed:train_here",
-                                 backend, problem.to_data(), device)
-    except workers.WorkerError as error:
-        if error.kind == Unavailable.__name__:
-            raise Unavailable(error.message) from None
-        raise
-    return Trajectory.from_data(data)
+    return backends.train_in_worker(worker_kind(problem.replicas), "conformance.backends._tf_distributed:train_here",
+                                    backend, problem.to_data(), device)
 
 
 # --- in the worker process -------------------------------------------------------------------
