@@ -5,7 +5,8 @@ happen fails the item), with the deviation's measured size. The expectations fil
 them for cases nobody wrote by hand, in the spirit of array-api-tests' xfails file: each entry
 is an `expect` entry plus `when`, the conditions under which the deviation can appear (dtype,
 optimizer and its settings, loss and its settings, schedule and its settings, clip, hidden
-layers' activations; `versions` as in `expect`). A file entry is not strict: where the
+layers' activations, precision, loss scale, replicas and whether their shards are even;
+`versions` as in `expect`). A file entry is not strict: where the
 condition holds, the deviation may show (the item is then xfailed with the entry's reason) or
 may not (the item passes, and the report says which entry applied).
 
@@ -56,6 +57,7 @@ class When(Strict):
     precision: OneOrMany | None = None  # v1.2: mixed_bfloat16, mixed_float16
     loss_scale: OneOrMany | None = None  # v1.2: fixed, dynamic
     replicas: Condition | None = None  # v1.2: a number of replicas, or a comparison such as "> 1"
+    shards: Literal["even", "uneven"] | None = None  # v1.2: whether some batch splits into unequal shards
 
     @field_validator("settings", "loss_settings", "schedule_settings")
     @classmethod
@@ -140,6 +142,8 @@ def holds(when: When, problem: Problem) -> bool:
         return False
     if when.replicas is not None and not _all_hold({"replicas": when.replicas}, {"replicas": problem.replicas}):
         return False
+    if when.shards is not None and when.shards != ("uneven" if uneven_shards(problem) else "even"):
+        return False
     activations = {layer["activation"] for layer in problem.hidden or []}
     if when.activation is not None and not activations & set(_names(when.activation)):
         return False
@@ -148,6 +152,14 @@ def holds(when: When, problem: Problem) -> bool:
         "every": problem.schedule["every"]}
     return (_all_hold(when.settings, problem.optimizer.settings) and _all_hold(when.loss_settings, loss_settings)
             and _all_hold(when.schedule_settings, schedule_settings))
+
+
+def uneven_shards(problem: Problem) -> bool:
+    """Whether some step's batch (a full one, or the shorter last one) splits into shards of
+    different sizes over the case's replicas (never with one replica)."""
+    full, last = divmod(problem.n, problem.batch_size)
+    sizes = ([problem.batch_size] if full else []) + ([last] if last else [])
+    return any(size % problem.replicas for size in sizes)
 
 
 def _kind_holds(kinds: str | list[str] | None, given: dict[str, Any] | None) -> bool:

@@ -86,3 +86,22 @@ def test_when_activation_matches_any_hidden_layer():
     assert not expectations.holds(when({"activation": "relu"}), network)
     assert not expectations.holds(when({"activation": "gelu"}), linear)  # no hidden layers: no activation
     assert expectations.holds(when({}), linear)
+
+
+def test_when_shards_tells_even_splits_from_uneven_ones():
+    """The short-shard deviation needs a batch the replicas do not divide: a full batch or the
+    shorter last one; one replica is always even."""
+    from dataclasses import replace
+
+    from conformance.problem import Optimizer, Problem
+
+    base = Problem("p", np.zeros((8, 1)), np.zeros(8), np.zeros(2), None, 1, 4, None, "mean",
+                   Optimizer("sgd", {"learning_rate": 0.1}), "float64")
+    when = expectations.When.model_validate
+    even = replace(base, replicas=2)  # batches of 4 and 4
+    short_last = replace(base, x=np.zeros((7, 1)), y=np.zeros(7), replicas=2)  # 4 and 3
+    odd_batch = replace(base, replicas=3)  # 4 over 3 replicas
+    assert expectations.holds(when({"shards": "even"}), even) and expectations.holds(when({"shards": "even"}), base)
+    assert expectations.holds(when({"shards": "uneven"}), short_last)
+    assert expectations.holds(when({"replicas": "> 1", "shards": "uneven"}), odd_batch)
+    assert not expectations.holds(when({"shards": "uneven"}), even)
