@@ -157,9 +157,7 @@ def holds(when: When, problem: Problem) -> bool:
 def uneven_shards(problem: Problem) -> bool:
     """Whether some step's batch (a full one, or the shorter last one) splits into shards of
     different sizes over the case's replicas (never with one replica)."""
-    full, last = divmod(problem.n, problem.batch_size)
-    sizes = ([problem.batch_size] if full else []) + ([last] if last else [])
-    return any(size % problem.replicas for size in sizes)
+    return any(size % problem.replicas for size in problem.batch_sizes)
 
 
 def _kind_holds(kinds: str | list[str] | None, given: dict[str, Any] | None) -> bool:

@@ -82,6 +82,12 @@ class Problem:
     def steps_per_epoch(self) -> int:
         return -(-self.n // self.batch_size)
 
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The distinct sizes of the case's steps: the full batch, and a shorter last one if any."""
+        full, last = divmod(self.n, self.batch_size)
+        return ([self.batch_size] if full else []) + ([last] if last else [])
+
     def batches(self, epoch: int) -> Iterator[np.ndarray | slice]:
         """The samples of each step of an epoch: slices in file order, or index arrays when shuffled."""
         for step in range(self.steps_per_epoch):

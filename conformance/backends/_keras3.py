@@ -171,12 +171,6 @@ def data_parallel(keras: Any, problem: Problem, device: str) -> Any:
     return distribution
 
 
-def batch_sizes(problem: Problem) -> list[int]:
-    """The distinct batch sizes of the case: the full one, and a shorter last one if any."""
-    full, last = divmod(problem.n, problem.batch_size)
-    return ([problem.batch_size] if full else []) + ([last] if last else [])
-
-
 def check_split(distribution: Any, problem: Problem) -> None:
     """Check Keras's own split of each batch size: the data layout fit gives a batch
     (`distribution.get_data_layout(shape).backend_layout`, a NamedSharding over the batch axis)
@@ -184,7 +178,7 @@ def check_split(distribution: Any, problem: Problem) -> None:
     must both put Problem.shards' rows r on the mesh's device r. Unavailable otherwise."""
     from keras.src.backend.jax.distribution_lib import distribute_data_input
 
-    sizes = batch_sizes(problem)
+    sizes = problem.batch_sizes
     for size in sizes:
         step = 0 if size == problem.batch_size else problem.steps_per_epoch - 1
         rows = problem.batch(0, step)
@@ -218,7 +212,7 @@ def replica_info(problem: Problem, distribution: Any, model: Any) -> dict[str, A
             "placement": f"every variable on every device (sharding specs {', '.join(shardings)}: replicated)",
             "api": "keras.distribution.DataParallel(devices=...); with distribution.scope(): model, compile, fit",
             "split": f"Keras's own (jax NamedSharding over the batch axis), checked equal to Problem.shards for "
-                     f"batches of {', '.join(str(size) for size in batch_sizes(problem))}",
+                     f"batches of {', '.join(str(size) for size in problem.batch_sizes)}",
             "combined_loss": "mean over the global batch (no per-replica weighting)",
             "parameters_equal_across_replicas": bool(equal)}
 

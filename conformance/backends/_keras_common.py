@@ -150,9 +150,14 @@ class Keras2Skips:
 
     def after_step(self) -> None:
         scale = float(self.optimizer.loss_scale.numpy())
-        if int(self.optimizer.dynamic_counter.numpy()) == 0 and scale <= self.scale:
-            self.skipped += 1
+        self.skipped += int(keras2_step_skipped(int(self.optimizer.dynamic_counter.numpy()), self.scale, scale))
         self.scale = scale
+
+
+def keras2_step_skipped(counter: Any, scale_before: Any, scale_after: Any) -> Any:
+    """Keras2Skips's rule, for Python numbers or (in a tf.function) tensors alike: the good-step
+    counter back at 0 without the scale growing."""
+    return (counter == 0) & (scale_after <= scale_before)
 
 
 def loss_scale_settings(optimizer: Any) -> dict[str, Any] | None:

@@ -101,12 +101,11 @@ def keras_xla_evidence(model: Any, problem: Any) -> dict[str, Any]:
     jitted = [function for function in found.values() if getattr(function, "_jit_compile", None)]
     concrete = [c for function in jitted for c in function._list_all_concrete_functions()]
     attributes = [c.function_def.attr.get("_XlaMustCompile") for c in concrete]
-    batch_sizes = {problem.batch_size, problem.n % problem.batch_size} - {0}
     return {"keras_jit_compile": bool(getattr(model, "jit_compile", getattr(model, "_jit_compile", False))),
             # None: the jitted step was not reachable to look at (Keras 2 makes it inside the trace)
             "must_compile": all(a is not None and a.b for a in attributes) if attributes else None,
             "traces": sum(int(function.experimental_get_tracing_count()) for function in jitted),
-            "batch_shapes": len(batch_sizes)}
+            "batch_shapes": len(problem.batch_sizes)}
 
 
 def _tf_functions(function: Any, depth: int = 0) -> list[Any]:

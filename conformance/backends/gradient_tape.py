@@ -305,8 +305,9 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
         if decay:
             gradients = [g + decay * v for g, v in zip(gradients, variables)]
         optimizer.apply_gradients(zip(gradients, variables))
-        if keras2_skips is not None:  # skipped: the good-step counter back at 0 without growth
-            skipped = tf.logical_and(tf.equal(optimizer.dynamic_counter, 0), optimizer.loss_scale <= scale_before)
+        if keras2_skips is not None:
+            skipped = _keras_common.keras2_step_skipped(tf.convert_to_tensor(optimizer.dynamic_counter), scale_before,
+                                                        optimizer.loss_scale)
             keras2_skips.assign_add(tf.cast(skipped, tf.int64))
         return loss * tf.constant(size, dtype=x.dtype)
 
