@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
+
+from conformance.yamlio import dump_yaml, read_yaml
 
 MAX_STEPS = 2000  # epochs x batches per epoch of one generated case: a generated case costs about a second
 
@@ -52,7 +53,7 @@ def write_cases(folder: Path, seed: int, count: int) -> list[Path]:
 
 
 def to_yaml(case: dict[str, Any]) -> str:
-    return yaml.safe_dump(case, sort_keys=False, default_flow_style=None, width=100)
+    return dump_yaml(case, sort_keys=False, default_flow_style=None, width=100)
 
 
 def draw(seed: int, index: int) -> dict[str, Any]:
@@ -330,7 +331,7 @@ def shrink_failure(source: Path, backend: str, device: str, message: str, known:
 
     folder = shrunk_folder(source)
     assert folder is not None, source
-    case = yaml.safe_load(source.read_text(encoding="utf-8"))
+    case = read_yaml(source)
     smaller, reduction = shrink.shrink(case, backend, device, shrink.failure_kind(message), folder, known,
                                        check)
     if reduction:

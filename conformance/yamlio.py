@@ -1,8 +1,13 @@
-"""Reading case files: YAML with a safe loader and YAML 1.2 numbers.
+"""Reading and writing case files: one YAML dialect, YAML 1.2 numbers.
 
 PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string. The case format promises that
 `1e-3` is a number, so the loader resolves floats with the YAML 1.2 core-schema pattern.
 Tags that construct Python objects are rejected, as by `yaml.safe_load`.
+
+Every case the suite writes (generated cases, shrunk reproducers) goes through `dump_yaml`,
+whose dumper quotes a string whenever YAML 1.1 or the loader's YAML 1.2 numbers would read it
+as another type (`0E0`, `1e5`, `.5`, `yes`, `1_000`): written then read, a document is itself,
+here and in any YAML 1.1 reader.
 """
 
 from __future__ import annotations
@@ -39,6 +44,32 @@ CaseLoader.yaml_implicit_resolvers = {
 CaseLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
 
 
+class CaseDumper(yaml.SafeDumper):
+    """SafeDumper that quotes every string CaseLoader or a YAML 1.1 loader would resolve to
+    another type.
+
+    PyYAML writes a string plain only when its own resolvers read it back as a string, so the
+    dumper resolves with both dialects: YAML 1.1's (SafeDumper's) and the loader's 1.2 floats.
+    """
+
+
+CaseDumper.yaml_implicit_resolvers = {
+    key: list(resolvers) for key, resolvers in yaml.SafeDumper.yaml_implicit_resolvers.items()
+}
+CaseDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+
+
+def dump_yaml(document: Any, **options: Any) -> str:
+    """A document as YAML text that `read_yaml` (and any YAML 1.1 reader) reads back unchanged;
+    `options` go to `yaml.dump` (sort_keys, width, ...)."""
+    return yaml.dump(document, Dumper=CaseDumper, **options)  # non-ASCII escaped: PyYAML mangles a raw NEL (\x85)
+
+
+def parse_yaml(text: str) -> Any:
+    """Text in the case format's dialect as Python data (no size or shape checks: see read_yaml)."""
+    return yaml.load(text, Loader=CaseLoader)  # CaseLoader is a SafeLoader
+
+
 class YamlError(ValueError):
     """The file is not readable YAML; the message names the file and the position."""
 
@@ -53,7 +84,7 @@ def read_yaml(path: Path) -> Any:
         root = yaml.compose(text, Loader=CaseLoader)
         _check_expansion(root)
         _check_unique_keys(root)
-        return yaml.load(text, Loader=CaseLoader)  # CaseLoader is a SafeLoader
+        return parse_yaml(text)
     except yaml.YAMLError as error:
         raise YamlError(f"not valid YAML: {_one_line(error)}") from None
     except RecursionError:  # PyYAML composes recursively: thousands of levels exhaust the stack

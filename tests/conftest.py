@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["pytester"]
+
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # the property tests import hypothesis themselves and skip without it
+    _hypothesis_settings = None
+
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE (hypothesis's pytest plugin, and so its
+# --hypothesis-profile option, is off: see pyproject.toml):
+# - "dev" (the default): new random draws on every run, to keep exploring;
+# - "ci" (.ci/run): derandomized, so that a commit that changed nothing cannot turn CI red by
+#   chance, with twice the examples to make up for exploring the same ones every time.
+# Both print a failing example's reproduce blob (@reproduce_failure) beside the example itself.
+if _hypothesis_settings is not None:
+    _hypothesis_settings.register_profile("dev", print_blob=True, deadline=None)
+    _hypothesis_settings.register_profile("ci", derandomize=True, max_examples=200, print_blob=True,
+                                          deadline=None)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def examples(count: int) -> int:
+    """`count` examples under the default profile's 100, scaled with the loaded profile's
+    max_examples (an explicit max_examples on a test would override the profile's)."""
+    return max(1, count * _hypothesis_settings.default.max_examples // 100)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -48,6 +48,7 @@ def machine(monkeypatch):
 
     def pretend(torch_gpus: int = 0, mps: bool | None = False, tf_gpus: int = 0, xla: bool = True) -> None:
         monkeypatch.setattr(_frameworks, "installed", lambda module: True)
+        monkeypatch.setattr(_frameworks, "distribution_version", lambda name: "3.0.0-fake")
         monkeypatch.setattr(_frameworks, "torch", lambda: fake_torch(torch_gpus, mps))
         monkeypatch.setattr(_frameworks, "tensorflow", lambda: fake_tensorflow(tf_gpus, xla))
         monkeypatch.setattr(_frameworks, "jax", lambda: fake_jax(tf_gpus))
@@ -117,6 +118,7 @@ def test_device_option_and_case_devices_select_and_explain(machine, tmp_path):
 def test_a_missing_framework_skips_its_backends_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(_frameworks, "installed", lambda module: module != "tensorflow")
     monkeypatch.setattr(_frameworks, "torch", lambda: fake_torch(0, False))
+    monkeypatch.setattr(_frameworks, "jax", lambda: fake_jax(0))  # said installed: faked like torch
     monkeypatch.setattr(_frameworks, "cpu_name", lambda: "Fake CPU")
     (tmp_path / "f32.yaml").write_text(CASE % "float32")
     planned = plan([tmp_path], [], [])

@@ -22,7 +22,7 @@ DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"] + ([SPEC] if 
 BLOCK = re.compile(r"^```ya?ml\n(.*?)^```", re.S | re.M)
 MINIMAL = {"dataset": {"inline": {"x": [0, 1, 2], "y": [1, 3, 5]}},
            "training": {"epochs": 1, "optimizer": {"sgd": {"learning_rate": 0.1}}}}
-NOT_YET: set[str] = set()  # v1.2 fields not built yet
+NOT_YET: set[str] = {"accumulate"}  # v1.3 fields not built yet (training.accumulate: issue 34)
 # The spec's mixed-precision block lists alternatives in its comments: as written it puts a
 # loss_scale under mixed_bfloat16, which its own comment ("only with mixed_float16") and the rule
 # of issue 22 forbid. It must fail with that rule's message, and load with the alternative.
@@ -65,7 +65,7 @@ def test_every_yaml_example_loads(where, text):
         pytest.skip("a list: checked by the expectations tests")
     assert isinstance(data, dict), f"{where}: not a mapping"
     if mentions_unbuilt(data):
-        pytest.skip(f"uses a v1.2 field not built yet ({', '.join(sorted(NOT_YET))})")
+        pytest.skip(f"uses a field not built yet ({', '.join(sorted(NOT_YET))})")
     contradiction = next((fix for key, fix in SELF_CONTRADICTING.items()
                           if where.startswith("case-format.md") and key in data.get("training", {})), None)
     if contradiction is not None and data["training"].get("precision") != "mixed_float16":

@@ -69,11 +69,11 @@ def test_stop_all_ends_every_worker(pool):
 def test_keras_on_jax_or_torch_says_why_not_under_keras_2(monkeypatch):
     from conformance.backends import _keras3
 
-    monkeypatch.setattr(_keras3.importlib.metadata, "version", lambda name: "2.15.0")
+    monkeypatch.setattr(_keras3._frameworks, "distribution_version", lambda name: "2.15.0")
     reason = _keras3.available("jax")
     assert "Keras 2.15.0 is installed" in reason and "needs Keras 3" in reason
     monkeypatch.setattr(_keras3._frameworks, "installed", lambda module: module != "torch")
-    monkeypatch.setattr(_keras3.importlib.metadata, "version", lambda name: "3.15.1")
+    monkeypatch.setattr(_keras3._frameworks, "distribution_version", lambda name: "3.15.1")
     assert _keras3.available("torch") == "torch is not installed"
 
 

@@ -40,6 +40,17 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def distribution_version(distribution: str) -> str | None:
+    """The installed version of a distribution (`keras`), None when it is not installed; read
+    without importing it, and in one place, so that the tests' fakes of a machine cover it."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 @functools.cache
 def torch() -> ModuleType:
     with timing.phase("imports"):

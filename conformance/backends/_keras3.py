@@ -24,7 +24,6 @@ so that one-replica cases keep the plain worker. Keras on PyTorch has no such AP
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import os
 import time
 from typing import Any
@@ -54,9 +53,8 @@ WHY_NOT_DATA_PARALLEL = {
 
 def available(framework: str) -> str | None:
     """None, or why Keras cannot run on `framework` here: Keras 2, or the framework missing."""
-    try:
-        version = importlib.metadata.version("keras")
-    except importlib.metadata.PackageNotFoundError:
+    version = _frameworks.distribution_version("keras")
+    if version is None:
         return "keras is not installed"
     if int(version.split(".")[0]) < 3:
         return (f"Keras {version} is installed: Keras 2 runs on TensorFlow only; "
