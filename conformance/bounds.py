@@ -50,7 +50,7 @@ def measure(run: CaseRun, entry: Any, check: str, versions: dict[str, str | None
             continue
         if applicable(run.case.spec.expect, entry.check, name, device, versions) is not entry:
             continue
-        if check == "trajectory" and run.case.spec.tolerance.trajectory is None:
+        if check == "trajectory" and run.case.spec.tolerance.along_path is None:
             continue
         outcome = run.check_certified() if check == "certified" else getattr(run, f"check_{check}")(name, device)
         if outcome.compared is not None and not outcome.skipped:

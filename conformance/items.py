@@ -146,7 +146,7 @@ def _plan_case(case: LoadedCase, only_backends: list[str], only_devices: list[st
             else:
                 pairs.append((backend, device))
                 items.append(ItemSpec(case.name, "parity", source, backend, device))
-                if spec.tolerance.trajectory is not None:
+                if spec.tolerance.along_path is not None:
                     items.append(ItemSpec(case.name, "trajectory", source, backend, device))
                 if spec.tolerance.lstsq is not None:
                     items.append(ItemSpec(case.name, "lstsq", source, backend, device))

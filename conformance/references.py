@@ -56,10 +56,19 @@ class CaseReferences:
         tol = DEFAULT_PARITY if derived["rtol"] is None else Tol(rtol=derived["rtol"], atol=derived["atol"])
         return tol, tol.model_dump() | {"auto": derived, "hand_set": None if own == "auto" else own.model_dump()}
 
+    @property
+    def trajectory_tolerance(self) -> Tol | str | None:
+        """The case's trajectory tolerance in force (`Tolerance.along_path`); under --parity auto a
+        hand-set parity tolerance that it would stand for is set aside for auto too."""
+        tolerance = self.case.spec.tolerance
+        if self.parity_auto and "trajectory" not in tolerance.model_fields_set:
+            return "auto"
+        return tolerance.along_path
+
     @cached_property
     def trajectory_bands(self) -> reference.EpochBands:
         """The trajectory band at every epoch: derived (`auto`, the default) or the case's own."""
-        own = self.case.spec.tolerance.trajectory
+        own = self.trajectory_tolerance
         epochs = len(self.replay.params)
         if isinstance(own, Tol):
             rtol, atol = np.full(epochs, own.rtol), np.full(epochs, own.atol)

@@ -431,8 +431,19 @@ class Tolerance(Strict):
     parity: Union[Literal["auto"], Tol] = DEFAULT_PARITY
     lstsq: Optional[Tol] = DEFAULT_LSTSQ
     # v1.2: every epoch's parameters and loss against the replay's; auto: a band per epoch
-    # (reference.trajectory_bands); null: not checked
+    # (reference.trajectory_bands); null: not checked. v1.3: when absent, the parity tolerance
+    # where the file sets parity by hand (a v1 file keeps its meaning), else auto: `along_path`.
     trajectory: Union[Literal["auto"], Tol, None] = "auto"
+
+    @property
+    def along_path(self) -> Union[Literal["auto"], Tol, None]:
+        """The trajectory tolerance in force: the file's own, or (absent) its hand-set parity
+        tolerance, or auto."""
+        if "trajectory" in self.model_fields_set:
+            return self.trajectory
+        if "parity" in self.model_fields_set and isinstance(self.parity, Tol):
+            return self.parity
+        return "auto"
 
 
 class Certified(Strict):

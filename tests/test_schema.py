@@ -42,6 +42,19 @@ def test_minimal_case_gets_the_documented_defaults(write_case):
     assert settings == {"learning_rate": 1e-3, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
 
 
+@pytest.mark.parametrize(("tolerance", "along_path"), [
+    ("", "auto"),  # neither set: derived
+    ("tolerance: {parity: {rtol: 1.0e-4, atol: 1.0e-5}}\n", {"rtol": 1e-4, "atol": 1e-5}),  # a v1 file's own
+    ("tolerance: {parity: auto}\n", "auto"),
+    ("tolerance: {parity: {rtol: 1.0e-4}, trajectory: auto}\n", "auto"),  # set: the file's own word
+    ("tolerance: {parity: {rtol: 1.0e-4}, trajectory: {rtol: 1.0e-3}}\n", {"rtol": 1e-3, "atol": 0.0}),
+    ("tolerance: {parity: {rtol: 1.0e-4}, trajectory: null}\n", None),
+])
+def test_the_trajectory_tolerance_is_the_hand_set_parity_one_when_absent(write_case, tolerance, along_path):
+    got = load_text(write_case, MINIMAL + tolerance).spec.tolerance.along_path
+    assert (got.model_dump() if hasattr(got, "model_dump") else got) == along_path
+
+
 def test_unknown_key_names_file_field_and_allowed_keys(write_case):
     message = error_of(write_case, MINIMAL.replace("learning_rate", "learning_rat"))
     assert "case.yaml: training.optimizer.sgd: unknown key 'learning_rat'" in message

@@ -75,7 +75,7 @@ class TrajectoryCheck(OfRun):
                        record, compared=compared)
 
     def tolerance(self) -> dict[str, Any]:
-        own = self.case.spec.tolerance.trajectory
+        own = self.refs.trajectory_tolerance
         bands = self.refs.trajectory_bands
         if isinstance(own, Tol):
             return own.model_dump()
