@@ -64,3 +64,16 @@ def _distribution_version(names: tuple[str, ...]) -> str | None:
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
+
+
+def versions_hold(specifiers: dict[str, str], versions: dict[str, str | None]) -> bool:
+    """Whether every package named is installed at a version its specifier contains."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return all(versions.get(package) is not None
+                   and SpecifierSet(spec).contains(Version(versions[package]), prereleases=True)
+                   for package, spec in specifiers.items())
+    except InvalidVersion:
+        return False

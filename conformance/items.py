@@ -198,6 +198,9 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
     if outcome.skipped:
         pytest.skip(f"{spec.source}: {outcome.message}")
     covering = _covering(spec, run, versions)
+    if outcome.explained:  # the backend's own formulas explain where it ends (formulas.yaml)
+        record["explained"] = outcome.explained
+        pytest.xfail(outcome.explained if covering is None else f"{covering.reason} -- {outcome.explained}")
     if covering is None:
         if not outcome.passed and spec.check in SHRUNK_CHECKS and fuzz.shrunk_folder(run.case.source.path):
             shrunk = fuzz.shrink_failure(run.case.source.path, spec.backend, spec.device, outcome.message, run.known,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
@@ -29,6 +29,7 @@ import scipy.optimize
 import scipy.special
 
 from conformance import network, schedules
+from conformance.formulas import NONE, Switches
 from conformance.optimizers import make_update
 from conformance.problem import Problem, Trajectory
 
@@ -80,8 +81,9 @@ class LossScaler:
         return False
 
 
-def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Trajectory:
-    """Train `problem` in float64, visiting batches exactly as the backends do.
+def replay(problem: Problem, rounding: np.random.Generator | None = None, switches: Switches = NONE) -> Trajectory:
+    """Train `problem` in float64, visiting batches exactly as the backends do, with the case
+    format's formulas or, with `switches`, a framework's own (conformance/formulas.py).
 
     With `rounding`, the arithmetic is perturbed as rounding in the training dtype could move
     it (unit roundoff u), with uniform random relative errors drawn from `rounding` (see
@@ -124,8 +126,20 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
         [jitter(np.ones((problem.n, layer.units)), compute_unit) for layer in model[:-1]]
     params = problem.initial_params()
     gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), unit)
-    update = make_update(problem.optimizer, None if rounding is None else lambda values: jitter(values, unit))
+    float32_jitter = None if rounding is None else lambda values: jitter(values, 2 * UNIT_ROUNDOFF["float32"])
+    optimizer = problem.optimizer
+    decay = float(optimizer.settings.get("weight_decay") or 0.0)
+    decay_before_clip = "clip_after_l2" in switches
+    if decay_before_clip:  # the decay is part of the clipped gradient, not added by the optimizer
+        optimizer = replace(optimizer, settings=optimizer.settings | {"weight_decay": 0.0})
+    update = make_update(optimizer, None if rounding is None else lambda values: jitter(values, unit), switches,
+                         float32_jitter)
     rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs, problem.steps_per_epoch)
+    if "schedule_in_float32" in switches:
+        rates = rates.astype(np.float32).astype(np.float64)
+        if float32_jitter is not None:  # computed in float32 (a power, a cosine): a unit or two off
+            rates = float32_jitter(rates)
+    counts_skips = switches & {"skipped_steps_counted", "schedule_counts_skipped_steps"}
     flat_rates = rates.reshape(-1)
     scaler = LossScaler(problem.loss_scale)
     scales, skipped = np.empty(problem.epochs), np.zeros(problem.epochs, dtype=np.int64)
@@ -133,7 +147,6 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
     applied = 0  # optimizer steps taken: a skipped step advances neither Adam's t nor a schedule
     history = np.empty((problem.epochs, params.size))
     losses = np.empty(problem.epochs)
-    decay = float(problem.optimizer.settings.get("weight_decay") or 0.0)
     penalties = np.zeros(problem.epochs)
     with np.errstate(all="ignore"):
         for epoch in range(problem.epochs):
@@ -151,13 +164,20 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None) -> Tra
                 last_rates[epoch] = rate
                 if scaler.skips(bool(np.isfinite(grad).all())):
                     skipped[epoch] += 1
+                    if counts_skips:  # the framework's step counter advances on a skipped step
+                        applied += 1
+                        if "skipped_steps_counted" in switches:
+                            update.skipped()
                     continue
                 if rounding is not None:
                     grad = grad * (1.0 + (gradient_bias - 1.0) * np.sqrt(len(y[batch])))
                     if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
                         grad = jitter(grad, compute_unit)  # can round a unit away
                 penalty += decay / 2 * float(params @ params) * len(y[batch])
-                grad = schedules.clip(grad, problem.clip, network.blocks(model))
+                if decay_before_clip:
+                    grad = grad + decay * params
+                grad = schedules.clip(grad, problem.clip, network.blocks(model),
+                                      plus_epsilon="clip_norm_plus_epsilon" in switches)
                 params = update(params, grad, rate)
                 applied += 1
                 if rounding is not None:
@@ -219,7 +239,7 @@ def auto_limit(compute_unit: float) -> float:
 
 
 def rounding_spread(problem: Problem, unperturbed: Trajectory,
-                    to_original: Callable[[np.ndarray], np.ndarray]) -> RoundingSpread:
+                    to_original: Callable[[np.ndarray], np.ndarray], switches: Switches = NONE) -> RoundingSpread:
     """The Monte Carlo arithmetic experiment behind `auto` bands, run once per case.
 
     AUTO_RUNS replays of the same training in float64, each with every step perturbed by
@@ -232,7 +252,7 @@ def rounding_spread(problem: Problem, unperturbed: Trajectory,
     predictions = np.zeros_like(_predictions(unperturbed))
     with np.errstate(invalid="ignore"):
         for seed in range(AUTO_RUNS):
-            perturbed = replay(problem, rounding=np.random.default_rng(seed))
+            perturbed = replay(problem, rounding=np.random.default_rng(seed), switches=switches)
             perturbed.params = to_original(perturbed.params)
             params = np.maximum(params, np.abs(perturbed.params - unperturbed.params))
             loss = np.maximum(loss, np.abs(perturbed.loss - unperturbed.loss))

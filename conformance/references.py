@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from conformance import reference, timing
+from conformance import compare, environment, formulas, reference, timing
 from conformance.case import LoadedCase
+from conformance.formulas import NONE, Switches
 from conformance.problem import Prepared, Trajectory
 from conformance.records import floats
 from conformance.schema import DEFAULT_PARITY, Tol
@@ -29,32 +30,70 @@ class CaseReferences:
         self.case = case
         self.prepared = prepared
         self.parity_auto = parity_auto  # --parity auto: derive every case's parity band
+        self._replays: dict[Switches, Trajectory] = {}
+        self._spreads: dict[Switches, reference.RoundingSpread] = {}
+        self._parity_bands: dict[Switches, tuple[Tol, dict[str, Any]]] = {}
 
-    @cached_property
+    @property
     def replay(self) -> Trajectory:
-        with timing.phase("references"):
-            trajectory = reference.replay(self.prepared.problem)
-            trajectory.params = self.prepared.to_original(trajectory.params)
-        return trajectory
+        """The case format's float64 replay."""
+        return self.replay_of(NONE)
 
-    @cached_property
+    def replay_of(self, switches: Switches) -> Trajectory:
+        """The float64 replay with a framework's switches (formulas.py); NONE: the case format's."""
+        if switches not in self._replays:
+            with timing.phase("references"):
+                trajectory = reference.replay(self.prepared.problem, switches=switches)
+                trajectory.params = self.prepared.to_original(trajectory.params)
+            self._replays[switches] = trajectory
+        return self._replays[switches]
+
+    @property
     def rounding(self) -> reference.RoundingSpread:
-        """How far rounding alone moves this training, at every epoch (perturbed replays)."""
-        with timing.phase("references"):
-            return reference.rounding_spread(self.prepared.problem, self.replay, self.prepared.to_original)
+        return self.rounding_of(NONE)
 
-    @cached_property
+    def rounding_of(self, switches: Switches) -> reference.RoundingSpread:
+        """How far rounding alone moves this training, at every epoch (perturbed replays)."""
+        if switches not in self._spreads:
+            with timing.phase("references"):
+                self._spreads[switches] = reference.rounding_spread(self.prepared.problem, self.replay_of(switches),
+                                                                    self.prepared.to_original, switches)
+        return self._spreads[switches]
+
+    def switches_of(self, backend: str) -> Switches:
+        """The switches of `backend`'s own formulas on this case, with the installed versions."""
+        return formulas.switches_for(self.prepared.problem, backend, environment.versions())
+
+    def switch_sizes(self, backend: str) -> list[dict[str, Any]]:
+        """Each switch of `backend` on this case with its size, computed from replays alone: the
+        largest relative difference of the final parameters it makes alone, and the switched
+        replay's (all of the backend's switches together) at the end."""
+        base = self.replay.final
+        sizes = []
+        for switch in formulas.applying(self.prepared.problem, backend, environment.versions()):
+            alone = self.replay_of(frozenset({switch.name})).final
+            sizes.append({"name": switch.name, "reason": switch.reason.strip(), "source": switch.source,
+                          "shows": switch.shows, "size": compare.max_relative_difference(alone, base)})
+        return sizes
+
+    @property
     def parity_band(self) -> tuple[Tol, dict[str, Any]]:
-        """The parity tolerance, and how it was set for the report: the case's own, or derived
-        from the case (`parity: auto`, or every case with --parity auto; then the hand-set one is
-        shown beside it)."""
+        return self.parity_band_of(NONE)
+
+    def parity_band_of(self, switches: Switches) -> tuple[Tol, dict[str, Any]]:
+        """The parity tolerance around the replay of these switches, and how it was set for the
+        report: the case's own, or derived from the case (`parity: auto`, or every case with
+        --parity auto; then the hand-set one is shown beside it)."""
         own = self.case.spec.tolerance.parity
         if own != "auto" and not self.parity_auto:
             return own, own.model_dump()
-        derived = reference.rounding_band(self.prepared.problem, self.replay, self.prepared.to_original,
-                                          self.rounding)
-        tol = DEFAULT_PARITY if derived["rtol"] is None else Tol(rtol=derived["rtol"], atol=derived["atol"])
-        return tol, tol.model_dump() | {"auto": derived, "hand_set": None if own == "auto" else own.model_dump()}
+        if switches not in self._parity_bands:
+            derived = reference.rounding_band(self.prepared.problem, self.replay_of(switches),
+                                              self.prepared.to_original, self.rounding_of(switches))
+            tol = DEFAULT_PARITY if derived["rtol"] is None else Tol(rtol=derived["rtol"], atol=derived["atol"])
+            self._parity_bands[switches] = (tol, tol.model_dump() | {
+                "auto": derived, "hand_set": None if own == "auto" else own.model_dump()})
+        return self._parity_bands[switches]
 
     @property
     def trajectory_tolerance(self) -> Tol | str | None:
@@ -65,15 +104,19 @@ class CaseReferences:
             return "auto"
         return tolerance.along_path
 
-    @cached_property
+    @property
     def trajectory_bands(self) -> reference.EpochBands:
+        return self.trajectory_bands_of(NONE)
+
+    def trajectory_bands_of(self, switches: Switches) -> reference.EpochBands:
         """The trajectory band at every epoch: derived (`auto`, the default) or the case's own."""
         own = self.trajectory_tolerance
-        epochs = len(self.replay.params)
+        replay = self.replay_of(switches)
+        epochs = len(replay.params)
         if isinstance(own, Tol):
             rtol, atol = np.full(epochs, own.rtol), np.full(epochs, own.atol)
             return reference.EpochBands(rtol, atol, rtol, atol, epochs, "the case's own tolerance at every epoch")
-        return reference.trajectory_bands(self.replay, self.rounding)
+        return reference.trajectory_bands(replay, self.rounding_of(switches))
 
     @property
     def too_sensitive(self) -> str | None:

@@ -59,9 +59,14 @@ def step_rates(schedule: dict[str, Any] | None, learning_rate: float, epochs: in
     return rates
 
 
-def clip(gradient: np.ndarray, clipping: dict[str, Any] | None, tensors: list[slice]) -> np.ndarray:
+NORM_EPSILON = 1e-6  # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (total_norm + 1e-6)
+
+
+def clip(gradient: np.ndarray, clipping: dict[str, Any] | None, tensors: list[slice],
+         plus_epsilon: bool = False) -> np.ndarray:
     """The case format's clipped gradient of the flat parameters; `tensors` are where each
-    parameter tensor (a kernel, a bias) lies in it (network.blocks)."""
+    parameter tensor (a kernel, a bias) lies in it (network.blocks). `plus_epsilon`: torch's
+    formula, min(1, c / (norm + 1e-6)) times the gradient (formulas.py, clip_norm_plus_epsilon)."""
     if clipping is None:
         return gradient
     kind, threshold = clipping["kind"], clipping["threshold"]
@@ -71,7 +76,9 @@ def clip(gradient: np.ndarray, clipping: dict[str, Any] | None, tensors: list[sl
     clipped = gradient.copy()
     for part in parts:
         norm = float(np.sqrt(np.sum(gradient[part] ** 2)))
-        if norm > threshold:
+        if plus_epsilon:
+            clipped[part] = gradient[part] * min(1.0, threshold / (norm + NORM_EPSILON))
+        elif norm > threshold:
             clipped[part] = gradient[part] * (threshold / norm)
     return clipped
 

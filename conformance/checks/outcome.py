@@ -73,10 +73,25 @@ class Outcome:
     # differs in the first): excused by an entry about loss scaling, or by one whose bound holds
     # that path (a decision downstream of the deviation it describes, which must have come first)
     decision: bool = False
+    # passed against the replay of the backend's own formulas (conformance/formulas.py) and not
+    # against the case format's: why, with both distances and each switch's size (xfailed)
+    explained: str | None = None
 
 
 def tol_text(tol: Any) -> str:
     return f"rtol {tol.rtol:.1e}, atol {tol.atol:.1e}"
+
+
+def own_replay_name(backend: str, switches: frozenset[str]) -> str:
+    """What a result is compared with: the case format's replay, or its backend's own formulas'."""
+    return "float64 replay" if not switches else f"float64 replay of {backend}'s formulas ({', '.join(sorted(switches))})"
+
+
+def explanation(label: str, switches: list[dict[str, Any]], own: str, apart: str, within: str) -> str:
+    """The message of an item its framework's formulas explain: both distances, each switch's size."""
+    named = "; ".join(f"{switch['name']} ({switch['size']:.1e} alone on this case: {switch['reason']} "
+                      f"[{switch['source']}])" for switch in switches)
+    return (f"explained by {label}'s own formulas: {within} of the {own}, while {apart}; switches: {named}")
 
 
 class OfRun:

@@ -4,32 +4,33 @@ needs first: whether the result is usable at all (finite, deterministic where as
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from conformance import compare, reference
-from conformance.checks.outcome import Compared, OfRun, Outcome, tol_text
+from conformance.checks.outcome import Compared, OfRun, Outcome, explanation, own_replay_name, tol_text
 from conformance.problem import Trajectory
 from conformance.records import curve, downsample, floats, plain
 from conformance.results import Trained
-
-if TYPE_CHECKING:
-    pass
-
 
 class ResultChecks(OfRun):
     """parity and lstsq of one (backend, device) result of a case run."""
 
 
     def parity(self, backend: str, device: str) -> Outcome:
+        """The end point against the replay of the backend's own formulas (formulas.py), at the
+        case's tolerance or its derived band; explained (Outcome.explained) when it is also
+        beyond that of the case format's replay."""
         result = self.trained.trained_or_raise(backend, device)
-        trajectory, replay = result.trajectory, self.refs.replay
-        record = self._result_record(result)
+        switches = self.refs.switches_of(backend)
+        trajectory, replay = result.trajectory, self.refs.replay_of(switches)
+        own = own_replay_name(backend, switches)
+        record = self._result_record(result, replay)
         failed = self.unusable(result, record)
         if failed:
             return failed
-        tol, described = self.refs.parity_band
+        tol, described = self.refs.parity_band_of(switches)
         if self.refs.too_sensitive:
             return Outcome(False, self.refs.too_sensitive, record | {"tolerance": described}, skipped=True)
         if self.refs.data_picture is not None:
@@ -38,16 +39,30 @@ class ResultChecks(OfRun):
             "replay_settled": compare.settled_epoch(replay.params), "epochs": len(replay.params),
             "max_rel_diff": compare.max_relative_difference(trajectory.final, replay.final),
             "first_epoch_outside": compare.first_epoch_outside(trajectory.params, replay.params, tol),
-            "tolerance": described,
+            "tolerance": described, "formulas": sorted(switches),
         }
-        compared = self._final_compared(result, replay, "float64 replay")
+        if switches:
+            record["switches"] = self.refs.switch_sizes(backend)
+            record["max_rel_diff_case_format"] = compare.max_relative_difference(trajectory.final,
+                                                                                 self.refs.replay.final)
+        compared = self._final_compared(result, replay, own)
         mismatch = self.worst_mismatch(trajectory, replay, tol)
-        if mismatch is None:
-            return Outcome(True, f"within {tol_text(tol)} of the float64 replay", record, compared=compared)
-        message = mismatch.describe(result.label, "float64 replay", self.where)
-        if record["first_epoch_outside"]:
-            message += f"; first outside the tolerance at epoch {record['first_epoch_outside']}"
-        return Outcome(False, message, record, compared=compared)
+        if mismatch is not None:
+            message = mismatch.describe(result.label, own, self.where)
+            if record["first_epoch_outside"]:
+                message += f"; first outside the tolerance at epoch {record['first_epoch_outside']}"
+            return Outcome(False, message, record, compared=compared)
+        within = f"within {tol_text(tol)}"
+        passed = Outcome(True, f"{within} of the {own}", record, compared=compared)
+        if not switches:
+            return passed
+        base_tol, _ = self.refs.parity_band
+        apart = self.worst_mismatch(trajectory, self.refs.replay, base_tol)
+        if apart is not None:
+            passed.explained = explanation(result.label, record["switches"], own,
+                                           apart.describe(result.label, "case format's float64 replay", self.where),
+                                           within)
+        return passed
 
     def lstsq(self, backend: str, device: str) -> Outcome:
         result = self.trained.trained_or_raise(backend, device)
@@ -116,8 +131,8 @@ class ResultChecks(OfRun):
             mismatch = compare.worst_mismatch(got.predictions, reference_side.predictions, tol, labels)
         return mismatch
 
-    def _result_record(self, result: Trained) -> dict[str, Any]:
-        trajectory, replay = result.trajectory, self.refs.replay
+    def _result_record(self, result: Trained, replay: Trajectory) -> dict[str, Any]:
+        trajectory = result.trajectory
         return {"kind": "parity", "backend": result.backend, "device": result.device,
                 "seconds": result.seconds, "params": floats(trajectory.final),
                 "replay": floats(replay.final),

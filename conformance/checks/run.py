@@ -19,6 +19,7 @@ from conformance.problem import Prepared, prepare
 from conformance.references import CaseReferences
 from conformance.results import Trained, TrainedResults
 from conformance.schema import Expect
+from conformance.environment import versions_hold
 
 
 class CaseRun:
@@ -68,20 +69,11 @@ def make_run(case: LoadedCase, pairs: list[tuple[str, str]], repeat: bool = Fals
 def applicable(expect: list[Expect], check: str, backend: str | None, device: str | None,
                versions: dict[str, str | None]) -> Expect | None:
     """The first `expect` entry that covers this check, backend, device and installed versions."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
     for entry in expect:
         if entry.check != check or (entry.backend_names and backend not in entry.backend_names):
             continue
         if entry.device and entry.device != device:
             continue
-        try:
-            if all(versions.get(package) is not None and SpecifierSet(spec).contains(Version(versions[package]),
-                                                                                     prereleases=True)
-                   for package, spec in entry.versions.items()):
-                return entry
-        except InvalidVersion:
-            continue
+        if versions_hold(entry.versions, versions):
+            return entry
     return None
-

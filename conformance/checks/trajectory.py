@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from conformance import reference
-from conformance.checks.outcome import Compared, OfRun, Outcome
+from conformance.checks.outcome import Compared, OfRun, Outcome, explanation, own_replay_name
 from conformance.problem import Trajectory
 from conformance.records import downsample
 from conformance.schema import Tol
@@ -27,27 +27,31 @@ class TrajectoryCheck(OfRun):
         self.results = run.result_checks
 
     def check(self, backend: str, device: str) -> Outcome:
-        """Every epoch's parameters and training loss against the replay's, each epoch in its
-        own band (`auto`) or the case's tolerance; the first epoch outside is named."""
+        """Every epoch's parameters and training loss against the replay of the backend's own
+        formulas (formulas.py), each epoch in its own band (`auto`) or the case's tolerance; the
+        first epoch outside is named. Explained when also outside the case format's replay."""
         result = self.trained.trained_or_raise(backend, device)
         record = {"kind": "trajectory", "backend": backend, "device": device}
         failed = self.results.unusable(result, record)
         if failed:
             return failed
-        bands, replay = self.refs.trajectory_bands, self.refs.replay
+        switches = self.refs.switches_of(backend)
+        own = own_replay_name(backend, switches)
+        bands, replay = self.refs.trajectory_bands_of(switches), self.refs.replay_of(switches)
         epochs = bands.comparable
-        record |= {"tolerance": self.tolerance(), "epochs": len(replay.params), "comparable": epochs}
+        record |= {"tolerance": self.tolerance(), "epochs": len(replay.params), "comparable": epochs,
+                   "formulas": sorted(switches)}
         scaling = scaling_apart(result.trajectory, replay)
         if scaling is not None:
             record["loss_scale_first_differs"] = scaling
             earlier = scaling["epoch"] - 1  # the epochs whose parameters the differing decision was made from
             before = _Path(result.trajectory, replay, bands, earlier, self.prepared.parameter_names) \
                 if earlier else None
-            return Outcome(False, f"{result.label}: {scaling['message']} (float64 replay, compared exactly: the "
+            return Outcome(False, f"{result.label}: {scaling['message']} ({own}, compared exactly: the "
                                   f"scale and skipped steps are decisions, not rounding) [case {self.case.name}]",
                            record, decision=True,
                            compared=None if before is None else Compared(
-                               before.got, before.expected, before.label, result.label, "float64 replay",
+                               before.got, before.expected, before.label, result.label, own,
                                f"case {self.case.name}"))
         if epochs == 0:
             return Outcome(False, f"rounding alone moves this training by more than {bands.limit:g} "
@@ -57,8 +61,7 @@ class TrajectoryCheck(OfRun):
         if result.trajectory.info.get("loss_includes_l2_penalty"):
             record["loss_compared"] = "the case's loss plus weight decay's L2 penalty, as the framework reports it"
         record |= path.record()
-        compared = Compared(path.got, path.expected, path.label, result.label, "float64 replay",
-                            f"case {self.case.name}")
+        compared = Compared(path.got, path.expected, path.label, result.label, own, f"case {self.case.name}")
         checked = f"epochs 1-{epochs}" + (f" of {len(replay.params)} (later ones: rounding alone moves the "
                                           f"training by more than {bands.limit:g})"
                                           if epochs < len(replay.params) else "")
@@ -66,13 +69,28 @@ class TrajectoryCheck(OfRun):
         if rates:
             record["rate_first_differs"] = rates
         first = path.first_outside()
-        if first is None:
-            return Outcome(True, f"every epoch within its band of the float64 replay ({checked})", record,
-                           compared=compared)
-        note = (f"; the learning rate it reported first differs from the case format's at epoch {rates['epoch']}: "
-                f"{rates['got']:.10g}, not {rates['expected']:.10g}") if rates else ""
-        return Outcome(False, path.describe(first, result.label, self.case.name) + f"; checked {checked}{note}",
-                       record, compared=compared)
+        if first is not None:
+            note = (f"; the learning rate it reported first differs from the {own}'s at epoch {rates['epoch']}: "
+                    f"{rates['got']:.10g}, not {rates['expected']:.10g}") if rates else ""
+            return Outcome(False, path.describe(first, result.label, self.case.name, own) + f"; checked {checked}"
+                           + note, record, compared=compared)
+        passed = Outcome(True, f"every epoch within its band of the {own} ({checked})", record, compared=compared)
+        if switches:
+            apart = self._apart_from_case_format(result.trajectory)
+            if apart is not None:
+                passed.explained = explanation(result.label, self.refs.switch_sizes(backend), own, apart,
+                                               f"every epoch within its band ({checked})")
+        return passed
+
+    def _apart_from_case_format(self, got: Trajectory) -> str | None:
+        """Where the path leaves the case format's replay's bands, described; None if it never does."""
+        bands, replay = self.refs.trajectory_bands, self.refs.replay
+        epochs = bands.comparable
+        if epochs == 0 or scaling_apart(got, replay) is not None:
+            return None if epochs == 0 else "its loss scaling differs from the case format's replay"
+        path = _Path(got, replay, bands, epochs, self.prepared.parameter_names)
+        first = path.first_outside()
+        return None if first is None else path.describe(first, "it", self.case.name, "case format's float64 replay")
 
     def tolerance(self) -> dict[str, Any]:
         own = self.refs.trajectory_tolerance
@@ -159,7 +177,7 @@ class _Path:
         rows = np.flatnonzero(self.outside().any(axis=1))
         return int(rows[0]) if rows.size else None
 
-    def describe(self, epoch: int, who: str, case: str) -> str:
+    def describe(self, epoch: int, who: str, case: str, against: str = "float64 replay") -> str:
         outside = self.outside()
         with np.errstate(invalid="ignore", divide="ignore"):
             excess = np.where(outside[epoch], np.nan_to_num(self.difference[epoch] / self.allowed[epoch],
@@ -172,7 +190,7 @@ class _Path:
                       else self.bands.at(epoch))
         epochs_out = np.flatnonzero(outside.any(axis=1))
         return (f"first outside its band at epoch {epoch + 1}: {self.names[column]}={got:.10g} ({who}), but should be "
-                f"{expected:.10g} ± {self.allowed[epoch, column]:.1e} (float64 replay; band there rtol {rtol:.1e}, "
+                f"{expected:.10g} ± {self.allowed[epoch, column]:.1e} ({against}; band there rtol {rtol:.1e}, "
                 f"atol {atol:.1e}) [case {case}]; {epochs_out.size} epoch(s) outside, the last at epoch "
                 f"{epochs_out[-1] + 1}")
 
