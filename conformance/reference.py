@@ -126,7 +126,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
         [jitter(np.ones((problem.n, layer.units)), compute_unit) for layer in model[:-1]]
     params = problem.initial_params()
     gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), unit)
-    float32_jitter = None if rounding is None else lambda values: jitter(values, 2 * UNIT_ROUNDOFF["float32"])
+    float32_jitter = None if rounding is None else lambda values: jitter(values, FLOAT32_POWER_UNITS * UNIT_ROUNDOFF["float32"])
     optimizer = problem.optimizer
     decay = float(optimizer.settings.get("weight_decay") or 0.0)
     decay_before_clip = "clip_after_l2" in switches
@@ -136,9 +136,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                          float32_jitter)
     rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs, problem.steps_per_epoch)
     if "schedule_in_float32" in switches:
-        rates = rates.astype(np.float32).astype(np.float64)
-        if float32_jitter is not None:  # computed in float32 (a power, a cosine): a unit or two off
-            rates = float32_jitter(rates)
+        rates = schedule_rounding(rates, problem.learning_rate, rounding)
     counts_skips = switches & {"skipped_steps_counted", "schedule_counts_skipped_steps"}
     flat_rates = rates.reshape(-1)
     scaler = LossScaler(problem.loss_scale)
@@ -195,6 +193,25 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     return Trajectory(history, losses, predictions, penalty=penalties if decay else None,
                       rates=last_rates if problem.schedule is not None else None,
                       loss_scale=scales if scaled else None, skipped=skipped if scaled else None)
+
+
+FLOAT32_POWER_UNITS = 2  # a float32 power or square root of a framework: within 2 units of the exact one
+
+
+def schedule_rounding(rates: np.ndarray, learning_rate: float, rounding: np.random.Generator | None) -> np.ndarray:
+    """A schedule computed in float32 (formulas.py, schedule_in_float32): each rate rounded to
+    float32; in a perturbed replay also moved as the float32 arithmetic before that rounding can
+    move it. lr * r^p (or a cosine) in float32 is off the exact rate by at most about
+    (FLOAT32_POWER_UNITS + 1 + |ln(rate / lr)|) u: the power, the product, and p's own rounding
+    (relative u) carried through r^p as u |p ln r| = u |ln(rate / lr)|. That error is the same at
+    every run of the step, so half of it is drawn once per run (a bias) and half afresh."""
+    rounded = rates.astype(np.float32).astype(np.float64)
+    if rounding is None:
+        return rounded
+    with np.errstate(divide="ignore"):
+        units = FLOAT32_POWER_UNITS + 1 + np.abs(np.log(np.where(rates > 0, rates / learning_rate, 1.0)))
+    bias = rounding.uniform(-1.0, 1.0)
+    return rounded * (1 + units * UNIT_ROUNDOFF["float32"] * (bias + rounding.uniform(-1.0, 1.0, rates.shape)) / 2)
 
 
 AUTO_RUNS = 4  # perturbed replays per case
