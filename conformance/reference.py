@@ -150,13 +150,14 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
         for epoch in range(problem.epochs):
             total = penalty = 0.0
             for step, batch in enumerate(problem.batches(epoch)):
+                magnitudes = None if rounding is None else []
                 loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction,
                                                problem.loss, problem.delta, None if w is None else w[batch],
                                                None if rounding is None else jitter(output_bias[batch], compute_unit),
                                                model,
                                                None if hidden_bias is None else
                                                [jitter(f[batch], compute_unit) for f in hidden_bias],
-                                               rd=rd, loss_scale=scaler.scale)
+                                               rd=rd, loss_scale=scaler.scale, magnitudes=magnitudes)
                 total += loss * len(y[batch])
                 rate = rates[epoch, step] if problem.schedule_every_epoch else flat_rates[applied]
                 last_rates[epoch] = rate
@@ -167,8 +168,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                         if "skipped_steps_counted" in switches:
                             update.skipped()
                     continue
-                if rounding is not None:
-                    grad = grad * (1.0 + (gradient_bias - 1.0) * np.sqrt(len(y[batch])))
+                if rounding is not None:  # a sum of m terms: within u sqrt(m) of the sum of their magnitudes
+                    grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[batch])) * magnitudes.pop()
                     if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
                         grad = jitter(grad, compute_unit)  # can round a unit away
                 penalty += decay / 2 * float(params @ params) * len(y[batch])
@@ -399,7 +400,7 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
                       model: list[network.Layer] | None = None,
                       hidden_factors: list[np.ndarray] | None = None,
                       rd: Callable[[np.ndarray], np.ndarray] | None = None,
-                      loss_scale: float = 1.0) -> tuple[float, np.ndarray]:
+                      loss_scale: float = 1.0, magnitudes: list[np.ndarray] | None = None) -> tuple[float, np.ndarray]:
     """One batch's loss and its gradient with respect to [weights..., bias], or with hidden
     layers (`model`) to every parameter in network.py's layout (z is then the network's output).
 
@@ -413,6 +414,10 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     (network.forward/backward); the output's gradient is multiplied by `loss_scale` before it is
     rounded and the gradient divided by it after, so float16's overflow shows as a non-finite
     gradient.
+
+    `magnitudes`, when given, receives the sum of the magnitudes of the terms each gradient
+    component sums (the same backward pass on absolute values): what bounds the rounding error
+    of that sum, whatever the sum itself is (a gradient that cancels to 0 still has one).
     """
     layered = model is not None and (len(model) > 1 or rd is not None)
     if layered:
@@ -420,7 +425,11 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     else:
         output = predict(params, x, has_bias)
     if output_factors is not None:  # the replay's model of rounding (`replay(rounding=...)`)
-        output = output * output_factors
+        if layered:
+            output = output * output_factors
+        else:  # x w + b rounds by u times the sum of its terms' magnitudes, not of its value
+            terms = np.abs(x) @ np.abs(params[:x.shape[1]]) + (abs(params[-1]) if has_bias else 0.0)
+            output = output + (output_factors - 1.0) * terms
     residual = output - y
     if loss == "bce":
         per_sample = np.logaddexp(0.0, output) - y * output
@@ -434,6 +443,9 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     if weights is not None:
         per_sample, slope = weights * per_sample, weights * slope
     scale = 1.0 / len(y) if reduction == "mean" else 1.0
+    if magnitudes is not None:
+        magnitudes.append(_term_magnitudes(params, x, has_bias, scale * np.abs(slope),
+                                           tape if layered else None, model))
     if layered:
         if output_factors is not None:
             slope = slope * output_factors
@@ -444,6 +456,16 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     grad_w = scale * (x.T @ slope)
     grad = np.append(grad_w, scale * slope.sum()) if has_bias else grad_w
     return float(per_sample.sum()) * scale, grad
+
+
+def _term_magnitudes(params: np.ndarray, x: np.ndarray, has_bias: bool, slope: np.ndarray,
+                     tape: list[tuple[np.ndarray, np.ndarray]] | None, model: list[network.Layer] | None) -> np.ndarray:
+    """Per gradient component, the sum of |term| over the samples (and units) it adds up."""
+    if tape is None:
+        magnitude = np.abs(x).T @ slope
+        return np.append(magnitude, slope.sum()) if has_bias else magnitude
+    absolute = [(np.abs(a), np.abs(s)) for a, s in tape]
+    return network.backward(np.abs(params), model, absolute, slope)
 
 
 def predict(params: np.ndarray, x: np.ndarray, has_bias: bool, model: list[network.Layer] | None = None,

@@ -381,6 +381,10 @@ CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: data parallelism
      "tf.nn.compute_average_loss divides by the replica's own batch, not the global batch size",
      _tf_average_loss_per_replica),
 ]]
+
+from tests.mutants_formulas import FORMULA_MUTANTS  # noqa: E402  (it imports the helpers above)
+
+CATALOGUE += FORMULA_MUTANTS  # optimizer constants, rates, clipping thresholds and epsilon placement
 BY_NAME = {mutant.name: mutant for mutant in CATALOGUE}
 
 

@@ -113,8 +113,14 @@ def test_the_band_catches_master_weights_kept_in_bfloat16(monkeypatch):
     prepared = shipped("bfloat16-master-weights-and-loss")
     rd = reference.rounder("bfloat16")
     original = optimizers.make_update
-    monkeypatch.setattr(reference, "make_update", lambda optimizer, rounding=None: (
-        lambda update: lambda p, g, rate: rd(update(p, g, rate)))(original(optimizer, rounding)))
+
+    def kept_in_bfloat16_update(*args, **kwargs):
+        update = original(*args, **kwargs)
+        step = update.step
+        update.step = lambda p, g, rate: rd(step(p, g, rate))
+        return update
+
+    monkeypatch.setattr(reference, "make_update", kept_in_bfloat16_update)
     kept_in_bfloat16 = reference.replay(prepared.problem)
     monkeypatch.setattr(reference, "make_update", original)
     assert _share_of_band(prepared, kept_in_bfloat16) > 1.5

@@ -24,7 +24,7 @@ def test_the_catalogue_covers_every_framework_path():
 
 
 def test_an_unknown_mutant_is_an_error(monkeypatch):
-    monkeypatch.setenv(mutants.VARIABLE, "torch-sgd-lr-1e-3")
+    monkeypatch.setenv(mutants.VARIABLE, "torch-sgd-lr-1e-5")
     with pytest.raises(ValueError, match="not in the catalogue"):
         mutants.selected()
     monkeypatch.setenv(mutants.VARIABLE, "")

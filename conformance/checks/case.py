@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from conformance import compare, reference
+from conformance import compare, formulas, reference
 from conformance.checks.outcome import Compared, OfRun, Outcome, tol_text
+from conformance.problem import Trajectory
 from conformance.records import curve, floats
 from conformance.results import Trained
 
@@ -88,11 +89,31 @@ class CaseChecks(OfRun):
                        compared=compared)
 
     def _compare_pair(self, first: Trained, second: Trained, tol: Any) -> tuple[dict[str, Any], str | None]:
+        """The two results agree once each is moved onto the other's formulas: a against b plus
+        the difference of their own replays (formulas.py), in a's band, and the other way round."""
         a, b = first.trajectory, second.trajectory
+        switches = {who.backend: self.refs.switches_of(who.backend) for who in (first, second)}
         row = {"a": [first.backend, first.device], "b": [second.backend, second.device],
-               "max_rel_diff": compare.max_relative_difference(a.final, b.final)}
+               "max_rel_diff": compare.max_relative_difference(a.final, b.final),
+               "formulas": {name: sorted(named) for name, named in switches.items()}}
         for got, ref, who, against in ((a, b, first, second), (b, a, second, first)):
-            mismatch = self.results.worst_mismatch(got, ref, tol)
+            own, other = switches[who.backend], switches[against.backend]
+            moved, band = ref, tol
+            if own != other:  # the other result, carried onto this one's formulas
+                moved = _Moved(ref, self.refs.replay_of(own), self.refs.replay_of(other))
+                band = self.refs.parity_band_of(own)[0]
+            mismatch = self.results.worst_mismatch(got, moved, band)
             if mismatch is not None:
-                return row | {"passed": False}, mismatch.describe(who.label, against.label, self.where)
+                shifted = "" if own == other else (f" moved by the difference of their own replays "
+                                                   f"({formulas.describe(own)} against {formulas.describe(other)})")
+                return row | {"passed": False}, mismatch.describe(who.label, against.label + shifted, self.where)
         return row | {"passed": True}, None
+
+
+class _Moved:
+    """A result's end point plus the difference of two replays' end points (and predictions)."""
+
+    def __init__(self, result: Trajectory, to: Trajectory, since: Trajectory) -> None:
+        self.final = result.final + (to.final - since.final)
+        self.predictions = None if result.predictions is None or to.predictions is None else \
+            np.asarray(result.predictions, dtype=np.float64) + (to.predictions - since.predictions)
