@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,27 @@ def layers(features: int, hidden: list[dict[str, Any]] | None, has_bias: bool) -
         found.append(Layer(f"hidden{index}", inputs, layer["units"], layer["activation"], layer["settings"], has_bias))
         inputs = layer["units"]
     return found + [Layer("output", inputs, 1, bias=has_bias)]
+
+
+def with_switches(model: list[Layer], switches: frozenset[str]) -> list[Layer]:
+    """The layers as a framework computes their activations (conformance/formulas.yaml):
+    `activation_constants_in_float32`, TensorFlow's float32 GELU constants and LeakyReLU slope;
+    `softplus_threshold`, torch's Softplus returning its input above 20."""
+    def settings_of(layer: Layer) -> dict[str, Any] | None:
+        settings = dict(layer.settings or {})
+        if "activation_constants_in_float32" in switches:
+            if layer.activation == "leaky_relu":
+                settings["negative_slope"] = float(np.float32(settings["negative_slope"]))
+            if layer.activation == "gelu":
+                settings["float32_constants"] = True
+        if "softplus_threshold" in switches and layer.activation == "softplus":
+            settings["threshold"] = SOFTPLUS_THRESHOLD
+        return settings or layer.settings
+
+    return [replace(layer, settings=settings_of(layer)) for layer in model]
+
+
+SOFTPLUS_THRESHOLD = 20.0  # torch.nn.Softplus(beta=1, threshold=20)
 
 
 def parameter_names(model: list[Layer]) -> list[str]:
@@ -136,7 +157,11 @@ def activate(name: str, settings: dict[str, Any] | None, z: np.ndarray) -> tuple
         s = scipy.special.expit(z)
         return s, s * (1.0 - s)
     if name == "softplus":
-        return np.logaddexp(0.0, z), scipy.special.expit(z)
+        value, slope = np.logaddexp(0.0, z), scipy.special.expit(z)
+        if settings and "threshold" in settings:  # torch's: the input itself above it (switch softplus_threshold)
+            above = z > settings["threshold"]
+            value, slope = np.where(above, z, value), np.where(above, 1.0, slope)
+        return value, slope
     if name == "silu":
         s = scipy.special.expit(z)
         return z * s, s * (1.0 + z * (1.0 - s))
@@ -148,12 +173,14 @@ def activate(name: str, settings: dict[str, Any] | None, z: np.ndarray) -> tuple
         grown = alpha * np.expm1(np.minimum(z, 0.0))
         return np.where(z > 0, z, grown), np.where(z > 0, 1.0, grown + alpha)
     if name == "gelu":
+        in_float32 = settings.get("float32_constants", False)  # TensorFlow's (activation_constants_in_float32)
         if settings["approximate"]:
-            k = math.sqrt(2.0 / math.pi)
-            t = np.tanh(k * (z + 0.044715 * z**3))
-            return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * z * z)
-        cdf = 0.5 * scipy.special.erfc(-z / math.sqrt(2.0))
-        return z * cdf, cdf + z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+            k, c = math.sqrt(2.0 / math.pi), float(np.float32(0.044715)) if in_float32 else 0.044715
+            t = np.tanh(k * (z + c * z**3))
+            return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3 * c * z * z)
+        s = float(np.float32(1.0 / math.sqrt(2.0))) if in_float32 else 1.0 / math.sqrt(2.0)  # z * s = z / sqrt(2)
+        cdf = 0.5 * scipy.special.erfc(-z * s)
+        return z * cdf, cdf + z * s * np.exp(-(z * s) ** 2) / math.sqrt(math.pi)
     raise ValueError(f"unknown activation {name!r}")
 
 

@@ -139,7 +139,10 @@ def _adam(r: Rounding, switches: Switches, r32: Rounding, beta_1: float, beta_2:
             state["v_max"] = moment = np.maximum(state["v_max"], state["v"])
         if "epsilon_hat" in switches:
             return params - learning_rate * second / first * state["m"] / (np.sqrt(moment) + epsilon)
-        return params - learning_rate / first * state["m"] / (np.sqrt(moment) / second + epsilon)
+        step_size = learning_rate / first
+        if "step_size_in_float32" in switches:  # torch's lr / bias_correction1, a float32 tensor
+            step_size = float(r32(np.float64(np.float32(step_size))))
+        return params - step_size * state["m"] / (np.sqrt(moment) / second + epsilon)
 
     return Update(update, state)
 

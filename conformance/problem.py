@@ -380,6 +380,10 @@ class Trajectory:
     # skipped (a non-finite gradient: no update)
     loss_scale: np.ndarray | None = None
     skipped: np.ndarray | None = None
+    # the replay's only, under a loss scale: per epoch, whether a step's gradient sums could
+    # overflow the compute dtype in some order of summation while their exact sums do not
+    # (the scale times the sum of a component's terms' magnitudes reaches the dtype's largest value)
+    overflow_possible: np.ndarray | None = None
 
     @property
     def final(self) -> np.ndarray:

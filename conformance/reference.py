@@ -121,14 +121,18 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
         return values * (1.0 + size * rounding.uniform(-1.0, 1.0, np.shape(values)))
 
     output_bias = np.ones(problem.n) if rounding is None else jitter(np.ones(problem.n), compute_unit)
-    model = problem.layers
+    model = network.with_switches(problem.layers, switches)
     hidden_bias = None if rounding is None or len(model) == 1 else \
         [jitter(np.ones((problem.n, layer.units)), compute_unit) for layer in model[:-1]]
     params = problem.initial_params()
-    gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), unit)
+    sum_unit = compute_unit if "gradient_sum_in_compute_dtype" in switches else unit
+    gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), sum_unit)
     float32_jitter = None if rounding is None else lambda values: jitter(values, FLOAT32_POWER_UNITS * UNIT_ROUNDOFF["float32"])
     optimizer = problem.optimizer
     decay = float(optimizer.settings.get("weight_decay") or 0.0)
+    if "l2_factor_in_float32" in switches:  # Keras's L2(decay / 2): its factor a float32
+        decay = 2.0 * float(np.float32(decay / 2.0))
+        optimizer = replace(optimizer, settings=optimizer.settings | {"weight_decay": decay})
     decay_before_clip = "clip_after_l2" in switches
     if decay_before_clip:  # the decay is part of the clipped gradient, not added by the optimizer
         optimizer = replace(optimizer, settings=optimizer.settings | {"weight_decay": 0.0})
@@ -146,37 +150,64 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     history = np.empty((problem.epochs, params.size))
     losses = np.empty(problem.epochs)
     penalties = np.zeros(problem.epochs)
+    def evaluate(params: np.ndarray, rows: Any) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """The loss of `rows`, its gradient, and (with `rounding`) its terms' magnitudes."""
+        magnitudes = None if rounding is None and not order_decides else []
+        loss, grad = loss_and_gradient(params, x[rows], y[rows], problem.has_bias, problem.reduction,
+                                       problem.loss, problem.delta, None if w is None else w[rows],
+                                       None if rounding is None else jitter(output_bias[rows], compute_unit),
+                                       model,
+                                       None if hidden_bias is None else
+                                       [jitter(f[rows], compute_unit) for f in hidden_bias],
+                                       rd=rd, loss_scale=scaler.scale, magnitudes=magnitudes)
+        return loss, grad, None if magnitudes is None else magnitudes.pop()
+
+    order_decides = "gradient_sum_in_compute_dtype" in switches and problem.loss_scale is not None
+    largest = float(np.finfo(problem.compute_dtype).max) if order_decides else np.inf
+    overflow_possible = np.zeros(problem.epochs, dtype=bool)
+
+    def clip(grad: np.ndarray) -> np.ndarray:
+        return schedules.clip(grad, problem.clip, network.blocks(model),
+                              plus_epsilon="clip_norm_plus_epsilon" in switches)
+
     with np.errstate(all="ignore"):
         for epoch in range(problem.epochs):
             total = penalty = 0.0
             for step, batch in enumerate(problem.batches(epoch)):
-                magnitudes = None if rounding is None else []
-                loss, grad = loss_and_gradient(params, x[batch], y[batch], problem.has_bias, problem.reduction,
-                                               problem.loss, problem.delta, None if w is None else w[batch],
-                                               None if rounding is None else jitter(output_bias[batch], compute_unit),
-                                               model,
-                                               None if hidden_bias is None else
-                                               [jitter(f[batch], compute_unit) for f in hidden_bias],
-                                               rd=rd, loss_scale=scaler.scale, magnitudes=magnitudes)
+                shards, shares = replica_shares(problem, batch, switches)
+                parts = [evaluate(params, rows) for rows in shards]
+                loss = sum(share * part[0] for share, part in zip(shares, parts)) \
+                    if "reported_loss_averaged" in switches else \
+                    sum(part[0] * (len(y[rows]) / len(y[batch]) if problem.reduction == "mean" else 1.0)
+                        for rows, part in zip(shards, parts))  # the batch's loss
                 total += loss * len(y[batch])
-                rate = rates[epoch, step] if problem.schedule_every_epoch else flat_rates[applied]
+                if order_decides:  # a partial sum is bounded by the sum of its terms' magnitudes, and no better
+                    overflow_possible[epoch] |= scaler.scale * max(share * float(np.max(part[2]))
+                                                                   for share, part in zip(shares, parts)) >= largest
+                rate = flat_rates[applied] if not problem.schedule_every_epoch else \
+                    rates[applied // problem.steps_per_epoch, 0] if "epoch_from_applied_steps" in switches else \
+                    rates[epoch, step]
                 last_rates[epoch] = rate
-                if scaler.skips(bool(np.isfinite(grad).all())):
+                if scaler.skips(all(bool(np.isfinite(part[1]).all()) for part in parts)):
                     skipped[epoch] += 1
                     if counts_skips:  # the framework's step counter advances on a skipped step
                         applied += 1
                         if "skipped_steps_counted" in switches:
                             update.skipped()
                     continue
-                if rounding is not None:  # a sum of m terms: within u sqrt(m) of the sum of their magnitudes
-                    grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[batch])) * magnitudes.pop()
-                    if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
-                        grad = jitter(grad, compute_unit)  # can round a unit away
+                grads = []
+                for share, rows, (_, grad, magnitude) in zip(shares, shards, parts):
+                    grad = share * grad
+                    if rounding is not None:  # a sum of m terms: within u sqrt(m) of the sum of their magnitudes
+                        grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[rows])) * share * magnitude
+                        if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
+                            grad = jitter(grad, compute_unit)  # can round a unit away
+                    if decay_before_clip:  # each replica's loss carries its share of the L2 term
+                        grad = grad + decay * params / len(shards)
+                    grads.append(grad)
                 penalty += decay / 2 * float(params @ params) * len(y[batch])
-                if decay_before_clip:
-                    grad = grad + decay * params
-                grad = schedules.clip(grad, problem.clip, network.blocks(model),
-                                      plus_epsilon="clip_norm_plus_epsilon" in switches)
+                grad = clip(grads[0]) if len(grads) == 1 else \
+                    sum(clip(part) for part in grads) if "clip_per_replica" in switches else clip(sum(grads))
                 params = update(params, grad, rate)
                 applied += 1
                 if rounding is not None:
@@ -193,7 +224,22 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     scaled = problem.loss_scale is not None
     return Trajectory(history, losses, predictions, penalty=penalties if decay else None,
                       rates=last_rates if problem.schedule is not None else None,
-                      loss_scale=scales if scaled else None, skipped=skipped if scaled else None)
+                      loss_scale=scales if scaled else None, skipped=skipped if scaled else None,
+                      overflow_possible=overflow_possible if order_decides else None)
+
+
+def replica_shares(problem: Problem, batch: Any, switches: Switches) -> tuple[list[Any], list[float]]:
+    """The parts a step's gradient is summed from, and each one's weight in the sum: the whole
+    batch, or with a replica switch each replica's shard (Problem.shards). `replica_losses_averaged`
+    (DDP, lax.pmean, Keras's fit): the mean of the replicas' own losses, 1 / R each; else (the
+    GradientTape loop's compute_average_loss) the shard's share of the batch's mean, n_r / n."""
+    if problem.replicas == 1 or not switches & {"replica_losses_averaged", "clip_per_replica"}:
+        return [batch], [1.0]
+    shards = problem.shards(batch)
+    if "replica_losses_averaged" in switches:
+        return shards, [1.0 / len(shards)] * len(shards)
+    size = sum(len(rows) for rows in shards)
+    return shards, [len(rows) / size if problem.reduction == "mean" else 1.0 for rows in shards]
 
 
 FLOAT32_POWER_UNITS = 2  # a float32 power or square root of a framework: within 2 units of the exact one
@@ -234,6 +280,8 @@ class RoundingSpread:
     predictions: np.ndarray  # (K,): the final `predict` outputs (empty without `predict`)
     unit: float  # the training dtype's unit roundoff
     compute_unit: float = 0.0  # the compute dtype's (the training dtype's without mixed precision)
+    decisions_vary_from: int | None = None  # the first epoch (from 0) where a perturbed replay's
+    # loss-scale decisions differ: from there on, rounding alone can flip a skip
 
     @property
     def limit(self) -> float:
@@ -268,6 +316,7 @@ def rounding_spread(problem: Problem, unperturbed: Trajectory,
     params = np.zeros_like(unperturbed.params)
     loss = np.zeros_like(unperturbed.loss)
     predictions = np.zeros_like(_predictions(unperturbed))
+    decisions_vary_from = None
     with np.errstate(invalid="ignore"):
         for seed in range(AUTO_RUNS):
             perturbed = replay(problem, rounding=np.random.default_rng(seed), switches=switches)
@@ -275,8 +324,19 @@ def rounding_spread(problem: Problem, unperturbed: Trajectory,
             params = np.maximum(params, np.abs(perturbed.params - unperturbed.params))
             loss = np.maximum(loss, np.abs(perturbed.loss - unperturbed.loss))
             predictions = np.maximum(predictions, np.abs(_predictions(perturbed) - _predictions(unperturbed)))
+            varied = _first_decision_apart(perturbed, unperturbed)
+            if varied is not None:
+                decisions_vary_from = varied if decisions_vary_from is None else min(decisions_vary_from, varied)
     return RoundingSpread(params, loss, predictions, UNIT_ROUNDOFF[problem.dtype],
-                          UNIT_ROUNDOFF[problem.compute_dtype])
+                          UNIT_ROUNDOFF[problem.compute_dtype], decisions_vary_from)
+
+
+def _first_decision_apart(one: Trajectory, other: Trajectory) -> int | None:
+    """The first epoch (from 0) whose loss scale or skipped steps differ between two replays."""
+    if one.loss_scale is None or other.loss_scale is None:
+        return None
+    apart = (one.loss_scale != other.loss_scale) | (one.skipped != other.skipped)
+    return int(np.argmax(apart)) if apart.any() else None
 
 
 def band_from_spread(values: np.ndarray, spread: np.ndarray, unit: float, factor: float = AUTO_FACTOR,

@@ -80,6 +80,18 @@ def test_an_interrupted_run_is_marked_incomplete(tmp_path):
     assert "Incomplete run" in index.read_text() and "b-torch-cpu-parity" in index.read_text()
 
 
+def test_a_result_with_its_own_formulas_lists_each_switch_with_its_size(tmp_path):
+    switches = [{"name": "epsilon_hat", "size": 1.234e-3, "reason": "r", "source": "s", "shows": "c.yaml"},
+                {"name": EVIL, "size": None, "reason": "r", "source": "s", "shows": "c.yaml"}]
+    keras = parity_record("a", "a.yaml", "xfailed") | {"id": "a-keras-cpu-parity", "backend": "keras",
+                                                       "formulas": ["epsilon_hat", EVIL], "switches": switches}
+    write(tmp_path, [keras, parity_record("a", "a.yaml", "passed")])
+    html = (tmp_path / "cases" / "a.html").read_text()
+    assert "own formulas: epsilon_hat (1.2e-03), &lt;script&gt;alert(1)&lt;/script&gt; (non-finite)" in html
+    assert html.count("<small>own formulas:") == 1  # the keras row; torch has none
+    assert "<script" not in html
+
+
 @pytest.fixture
 def two_runs(tmp_path):
     """The same cases under two labels: one parameter moved beyond tolerance, one outcome changed."""
