@@ -26,8 +26,8 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
     clip_per_replica            each replica's gradient clipped before the all-reduce sums them
     reported_loss_averaged      the step's reported loss is the mean of the replicas' own losses
     step_size_in_float32        Adam's lr / (1 - beta_1^t) rounded to float32 every step
-    gradient_sum_in_compute_dtype  no formula changes: the band's gradient sums round in the compute
-                                dtype (sqrt(m) u16 of their terms' magnitudes), not in float32
+    gradient_sum_in_compute_dtype  no formula changes: the band's gradient sums are two roundings of
+                                the compute dtype off, and a decision is open where a partial sum could overflow
 """
 
 from __future__ import annotations

@@ -125,8 +125,11 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     hidden_bias = None if rounding is None or len(model) == 1 else \
         [jitter(np.ones((problem.n, layer.units)), compute_unit) for layer in model[:-1]]
     params = problem.initial_params()
-    sum_unit = compute_unit if "gradient_sum_in_compute_dtype" in switches else unit
-    gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), sum_unit)
+    gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), unit)
+    # a gradient summed in the compute dtype (a reduction of float16 partial sums, each level
+    # rounded): its result is a rounding or two of the compute dtype away, the same way every step
+    sum_bias = None if rounding is None or "gradient_sum_in_compute_dtype" not in switches else \
+        jitter(np.ones(params.size), 2 * compute_unit)
     float32_jitter = None if rounding is None else lambda values: jitter(values, FLOAT32_POWER_UNITS * UNIT_ROUNDOFF["float32"])
     optimizer = problem.optimizer
     decay = float(optimizer.settings.get("weight_decay") or 0.0)
@@ -202,6 +205,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                         grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[rows])) * share * magnitude
                         if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
                             grad = jitter(grad, compute_unit)  # can round a unit away
+                        if sum_bias is not None:
+                            grad = grad * sum_bias
                     if decay_before_clip:  # each replica's loss carries its share of the L2 term
                         grad = grad + decay * params / len(shards)
                     grads.append(grad)
