@@ -8,7 +8,7 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
 
     epsilon_hat                 Adam: p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
     epsilon_inside_root         RMSprop, Adagrad: g / sqrt(v + eps) (centered: sqrt(v - a^2 + eps))
-    hyperparameters_in_float32  SGD's momentum and Adam's betas (in beta^t) rounded to float32
+    hyperparameters_in_float32  SGD's momentum, Adam's betas (in beta^t), Adagrad's initial accumulator as float32
     bias_correction_in_float32  Adam's 1 - beta^t a float32 power of the float32 beta
     rate_in_momentum            SGD: v = mu v - lr_t g, p += v; RMSprop: b = mu b + lr_t d, p -= b
     schedule_in_float32         every scheduled rate rounded to float32 (its float32 arithmetic is

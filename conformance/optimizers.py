@@ -173,6 +173,8 @@ def _rmsprop(r: Rounding, switches: Switches, _: Rounding, rho: float, epsilon: 
 
 def _adagrad(r: Rounding, switches: Switches, _: Rounding, initial_accumulator_value: float,
              epsilon: float) -> Update:
+    if "hyperparameters_in_float32" in switches:  # Keras: initializers.Constant(value) makes a float32 first
+        initial_accumulator_value = float32(initial_accumulator_value)
     state = {"s": initial_accumulator_value}
     inside = "epsilon_inside_root" in switches
 
