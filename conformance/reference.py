@@ -173,6 +173,12 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
         return schedules.clip(grad, problem.clip, network.blocks(model),
                               plus_epsilon="clip_norm_plus_epsilon" in switches)
 
+    def clipped(grad: np.ndarray) -> np.ndarray:
+        """The clipped gradient; with `rounding`, its product rounded too (a norm clip otherwise
+        normalises every perturbation of the gradient away), before any sum of replicas' parts."""
+        grad = clip(grad)
+        return grad if rounding is None or problem.clip is None else jitter(grad, unit)
+
     with np.errstate(all="ignore"):
         for epoch in range(problem.epochs):
             total = penalty = 0.0
@@ -211,8 +217,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                         grad = grad + decay * params / len(shards)
                     grads.append(grad)
                 penalty += decay / 2 * float(params @ params) * len(y[batch])
-                grad = clip(grads[0]) if len(grads) == 1 else \
-                    sum(clip(part) for part in grads) if "clip_per_replica" in switches else clip(sum(grads))
+                grad = clipped(grads[0]) if len(grads) == 1 else \
+                    sum(clipped(part) for part in grads) if "clip_per_replica" in switches else clipped(sum(grads))
                 params = update(params, grad, rate)
                 applied += 1
                 if rounding is not None:
