@@ -62,6 +62,11 @@ NAMES = frozenset({
 
 Switches = frozenset[str]
 NONE: Switches = frozenset()
+# the switches whose formula computes in float32 (a power, a quotient, a schedule): the replay
+# takes the exact result of that float32 arithmetic, which a framework may round a unit or two
+# otherwise, so a hand-set tolerance is widened by that arithmetic's derived band
+FLOAT32_ARITHMETIC: Switches = frozenset({"bias_correction_in_float32", "step_size_in_float32",
+                                          "schedule_in_float32"})
 
 
 class Switch(Strict):

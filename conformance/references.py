@@ -15,7 +15,7 @@ import numpy as np
 
 from conformance import compare, environment, formulas, reference, timing
 from conformance.case import LoadedCase
-from conformance.formulas import NONE, Switches
+from conformance.formulas import FLOAT32_ARITHMETIC, NONE, Switches
 from conformance.problem import Prepared, Trajectory
 from conformance.records import floats
 from conformance.schema import DEFAULT_PARITY, Tol
@@ -86,7 +86,14 @@ class CaseReferences:
         --parity auto; then the hand-set one is shown beside it)."""
         own = self.case.spec.tolerance.parity
         if own != "auto" and not self.parity_auto:
-            return own, own.model_dump()
+            if not switches & FLOAT32_ARITHMETIC:
+                return own, own.model_dump()
+            derived = reference.rounding_band(self.prepared.problem, self.replay_of(switches),
+                                              self.prepared.to_original, self.rounding_of(switches))
+            if derived["rtol"] is None:
+                return own, own.model_dump()
+            widened = Tol(rtol=own.rtol + derived["rtol"], atol=own.atol + derived["atol"])
+            return widened, widened.model_dump() | {"hand_set": own.model_dump(), "plus_float32_arithmetic": derived}
         if switches not in self._parity_bands:
             derived = reference.rounding_band(self.prepared.problem, self.replay_of(switches),
                                               self.prepared.to_original, self.rounding_of(switches))
@@ -115,7 +122,13 @@ class CaseReferences:
         epochs = len(replay.params)
         if isinstance(own, Tol):
             rtol, atol = np.full(epochs, own.rtol), np.full(epochs, own.atol)
-            return reference.EpochBands(rtol, atol, rtol, atol, epochs, "the case's own tolerance at every epoch")
+            if not switches & FLOAT32_ARITHMETIC:
+                return reference.EpochBands(rtol, atol, rtol, atol, epochs, "the case's own tolerance at every epoch")
+            derived = reference.trajectory_bands(replay, self.rounding_of(switches))  # the switches' float32 arithmetic
+            return reference.EpochBands(rtol + derived.rtol, atol + derived.atol, rtol + derived.loss_rtol,
+                                        atol + derived.loss_atol, epochs,
+                                        "the case's own tolerance plus the derived band of the formulas' float32 "
+                                        "arithmetic at every epoch")
         return reference.trajectory_bands(replay, self.rounding_of(switches))
 
     @property

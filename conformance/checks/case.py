@@ -113,9 +113,10 @@ class CaseChecks(OfRun):
 
 def _both(own: tuple[Tol, dict[str, Any]], other: tuple[Tol, dict[str, Any]]) -> Tol:
     """The band of a result against another moved onto its formulas: each is within its own
-    derived band of its own replay, so their difference is within the sum of the two (a hand-set
-    tolerance is the user's for every pair, and stays as it is)."""
-    if "auto" not in own[1]:
+    band of its own replay, so their difference is within the sum of the two where either band is
+    derived (a hand-set tolerance alone is the user's for every pair, and stays as it is)."""
+    derived = ("auto", "plus_float32_arithmetic")
+    if not any(key in described for key in derived for described in (own[1], other[1])):
         return own[0]
     return Tol(rtol=own[0].rtol + other[0].rtol, atol=own[0].atol + other[0].atol)
 
