@@ -24,6 +24,7 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
     epoch_from_applied_steps    a per-epoch schedule's epoch is the applied steps // steps per epoch
     replica_losses_averaged     a step's gradient is the mean of the replicas' own losses' gradients
     clip_per_replica            each replica's gradient clipped before the all-reduce sums them
+    replica_scale_in_float32    each replica's loss scaled by float32(1 / R), the reported loss by R float32(1 / R)
     reported_loss_averaged      the step's reported loss is the mean of the replicas' own losses
     step_size_in_float32        Adam's lr / (1 - beta_1^t) rounded to float32 every step
     gradient_sum_in_compute_dtype  no formula changes: the band's gradient sums are two roundings of
@@ -58,6 +59,7 @@ NAMES = frozenset({
     "activation_constants_in_float32", "softplus_threshold", "epoch_from_applied_steps",
     "replica_losses_averaged", "clip_per_replica", "step_size_in_float32",
     "gradient_sum_in_compute_dtype", "reported_loss_averaged",
+    "replica_scale_in_float32",
 })
 
 Switches = frozenset[str]

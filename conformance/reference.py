@@ -189,6 +189,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                     if "reported_loss_averaged" in switches else \
                     sum(part[0] * (len(y[rows]) / len(y[batch]) if problem.reduction == "mean" else 1.0)
                         for rows, part in zip(shards, parts))  # the batch's loss
+                if "replica_scale_in_float32" in switches and len(shards) > 1:  # Keras unscales its scaled loss
+                    loss *= len(shards) * float(np.float32(1.0 / len(shards)))
                 total += loss * len(y[batch])
                 if order_decides:  # a partial sum is bounded by the sum of its terms' magnitudes, and no better
                     overflow_possible[epoch] |= scaler.scale * max(share * float(np.max(part[2]))
@@ -248,7 +250,8 @@ def replica_shares(problem: Problem, batch: Any, switches: Switches) -> tuple[li
         return [batch], [1.0]
     shards = problem.shards(batch)
     if "replica_losses_averaged" in switches:
-        return shards, [1.0 / len(shards)] * len(shards)
+        share = float(np.float32(1.0 / len(shards))) if "replica_scale_in_float32" in switches else 1.0 / len(shards)
+        return shards, [share] * len(shards)
     size = sum(len(rows) for rows in shards)
     return shards, [len(rows) / size if problem.reduction == "mean" else 1.0 for rows in shards]
 
