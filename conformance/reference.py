@@ -130,7 +130,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     # rounded): its result is a rounding or two of the compute dtype away, the same way every step
     sum_bias = None if rounding is None or "gradient_sum_in_compute_dtype" not in switches else \
         jitter(np.ones(params.size), 2 * compute_unit)
-    float32_jitter = None if rounding is None else lambda values: jitter(values, FLOAT32_POWER_UNITS * UNIT_ROUNDOFF["float32"])
+    float32_unit = FLOAT32_POWER_UNITS * UNIT_ROUNDOFF["float32"]
+    float32_jitter = None if rounding is None else lambda values: jitter(values, float32_unit)
     optimizer = problem.optimizer
     decay = float(optimizer.settings.get("weight_decay") or 0.0)
     if "l2_factor_in_float32" in switches:  # Keras's L2(decay / 2): its factor a float32

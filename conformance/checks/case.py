@@ -11,8 +11,8 @@ from conformance import compare, formulas, reference
 from conformance.checks.outcome import Compared, OfRun, Outcome, tol_text
 from conformance.problem import Trajectory
 from conformance.records import curve, floats
-from conformance.schema import Tol
 from conformance.results import Trained
+from conformance.schema import Tol
 
 if TYPE_CHECKING:
     from conformance.checks.run import CaseRun

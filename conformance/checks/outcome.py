@@ -84,7 +84,9 @@ def tol_text(tol: Any) -> str:
 
 def own_replay_name(backend: str, switches: frozenset[str]) -> str:
     """What a result is compared with: the case format's replay, or its backend's own formulas'."""
-    return "float64 replay" if not switches else f"float64 replay of {backend}'s formulas ({', '.join(sorted(switches))})"
+    if not switches:
+        return "float64 replay"
+    return f"float64 replay of {backend}'s formulas ({', '.join(sorted(switches))})"
 
 
 def explanation(label: str, switches: list[dict[str, Any]], own: str, apart: str, within: str) -> str:

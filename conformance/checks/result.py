@@ -14,6 +14,7 @@ from conformance.problem import Trajectory
 from conformance.records import curve, downsample, floats, plain
 from conformance.results import Trained
 
+
 class ResultChecks(OfRun):
     """parity and lstsq of one (backend, device) result of a case run."""
 

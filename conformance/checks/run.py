@@ -15,11 +15,11 @@ from conformance.checks.case import CaseChecks
 from conformance.checks.outcome import Outcome
 from conformance.checks.result import ResultChecks
 from conformance.checks.trajectory import TrajectoryCheck
+from conformance.environment import versions_hold
 from conformance.problem import Prepared, prepare
 from conformance.references import CaseReferences
 from conformance.results import Trained, TrainedResults
 from conformance.schema import Expect
-from conformance.environment import versions_hold
 
 
 class CaseRun:
