@@ -20,6 +20,7 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
     schedule_counts_skipped_steps  a skipped step advances the schedule (not Adam's t)
     l2_factor_in_float32        coupled weight decay 2 * float32(decay / 2) (Keras's L2 regularizer)
     activation_constants_in_float32  GELU's 1/sqrt(2) and 0.044715, LeakyReLU's slope as float32
+    gelu_divides_by_float32_root_2  with the above, exact GELU's z / float32(sqrt(2)) (TensorFlow < 2.16)
     softplus_threshold          softplus(z) = z, softplus'(z) = 1 above z = 20
     epoch_from_applied_steps    a per-epoch schedule's epoch is the applied steps // steps per epoch
     replica_losses_averaged     a step's gradient is the mean of the replicas' own losses' gradients
@@ -59,7 +60,7 @@ NAMES = frozenset({
     "activation_constants_in_float32", "softplus_threshold", "epoch_from_applied_steps",
     "replica_losses_averaged", "clip_per_replica", "step_size_in_float32",
     "gradient_sum_in_compute_dtype", "reported_loss_averaged",
-    "replica_scale_in_float32",
+    "replica_scale_in_float32", "gelu_divides_by_float32_root_2",
 })
 
 Switches = frozenset[str]

@@ -55,8 +55,9 @@ def with_switches(model: list[Layer], switches: frozenset[str]) -> list[Layer]:
         if "activation_constants_in_float32" in switches:
             if layer.activation == "leaky_relu":
                 settings["negative_slope"] = float(np.float32(settings["negative_slope"]))
-            if layer.activation == "gelu":
-                settings["float32_constants"] = True
+            if layer.activation == "gelu":  # TensorFlow < 2.16 divides by a float32 sqrt(2), later ones
+                divides = "gelu_divides_by_float32_root_2" in switches  # multiply by a float32 1 / sqrt(2)
+                settings["float32_constants"] = "divide" if divides else True
         if "softplus_threshold" in switches and layer.activation == "softplus":
             settings["threshold"] = SOFTPLUS_THRESHOLD
         return settings or layer.settings
@@ -178,7 +179,8 @@ def activate(name: str, settings: dict[str, Any] | None, z: np.ndarray) -> tuple
             k, c = math.sqrt(2.0 / math.pi), float(np.float32(0.044715)) if in_float32 else 0.044715
             t = np.tanh(k * (z + c * z**3))
             return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3 * c * z * z)
-        s = float(np.float32(1.0 / math.sqrt(2.0))) if in_float32 else 1.0 / math.sqrt(2.0)  # z * s = z / sqrt(2)
+        s = 1.0 / float(np.float32(math.sqrt(2.0))) if in_float32 == "divide" else \
+            float(np.float32(1.0 / math.sqrt(2.0))) if in_float32 else 1.0 / math.sqrt(2.0)  # z * s = z / sqrt(2)
         cdf = 0.5 * scipy.special.erfc(-z * s)
         return z * cdf, cdf + z * s * np.exp(-(z * s) ** 2) / math.sqrt(math.pi)
     raise ValueError(f"unknown activation {name!r}")
