@@ -58,6 +58,7 @@ class When(Strict):
     loss_scale: OneOrMany | None = None  # v1.2: fixed, dynamic
     replicas: Condition | None = None  # v1.2: a number of replicas, or a comparison such as "> 1"
     shards: Literal["even", "uneven"] | None = None  # v1.2: whether some batch splits into unequal shards
+    sample_weights: bool | None = None  # whether the data set has sample weights
 
     @field_validator("settings", "loss_settings", "schedule_settings")
     @classmethod
@@ -143,6 +144,8 @@ def holds(when: When, problem: Problem) -> bool:
     if when.replicas is not None and not _all_hold({"replicas": when.replicas}, {"replicas": problem.replicas}):
         return False
     if when.shards is not None and when.shards != ("uneven" if uneven_shards(problem) else "even"):
+        return False
+    if when.sample_weights is not None and when.sample_weights != (problem.sample_weight is not None):
         return False
     activations = {layer["activation"] for layer in problem.hidden or []}
     if when.activation is not None and not activations & set(_names(when.activation)):

@@ -20,7 +20,7 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
     schedule_counts_skipped_steps  a skipped step advances the schedule (not Adam's t)
     l2_factor_in_float32        coupled weight decay 2 * float32(decay / 2) (Keras's L2 regularizer)
     activation_constants_in_float32  GELU's 1/sqrt(2) and 0.044715, LeakyReLU's slope as float32
-    gelu_divides_by_float32_root_2  with the above, exact GELU's z / float32(sqrt(2)) (TensorFlow < 2.16)
+    gelu_divides_by_float32_root_2  with the above, exact GELU's z / float32(sqrt(2)) (TensorFlow < 2.19)
     softplus_threshold          softplus(z) = z, softplus'(z) = 1 above z = 20
     epoch_from_applied_steps    a per-epoch schedule's epoch is the applied steps // steps per epoch
     replica_losses_averaged     a step's gradient is the mean of the replicas' own losses' gradients
@@ -28,6 +28,9 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
     replica_scale_in_float32    each replica's loss scaled by float32(1 / R), the reported loss by R float32(1 / R)
     reported_loss_averaged      the step's reported loss is the mean of the replicas' own losses
     step_size_in_float32        Adam's lr / (1 - beta_1^t) rounded to float32 every step
+    staircase_by_float32_reciprocal  a staircase's exponent floor(float32(t) * float32(1 / decay_steps))
+    weighted_losses_in_float32  each sample's weighted loss float32(loss_i) float32(w_i) in float32,
+                                its gradient's weight float32(float32(1 / n) w_i)
     gradient_sum_in_compute_dtype  no formula changes: the band's gradient sums are two roundings of
                                 the compute dtype off, and a decision is open where a partial sum could overflow
 """
@@ -60,7 +63,8 @@ NAMES = frozenset({
     "activation_constants_in_float32", "softplus_threshold", "epoch_from_applied_steps",
     "replica_losses_averaged", "clip_per_replica", "step_size_in_float32",
     "gradient_sum_in_compute_dtype", "reported_loss_averaged",
-    "replica_scale_in_float32", "gelu_divides_by_float32_root_2",
+    "replica_scale_in_float32", "gelu_divides_by_float32_root_2", "weighted_losses_in_float32",
+    "staircase_by_float32_reciprocal",
 })
 
 Switches = frozenset[str]

@@ -137,12 +137,16 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     if "l2_factor_in_float32" in switches:  # Keras's L2(decay / 2): its factor a float32
         decay = 2.0 * float(np.float32(decay / 2.0))
         optimizer = replace(optimizer, settings=optimizer.settings | {"weight_decay": decay})
+    if decay and "replica_scale_in_float32" in switches and problem.replicas > 1:  # its L2 term scaled too
+        decay *= problem.replicas * float(np.float32(1.0 / problem.replicas))
+        optimizer = replace(optimizer, settings=optimizer.settings | {"weight_decay": decay})
     decay_before_clip = "clip_after_l2" in switches
     if decay_before_clip:  # the decay is part of the clipped gradient, not added by the optimizer
         optimizer = replace(optimizer, settings=optimizer.settings | {"weight_decay": 0.0})
     update = make_update(optimizer, None if rounding is None else lambda values: jitter(values, unit), switches,
                          float32_jitter)
-    rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs, problem.steps_per_epoch)
+    rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs, problem.steps_per_epoch,
+                                 reciprocal="staircase_by_float32_reciprocal" in switches)
     if "schedule_in_float32" in switches:
         rates = schedule_rounding(rates, problem.learning_rate, rounding)
     counts_skips = switches & {"skipped_steps_counted", "schedule_counts_skipped_steps"}
@@ -163,7 +167,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                                        model,
                                        None if hidden_bias is None else
                                        [jitter(f[rows], compute_unit) for f in hidden_bias],
-                                       rd=rd, loss_scale=scaler.scale, magnitudes=magnitudes)
+                                       rd=rd, loss_scale=scaler.scale, magnitudes=magnitudes,
+                                       weighted_in_float32="weighted_losses_in_float32" in switches)
         return loss, grad, None if magnitudes is None else magnitudes.pop()
 
     order_decides = "gradient_sum_in_compute_dtype" in switches and problem.loss_scale is not None
@@ -475,7 +480,8 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
                       model: list[network.Layer] | None = None,
                       hidden_factors: list[np.ndarray] | None = None,
                       rd: Callable[[np.ndarray], np.ndarray] | None = None,
-                      loss_scale: float = 1.0, magnitudes: list[np.ndarray] | None = None) -> tuple[float, np.ndarray]:
+                      loss_scale: float = 1.0, magnitudes: list[np.ndarray] | None = None,
+                      weighted_in_float32: bool = False) -> tuple[float, np.ndarray]:
     """One batch's loss and its gradient with respect to [weights..., bias], or with hidden
     layers (`model`) to every parameter in network.py's layout (z is then the network's output).
 
@@ -489,6 +495,10 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     (network.forward/backward); the output's gradient is multiplied by `loss_scale` before it is
     rounded and the gradient divided by it after, so float16's overflow shows as a non-finite
     gradient.
+
+    `weighted_in_float32` (tf.nn.compute_average_loss with sample weights, `mean`): each
+    sample's loss and weight are cast to float32 and multiplied there, so the loss sums
+    float32(float32(loss_i) float32(w_i)) and the gradient of loss_i is float32(float32(1 / n) w_i).
 
     `magnitudes`, when given, receives the sum of the magnitudes of the terms each gradient
     component sums (the same backward pass on absolute values): what bounds the rounding error
@@ -515,9 +525,13 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
         slope = np.where(inside, residual, delta * np.sign(residual))  # d loss_i / d prediction_i
     else:
         per_sample, slope = residual**2, 2.0 * residual
-    if weights is not None:
-        per_sample, slope = weights * per_sample, weights * slope
     scale = 1.0 / len(y) if reduction == "mean" else 1.0
+    if weights is not None and weighted_in_float32 and reduction == "mean":
+        weights32 = weights.astype(np.float32)
+        per_sample = (per_sample.astype(np.float32) * weights32).astype(np.float64)
+        slope = (np.float32(scale) * weights32).astype(np.float64) / scale * slope
+    elif weights is not None:
+        per_sample, slope = weights * per_sample, weights * slope
     if magnitudes is not None:
         magnitudes.append(_term_magnitudes(params, x, has_bias, scale * np.abs(slope),
                                            tape if layered else None, model))

@@ -27,15 +27,18 @@ from typing import Any
 import numpy as np
 
 
-def rate(schedule: dict[str, Any] | None, learning_rate: float, t: int) -> float:
-    """The case format's learning rate at t (steps or epochs, as `schedule["every"]` says)."""
+def rate(schedule: dict[str, Any] | None, learning_rate: float, t: int, reciprocal: bool = False) -> float:
+    """The case format's learning rate at t (steps or epochs, as `schedule["every"]` says).
+    `reciprocal` (formulas.py, staircase_by_float32_reciprocal): a staircase's floor is taken of
+    float32(t) * float32(1 / decay_steps), as a compiled graph computes t / decay_steps."""
     if schedule is None:
         return learning_rate
     kind, settings = schedule["kind"], schedule["settings"]
     if kind == "exponential":
         exponent = t / settings["decay_steps"]
         if settings["staircase"]:
-            exponent = math.floor(exponent)
+            exponent = math.floor(np.float32(t) * (np.float32(1) / np.float32(settings["decay_steps"]))
+                                  if reciprocal else exponent)
         return learning_rate * settings["decay_rate"] ** exponent
     if kind == "piecewise":
         return settings["values"][bisect_right(settings["boundaries"], t)]
@@ -47,7 +50,8 @@ def rate(schedule: dict[str, Any] | None, learning_rate: float, t: int) -> float
     return learning_rate * ((1 - alpha) * cosine + alpha)
 
 
-def step_rates(schedule: dict[str, Any] | None, learning_rate: float, epochs: int, steps_per_epoch: int) -> np.ndarray:
+def step_rates(schedule: dict[str, Any] | None, learning_rate: float, epochs: int, steps_per_epoch: int,
+               reciprocal: bool = False) -> np.ndarray:
     """(epochs, steps_per_epoch): the rate of every optimizer step of the training."""
     if schedule is None:
         return np.full((epochs, steps_per_epoch), learning_rate)
@@ -55,7 +59,8 @@ def step_rates(schedule: dict[str, Any] | None, learning_rate: float, epochs: in
     rates = np.empty((epochs, steps_per_epoch))
     for epoch in range(epochs):
         for step in range(steps_per_epoch):
-            rates[epoch, step] = rate(schedule, learning_rate, epoch if per_epoch else epoch * steps_per_epoch + step)
+            rates[epoch, step] = rate(schedule, learning_rate, epoch if per_epoch else epoch * steps_per_epoch + step,
+                                      reciprocal)
     return rates
 
 

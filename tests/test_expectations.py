@@ -105,3 +105,18 @@ def test_when_shards_tells_even_splits_from_uneven_ones():
     assert expectations.holds(when({"shards": "uneven"}), short_last)
     assert expectations.holds(when({"replicas": "> 1", "shards": "uneven"}), odd_batch)
     assert not expectations.holds(when({"shards": "uneven"}), even)
+
+
+def test_when_sample_weights_tells_weighted_data_from_unweighted():
+    from dataclasses import replace
+
+    from conformance.problem import Optimizer, Problem
+
+    plain = Problem("p", np.zeros((4, 1)), np.zeros(4), np.zeros(2), None, 1, 4, None, "mean",
+                    Optimizer("sgd", {"learning_rate": 0.1}), "float64")
+    weighted = replace(plain, sample_weight=np.ones(4))
+    when = expectations.When.model_validate
+    assert expectations.holds(when({"sample_weights": True}), weighted)
+    assert not expectations.holds(when({"sample_weights": True}), plain)
+    assert expectations.holds(when({"sample_weights": False}), plain)
+    assert expectations.holds(when({}), weighted)

@@ -330,3 +330,23 @@ def test_the_lstsq_item_of_separable_data_fails_with_the_reason(write_case):
     assert not outcome.passed
     assert outcome.message.startswith("scipy logistic maximum likelihood: linearly separable: no finite "
                                       "maximum-likelihood fit")
+
+
+def test_weighted_losses_in_float32_round_each_product_and_each_gradient_weight_to_float32():
+    """tf.nn.compute_average_loss with sample weights (weighted_losses_in_float32): the loss sums
+    float32(float32(loss_i) float32(w_i)) / n; loss_i's gradient weight is float32(float32(1 / n) w_i)."""
+    x = np.array([[0.5], [-1.0], [2.0]])
+    y = np.array([1.0, 0.0, 0.3])
+    weights = np.array([0.901, 0.742, 1.3])
+    params = np.array([0.8, -0.2])
+    per_sample = (x[:, 0] * 0.8 - 0.2 - y) ** 2
+    loss, grad = reference.loss_and_gradient(params, x, y, True, "mean", weights=weights, weighted_in_float32=True)
+    products = (per_sample.astype(np.float32) * weights.astype(np.float32)).astype(np.float64)
+    assert loss == pytest.approx(products.sum() / 3, rel=1e-15)
+    factors = (np.float32(1 / 3) * weights.astype(np.float32)).astype(np.float64)
+    slope = factors * 2 * (x[:, 0] * 0.8 - 0.2 - y)
+    np.testing.assert_allclose(grad, [slope @ x[:, 0], slope.sum()], rtol=1e-14, atol=1e-16)
+    exact = reference.loss_and_gradient(params, x, y, True, "mean", weights=weights)
+    assert exact[0] != loss and 0 < abs(exact[0] / loss - 1) < 1e-7  # a float32 rounding away, no more
+    summed = reference.loss_and_gradient(params, x, y, True, "sum", weights=weights, weighted_in_float32=True)
+    assert summed[0] == reference.loss_and_gradient(params, x, y, True, "sum", weights=weights)[0]  # mean only

@@ -86,3 +86,16 @@ def test_a_rate_that_differs_from_the_case_formats_is_named_with_its_epoch():
     assert rates_apart(run([0.1, 0.05 * (1 + 3e-8), 0.025]), replay) is None  # a float32 rate: not named
     assert rates_apart(run([0.1, 0.1, 0.025]), replay) == {"epoch": 2, "got": 0.1, "expected": 0.05}
     assert rates_apart(run(None), replay) is None and rates_apart(replay, run(None)) is None
+
+
+def test_a_staircase_by_float32_reciprocal_steps_down_late_where_the_product_rounds_below_the_count():
+    """staircase_by_float32_reciprocal: floor(float32(t) * float32(1 / decay_steps)), as
+    tf.function and jax.jit compute t / decay_steps: 107 * float32(1 / 107) is 0.99999994."""
+    schedule = plain("exponential", decay_rate=0.25, decay_steps=107, staircase=True)
+    assert schedules.rate(schedule, 0.1, 107) == pytest.approx(0.025)
+    assert schedules.rate(schedule, 0.1, 107, reciprocal=True) == 0.1  # one step late
+    assert schedules.rate(schedule, 0.1, 108, reciprocal=True) == pytest.approx(0.025)
+    exact = plain("exponential", decay_rate=0.25, decay_steps=10, staircase=True)  # 10 * float32(0.1) is 1
+    assert schedules.rate(exact, 0.1, 10, reciprocal=True) == schedules.rate(exact, 0.1, 10)
+    rates = schedules.step_rates(schedule, 0.1, 110, 1, reciprocal=True)
+    assert rates[106, 0] == rates[107, 0] == 0.1 and rates[108, 0] == pytest.approx(0.025)
