@@ -168,8 +168,13 @@ class _Path:
         if got.info.get("loss_includes_l2_penalty") and replay.penalty is not None:
             expected_loss = replay.loss + replay.penalty  # what the framework reports as its loss
         self.loss = (got.loss[:epochs], expected_loss[:epochs])
+        # a value's relative band is of the larger of its magnitudes at this epoch and the one
+        # before: an error of rtol |p| is carried into the next epoch as an absolute one, so a
+        # value that shrinks (a path through zero) keeps the error it had
+        magnitude = np.abs(self.params[1])
+        magnitude = np.maximum(magnitude, np.vstack([magnitude[:1], magnitude[:-1]])) if epochs else magnitude
         self.allowed = np.column_stack([
-            bands.atol[:epochs, None] + bands.rtol[:epochs, None] * np.abs(self.params[1]),
+            bands.atol[:epochs, None] + bands.rtol[:epochs, None] * magnitude,
             bands.loss_atol[:epochs] + bands.loss_rtol[:epochs] * np.abs(self.loss[1])])
         self.difference = np.abs(np.column_stack([self.params[0] - self.params[1], self.loss[0] - self.loss[1]]))
         self.bands, self.width = bands, width
