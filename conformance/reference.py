@@ -450,7 +450,11 @@ def trajectory_bands(unperturbed: Trajectory, spread: RoundingSpread, window: in
             loss_rtol[epoch], loss_atol[epoch] = band[0], max(band[1], loss_floor)
     widest = [np.maximum.accumulate(_window_max(values, window)) if epochs else values
               for values in (rtol, atol, loss_rtol, loss_atol)]
-    beyond = np.flatnonzero(~(widest[0] <= spread.limit))
+    # beyond the limit: a relative band past it, or an absolute one past it times the parameters'
+    # scale so far (a parameter at 0 that rounding alone moves as far as the others are large)
+    scale = np.maximum.accumulate(np.nan_to_num(np.max(np.abs(unperturbed.params), axis=1, initial=0.0))) \
+        if epochs else np.zeros(0)
+    beyond = np.flatnonzero(~(widest[0] <= spread.limit) | ~(widest[1] <= spread.limit * scale))
     comparable = int(beyond[0]) if beyond.size else epochs
     return EpochBands(*widest, comparable=comparable, limit=spread.limit,
                       method=f"per epoch: {AUTO_FACTOR:g} x the largest spread of {AUTO_RUNS} perturbed float64 "
