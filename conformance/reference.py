@@ -136,9 +136,9 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     decay = float(optimizer.settings.get("weight_decay") or 0.0)
     if "l2_factor_in_float32" in switches:  # Keras's L2(decay / 2): its factor a float32
         decay = 2.0 * float(np.float32(decay / 2.0))
-        optimizer = replace(optimizer, settings=optimizer.settings | {"weight_decay": decay})
-    if decay and "replica_scale_in_float32" in switches and problem.replicas > 1:  # its L2 term scaled too
+    if "replica_scale_in_float32" in switches and problem.replicas > 1:  # its L2 term scaled too
         decay *= problem.replicas * float(np.float32(1.0 / problem.replicas))
+    if decay:
         optimizer = replace(optimizer, settings=optimizer.settings | {"weight_decay": decay})
     decay_before_clip = "clip_after_l2" in switches
     if decay_before_clip:  # the decay is part of the clipped gradient, not added by the optimizer
