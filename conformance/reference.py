@@ -106,9 +106,9 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     perturbed by the compute dtype's u (the gradient afresh every step: a lowering that rounds
     elsewhere moves each step's gradient by about one rounding), parameters and optimizer state
     by float32's. The gradient's perturbation stands for summation: a float32 sum in another order
-    rounds to the compute dtype a unit away now and then, and XLA (jax, keras_jax, keras_xla)
-    sums a bias's or a kernel's gradient in the compute dtype itself (measured: two float16
-    units off the once-rounded sum of 128 samples).
+    rounds to the compute dtype a unit away now and then; a backend that sums a bias's or a
+    kernel's gradient in the compute dtype itself (switch gradient_sum_in_compute_dtype: XLA,
+    TensorFlow's broadcasting add) gets the sum's own perturbation with the compute dtype's u.
     """
     x = problem.x.astype(np.float64)
     y = problem.y.astype(np.float64)
@@ -125,11 +125,10 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     hidden_bias = None if rounding is None or len(model) == 1 else \
         [jitter(np.ones((problem.n, layer.units)), compute_unit) for layer in model[:-1]]
     params = problem.initial_params()
-    gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), unit)
-    # a gradient summed in the compute dtype (a reduction of float16 partial sums, each level
-    # rounded): its result is a rounding or two of the compute dtype away, the same way every step
-    sum_bias = None if rounding is None or "gradient_sum_in_compute_dtype" not in switches else \
-        jitter(np.ones(params.size), 2 * compute_unit)
+    # a gradient summed in the compute dtype (a reduction of float16 partial sums): its error is
+    # bounded by the compute dtype's u, not float32's, times the sum of its terms' magnitudes
+    sum_unit = compute_unit if "gradient_sum_in_compute_dtype" in switches else unit
+    gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), sum_unit)
     float32_unit = FLOAT32_POWER_UNITS * UNIT_ROUNDOFF["float32"]
     float32_jitter = None if rounding is None else lambda values: jitter(values, float32_unit)
     optimizer = problem.optimizer
@@ -219,8 +218,6 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                         grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[rows])) * share * magnitude
                         if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
                             grad = jitter(grad, compute_unit)  # can round a unit away
-                        if sum_bias is not None:
-                            grad = grad * sum_bias
                     if decay_before_clip:  # each replica's loss carries its share of the L2 term
                         grad = grad + decay * params / len(shards)
                     grads.append(grad)

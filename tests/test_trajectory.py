@@ -120,3 +120,40 @@ def test_sgd_ignoring_nesterov_passes_parity_and_fails_the_trajectory(pytester, 
     statuses = _run_torch(pytester, tmp_path, monkeypatch, [str(ROOT / "cases/features/nesterov.yaml")], "nonesterov")
     assert statuses["nesterov-torch-cpu-parity"] == "passed", statuses
     assert statuses["nesterov-torch-cpu-trajectory"] == "failed", statuses
+
+
+SCALED = """\
+dataset: {inline: {x: [0, 1, 2, 3], y: [1, 3, 5, 7]}}
+training:
+  epochs: 20
+  optimizer: {sgd: {learning_rate: 0.05}}
+  precision: mixed_float16
+  loss_scale: {dynamic: {initial: 1024.0, growth_interval: 2}}
+"""
+
+
+@pytest.mark.parametrize("open_decision", [True, False])
+def test_a_decision_rounding_can_flip_ends_the_compared_path_there(write_case, open_decision):
+    """A loss-scale decision that differs where rounding could flip it (here: a partial sum could
+    overflow at epoch 6) is no mismatch, and the path after it, which follows other decisions, is
+    not compared: the epochs before it are. Where rounding cannot flip it, it is a mismatch."""
+    path = write_case("scaled", SCALED)
+    run = make_run(load(CaseFile(path, path.parent)), [("torch", "cpu")])
+    replay = run.refs.replay
+    assert replay.loss_scale is not None
+    replay.overflow_possible = np.zeros(len(replay.params), dtype=bool)
+    replay.overflow_possible[5] = open_decision
+    params = replay.params.copy()
+    params[5:] *= 1.5  # the path after the other decision
+    scale = replay.loss_scale.copy()
+    scale[5:] /= 2
+    plant(run, params, replay.loss.copy())
+    run.results[("torch", "cpu")].trajectory.loss_scale = scale
+    run.results[("torch", "cpu")].trajectory.skipped = replay.skipped.copy()
+    outcome = run.check_trajectory("torch", "cpu")
+    if open_decision:
+        assert outcome.passed, outcome.message
+        assert outcome.record["comparable"] == 5 and outcome.record["loss_scale_first_differs"]["within_rounding"]
+        assert "went otherwise at epoch 6" in outcome.message
+    else:
+        assert not outcome.passed and outcome.decision and "loss scaling first differs at epoch 6" in outcome.message
