@@ -31,6 +31,9 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
     staircase_by_float32_reciprocal  a staircase's exponent floor(float32(t) * float32(1 / decay_steps))
     weighted_losses_in_float32  each sample's weighted loss float32(loss_i) float32(w_i) in float32,
                                 its gradient's weight float32(float32(1 / n) w_i)
+    gelu_terms_in_compute_dtype  no formula changes: the band's GELU rounding is the compute dtype's u
+                                times 0.5 |z| (1 + |t|), as 1 + t is rounded there (both forms)
+    gelu_tanh_terms_in_compute_dtype  the same for the tanh form only
     gradient_sum_in_compute_dtype  no formula changes: the band's gradient sums are two roundings of
                                 the compute dtype off, and a decision is open where a partial sum could overflow
 """
@@ -64,7 +67,7 @@ NAMES = frozenset({
     "replica_losses_averaged", "clip_per_replica", "step_size_in_float32",
     "gradient_sum_in_compute_dtype", "reported_loss_averaged",
     "replica_scale_in_float32", "gelu_divides_by_float32_root_2", "weighted_losses_in_float32",
-    "staircase_by_float32_reciprocal",
+    "staircase_by_float32_reciprocal", "gelu_terms_in_compute_dtype", "gelu_tanh_terms_in_compute_dtype",
 })
 
 Switches = frozenset[str]

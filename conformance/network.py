@@ -49,7 +49,9 @@ def layers(features: int, hidden: list[dict[str, Any]] | None, has_bias: bool) -
 def with_switches(model: list[Layer], switches: frozenset[str]) -> list[Layer]:
     """The layers as a framework computes their activations (conformance/formulas.yaml):
     `activation_constants_in_float32`, TensorFlow's float32 GELU constants and LeakyReLU slope;
-    `softplus_threshold`, torch's Softplus returning its input above 20."""
+    `softplus_threshold`, torch's Softplus returning its input above 20;
+    `gelu_terms_in_compute_dtype` (both forms) and `gelu_tanh_terms_in_compute_dtype` (the tanh
+    form): under mixed precision, GELU's 1 + t rounded to the compute dtype (`_gelu_terms`)."""
     def settings_of(layer: Layer) -> dict[str, Any] | None:
         settings = dict(layer.settings or {})
         if "activation_constants_in_float32" in switches:
@@ -58,6 +60,9 @@ def with_switches(model: list[Layer], switches: frozenset[str]) -> list[Layer]:
             if layer.activation == "gelu":  # TensorFlow < 2.16 divides by a float32 sqrt(2), later ones
                 divides = "gelu_divides_by_float32_root_2" in switches  # multiply by a float32 1 / sqrt(2)
                 settings["float32_constants"] = "divide" if divides else True
+        if layer.activation == "gelu" and ("gelu_terms_in_compute_dtype" in switches or (
+                "gelu_tanh_terms_in_compute_dtype" in switches and settings.get("approximate"))):
+            settings["terms_in_compute_dtype"] = True  # 1 + t rounded to the compute dtype (_gelu_terms)
         if "softplus_threshold" in switches and layer.activation == "softplus":
             settings["threshold"] = SOFTPLUS_THRESHOLD
         return settings or layer.settings
@@ -207,7 +212,11 @@ def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
         value = rd(value)
         if rd is not _exact:
             slope = _slope_from_output(layer.activation, value, slope)
-        if factors is not None:
+        if factors is not None and layer.activation == "gelu" and (
+                rd is _exact or (layer.settings or {}).get("terms_in_compute_dtype")):
+            value_terms, slope_terms = _gelu_terms(layer.settings, z)
+            value, slope = value + (factors[index] - 1.0) * value_terms, slope + (factors[index] - 1.0) * slope_terms
+        elif factors is not None:
             value, slope = value * factors[index], slope * factors[index]
         tape.append((a, slope))
         a = value
@@ -217,6 +226,22 @@ def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
 
 
 Rounder = Callable[[np.ndarray], np.ndarray]
+
+
+def _gelu_terms(settings: dict[str, Any] | None, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What bounds the rounding of GELU as the frameworks write it, 0.5 z (1 + t) with t =
+    erf(z / sqrt 2) or tanh(...) rounded first: the sum of its terms' magnitudes, 0.5 |z| (1 + |t|),
+    not |GELU(z)|; 1 + t cancels for negative z (bfloat16 -3.5: TensorFlow, XLA and JAX's tanh
+    form give -0.0 for -6.2e-4; torch's float32 `x * 0.5 * (1 + erf(x * M_SQRT1_2))` alike in
+    float32). The derivative 0.5 (1 + t) + 0.5 z t' cancels the same way."""
+    if (settings or {}).get("approximate"):
+        k, c = math.sqrt(2.0 / math.pi), 0.044715
+        t = np.tanh(k * (z + c * z**3))
+        derivative = (1.0 - t * t) * k * (1.0 + 3 * c * z * z)
+    else:
+        t = scipy.special.erf(z / math.sqrt(2.0))
+        derivative = math.sqrt(2.0 / math.pi) * np.exp(-0.5 * z * z)
+    return 0.5 * np.abs(z) * (1.0 + np.abs(t)), 0.5 * (1.0 + np.abs(t)) + 0.5 * np.abs(z * derivative)
 
 
 def _exact(values: np.ndarray) -> np.ndarray:

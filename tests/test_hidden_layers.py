@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.special
 
 from conformance import network, reference
 from conformance.problem import prepare
@@ -215,3 +216,27 @@ def test_the_case_page_summarises_each_parameter_tensor():
     assert summary["tensors"] == ["hidden1.kernel", "hidden1.bias", "output.kernel", "output.bias"]
     assert summary["sizes"] == [2, 2, 2, 1]
     assert summary["rows"][0]["values"] == pytest.approx([0.1, 0.0, 0.0, 0.05])  # over the largest, 2.0
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_gelu_terms_bound_the_compute_dtype_rounding_of_one_plus_t(approximate):
+    """GELU written 0.5 z (1 + t) with every op rounded to bfloat16 (tf.nn.gelu, XLA's tanh form)
+    is off by far more than u |GELU(z)| for negative z, and within u times the terms' magnitudes."""
+    import ml_dtypes
+
+    def rd(values):
+        return np.asarray(values, dtype=np.float64).astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    z = rd(np.linspace(-5.0, 2.0, 57))
+    settings = {"approximate": approximate}
+    exact, _ = network.activate("gelu", settings, z)
+    if approximate:
+        k, c = math.sqrt(2.0 / math.pi), 0.044715
+        t = rd(np.tanh(rd(rd(k) * rd(z + rd(rd(c) * rd(z**3))))))
+    else:
+        t = rd(scipy.special.erf(rd(z / rd(math.sqrt(2.0)))))
+    op_by_op = rd(rd(0.5 * z) * rd(1.0 + t))
+    u = 2.0**-8
+    value_terms, _ = network._gelu_terms(settings, z)
+    assert (np.abs(op_by_op - exact) > 4 * u * np.abs(exact)).any()  # the relative model misses it
+    assert (np.abs(op_by_op - exact) <= 4 * u * value_terms).all()  # three roundings and t's own

@@ -350,3 +350,19 @@ def test_weighted_losses_in_float32_round_each_product_and_each_gradient_weight_
     assert exact[0] != loss and 0 < abs(exact[0] / loss - 1) < 1e-7  # a float32 rounding away, no more
     summed = reference.loss_and_gradient(params, x, y, True, "sum", weights=weights, weighted_in_float32=True)
     assert summed[0] == reference.loss_and_gradient(params, x, y, True, "sum", weights=weights)[0]  # mean only
+
+
+def test_the_bce_gradient_is_rounded_as_p_then_p_minus_y():
+    """A saturated sample's p - y is below float32's u: the frameworks round p first, so their
+    gradient is off by up to u p (here all of it), and the replay's rounding model moves it by that."""
+    import scipy.special
+
+    x, y, params = np.array([[1.0]]), np.array([1.0]), np.array([18.0, 0.0])
+    _, exact = reference.loss_and_gradient(params, x, y, True, "mean", loss="bce")
+    unit = reference.UNIT_ROUNDOFF["float32"]
+    _, perturbed = reference.loss_and_gradient(params, x, y, True, "mean", loss="bce",
+                                               probability_factors=np.array([1.0 + unit]))
+    float32_gradient = float(np.float32(scipy.special.expit(np.float32(18.0))) - np.float32(1.0))
+    assert abs(float32_gradient - exact[1]) > 100 * unit * abs(exact[1])  # the relative model misses it
+    assert abs(float32_gradient - exact[1]) <= unit * scipy.special.expit(18.0)
+    assert abs(perturbed[1] - exact[1]) == pytest.approx(unit * scipy.special.expit(18.0), rel=1e-9)
