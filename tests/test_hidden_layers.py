@@ -177,7 +177,7 @@ def test_a_kernel_loaded_without_its_transpose_fails_parity(monkeypatch):
 
     monkeypatch.setattr(torch_backend, "build_model", reshaped)
     outcome = make_run(load(CaseFile(path, path.parent)), [("torch", "cpu")]).check_parity("torch", "cpu")
-    assert not outcome.passed and "hidden1." in outcome.message
+    assert not outcome.passed and "more value(s) out of tolerance" in outcome.message  # another model throughout
 
 
 def test_the_case_page_shows_the_parameters_farthest_from_the_replay():

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from conformance import compare, formulas, reference
-from conformance.checks.outcome import Compared, OfRun, Outcome, tol_text
+from conformance.checks.outcome import Compared, OfRun, Outcome, derived, tol_text
 from conformance.problem import Trajectory
 from conformance.records import curve, floats
 from conformance.results import Trained
@@ -103,7 +103,8 @@ class CaseChecks(OfRun):
             moved = ref
             if own != other:  # the other result, carried onto this one's formulas
                 moved = _Moved(ref, self.refs.replay_of(own), self.refs.replay_of(other))
-            mismatch = self.results.worst_mismatch(got, moved, band)
+            along = self.refs.replay_of(own) if derived(self.refs.parity_band_of(own)[1]) else None
+            mismatch = self.results.worst_mismatch(got, moved, band, along)
             if mismatch is not None:
                 shifted = "" if own == other else (f" moved by the difference of their own replays "
                                                    f"({formulas.describe(own)} against {formulas.describe(other)})")
@@ -115,8 +116,7 @@ def _both(own: tuple[Tol, dict[str, Any]], other: tuple[Tol, dict[str, Any]]) ->
     """The band of a result against another moved onto its formulas: each is within its own
     band of its own replay, so their difference is within the sum of the two where either band is
     derived (a hand-set tolerance alone is the user's for every pair, and stays as it is)."""
-    derived = ("auto", "plus_float32_arithmetic")
-    if not any(key in described for key in derived for described in (own[1], other[1])):
+    if not (derived(own[1]) or derived(other[1])):
         return own[0]
     return Tol(rtol=own[0].rtol + other[0].rtol, atol=own[0].atol + other[0].atol)
 

@@ -107,3 +107,10 @@ class OfRun:
     @property
     def where(self) -> str:
         return self.run.where
+
+
+def derived(described: dict[str, Any]) -> bool:
+    """Whether a parity band (as references.parity_band_of describes it) was derived, wholly or
+    in part: only a derived band is of the path's magnitudes; a hand-set one is the case
+    format's |a - b| <= atol + rtol |b|."""
+    return any(key in described for key in ("auto", "plus_float32_arithmetic"))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from conformance import compare, reference
-from conformance.checks.outcome import Compared, OfRun, Outcome, explanation, own_replay_name, tol_text
+from conformance.checks.outcome import Compared, OfRun, Outcome, derived, explanation, own_replay_name, tol_text
 from conformance.problem import Trajectory
 from conformance.records import curve, downsample, floats, plain
 from conformance.results import Trained
@@ -47,7 +47,7 @@ class ResultChecks(OfRun):
             record["max_rel_diff_case_format"] = compare.max_relative_difference(trajectory.final,
                                                                                  self.refs.replay.final)
         compared = self._final_compared(result, replay, own)
-        mismatch = self.worst_mismatch(trajectory, replay, tol)
+        mismatch = self.worst_mismatch(trajectory, replay, tol, along=replay if derived(described) else None)
         if mismatch is not None:
             message = mismatch.describe(result.label, own, self.where)
             if record["first_epoch_outside"]:
@@ -130,9 +130,14 @@ class ResultChecks(OfRun):
         return Compared(np.concatenate(got), np.concatenate(expected), names.__getitem__, result.label, against,
                         self.where)
 
-    def worst_mismatch(self, got: Trajectory, reference_side: Trajectory, tol: Any) -> compare.Mismatch | None:
-        """Final parameters first, then `predict` outputs, against the reference side."""
-        mismatch = compare.worst_mismatch(got.final, reference_side.final, tol, self.prepared.parameter_names)
+    def worst_mismatch(self, got: Trajectory, reference_side: Trajectory, tol: Any,
+                       along: Trajectory | None = None) -> compare.Mismatch | None:
+        """Final parameters first, then `predict` outputs, against the reference side; with
+        `along` (a derived band), each parameter's relative band is of the largest magnitude it
+        had along that replay's path (compare.path_magnitude)."""
+        magnitude = None if along is None else compare.path_magnitude(along.params)[-1]
+        mismatch = compare.worst_mismatch(got.final, reference_side.final, tol, self.prepared.parameter_names,
+                                          magnitude)
         if mismatch is None and got.predictions is not None:
             labels = [f"predict[{index}]" for index in range(len(reference_side.predictions))]
             mismatch = compare.worst_mismatch(got.predictions, reference_side.predictions, tol, labels)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from conformance import reference
+from conformance import compare, reference
 from conformance.checks.outcome import Compared, OfRun, Outcome, explanation, own_replay_name
 from conformance.problem import Trajectory
 from conformance.records import downsample
@@ -178,11 +178,10 @@ class _Path:
         if got.info.get("loss_includes_l2_penalty") and replay.penalty is not None:
             expected_loss = replay.loss + replay.penalty  # what the framework reports as its loss
         self.loss = (got.loss[:epochs], expected_loss[:epochs])
-        # a value's relative band is of the larger of its magnitudes at this epoch and the one
-        # before: an error of rtol |p| is carried into the next epoch as an absolute one, so a
-        # value that shrinks (a path through zero) keeps the error it had
-        magnitude = np.abs(self.params[1])
-        magnitude = np.maximum(magnitude, np.vstack([magnitude[:1], magnitude[:-1]])) if epochs else magnitude
+        # a value's relative band is of the largest magnitude it has had so far: an error of
+        # rtol |p| is carried on as an absolute one, so a value that shrinks (a path through
+        # zero) keeps the error it had (compare.path_magnitude)
+        magnitude = compare.path_magnitude(self.params[1])
         self.allowed = np.column_stack([
             bands.atol[:epochs, None] + bands.rtol[:epochs, None] * magnitude,
             bands.loss_atol[:epochs] + bands.loss_rtol[:epochs] * np.abs(self.loss[1])])
