@@ -157,3 +157,18 @@ def test_a_decision_rounding_can_flip_ends_the_compared_path_there(write_case, o
         assert "went otherwise at epoch 6" in outcome.message
     else:
         assert not outcome.passed and outcome.decision and "loss scaling first differs at epoch 6" in outcome.message
+
+
+def test_a_derived_band_is_of_the_largest_magnitude_along_the_path():
+    """A parameter that shrank from 0.1 to 1e-4 keeps the absolute error it made on its way down:
+    the derived band's relative part is of 0.1 there; a hand-set rule stays |a - b| <= atol + rtol |b|."""
+    from conformance import compare
+
+    path = np.array([[0.1, 1.0], [0.05, 1.0], [1e-4, 1.0]])
+    peak = compare.path_magnitude(path)
+    assert peak[-1].tolist() == [0.1, 1.0]
+    band = Tol(rtol=1e-5, atol=0.0)
+    got = path[-1] + np.array([5e-7, 0.0])  # 5e-6 of the path, 5e-3 of the final value
+    assert compare.worst_mismatch(got, path[-1], band, ["w", "b"]) is not None
+    assert compare.worst_mismatch(got, path[-1], band, ["w", "b"], peak[-1]) is None
+    assert compare.worst_mismatch(path[-1] + np.array([2e-6, 0.0]), path[-1], band, ["w", "b"], peak[-1]) is not None
