@@ -197,7 +197,10 @@ def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
     """The model's output (m,) and, per layer, (its input, the activation's derivative).
 
     `factors`: per hidden layer, (m, units) relative perturbations of its activations (the
-    replay's model of rounding); None for the exact pass. `rd`: mixed precision's rounding to
+    replay's model of rounding), and under mixed precision of its pre-activations by the same
+    factor times |a W| + |b|, the terms of the bias add in the compute dtype (a sum that cancels
+    near a ReLU's kink is rounded relative to its terms, and can cross it: fuzz-61877-107);
+    None for the exact pass. `rd`: mixed precision's rounding to
     the compute dtype (a float64 array to the nearest compute-dtype value, as float64): each
     layer's input, kernel and bias are rounded, then the matmul's result, then the bias add's,
     then the activation's (a Keras policy's Dense: `matmul`, `add`, activation, each in the
@@ -208,6 +211,10 @@ def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
     parts = split(params, model)
     for index, (layer, (kernel, bias)) in enumerate(zip(model[:-1], parts[:-1])):
         z = _dense(rd, a, kernel, bias)
+        if factors is not None and rd is not _exact and bias is not None:
+            # the bias add in the compute dtype (two roundings, or one where the framework fuses
+            # it into the float32 matmul) is a sum rounded relative to its terms: it can cross a kink
+            z = z + (factors[index] - 1.0) * (np.abs(rd(a @ rd(kernel))) + np.abs(rd(bias)))
         value, slope = activate(layer.activation, layer.settings, z)
         value = rd(value)
         if rd is not _exact:

@@ -240,3 +240,19 @@ def test_gelu_terms_bound_the_compute_dtype_rounding_of_one_plus_t(approximate):
     value_terms, _ = network._gelu_terms(settings, z)
     assert (np.abs(op_by_op - exact) > 4 * u * np.abs(exact)).any()  # the relative model misses it
     assert (np.abs(op_by_op - exact) <= 4 * u * value_terms).all()  # three roundings and t's own
+
+
+def test_under_mixed_precision_a_bias_add_that_cancels_can_cross_a_relu_kink():
+    """The bias add's rounding in the compute dtype is of its terms |a W| + |b|, not of the sum:
+    a pre-activation just above 0 can land below it (fuzz-61877-107: frameworks split 4 to 4)."""
+    model = network.layers(1, [{"units": 1, "activation": "relu", "settings": None}], True)
+    names = network.parameter_names(model)
+    params = np.zeros(len(names))
+    for name, value in {"hidden1.kernel[0]": 1.0, "hidden1.bias": -1.0, "output.kernel[0]": 1.0}.items():
+        params[names.index(name)] = value
+    rd = reference.rounder("float16")
+    x = np.array([[1.001]])  # float16 1.0009765625: the pre-activation is 9.8e-4 after the add
+    u = reference.UNIT_ROUNDOFF["float16"]
+    _, exact_tape = network.forward(params, x, model, None, rd)
+    _, moved_tape = network.forward(params, x, model, [np.full((1, 1), 1.0 - u)], rd)
+    assert exact_tape[0][1][0, 0] == 1.0 and moved_tape[0][1][0, 0] == 0.0
