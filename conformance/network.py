@@ -210,11 +210,11 @@ def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
     tape, a = [], rd(x)
     parts = split(params, model)
     for index, (layer, (kernel, bias)) in enumerate(zip(model[:-1], parts[:-1])):
-        z = _dense(rd, a, kernel, bias)
+        product, z = _dense(rd, a, kernel, bias)
         if factors is not None and rd is not _exact and bias is not None:
             # the bias add in the compute dtype (two roundings, or one where the framework fuses
             # it into the float32 matmul) is a sum rounded relative to its terms: it can cross a kink
-            z = z + (factors[index] - 1.0) * (np.abs(rd(a @ rd(kernel))) + np.abs(rd(bias)))
+            z = z + (factors[index] - 1.0) * (np.abs(product) + np.abs(rd(bias)))
         value, slope = activate(layer.activation, layer.settings, z)
         value = rd(value)
         if rd is not _exact:
@@ -228,7 +228,7 @@ def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
         tape.append((a, slope))
         a = value
     kernel, bias = parts[-1]
-    output = _dense(rd, a, kernel, bias)[:, 0]
+    output = _dense(rd, a, kernel, bias)[1][:, 0]
     return output, tape + [(a, np.ones((len(a), 1)))]
 
 
@@ -266,9 +266,11 @@ def _slope_from_output(name: str, value: np.ndarray, slope: np.ndarray) -> np.nd
     return slope
 
 
-def _dense(rd: Rounder, a: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    z = rd(a @ rd(kernel))
-    return z if bias is None else rd(z + rd(bias))
+def _dense(rd: Rounder, a: np.ndarray, kernel: np.ndarray,
+           bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's matmul a W (rounded) and its pre-activation a W + b (rounded again)."""
+    product = rd(a @ rd(kernel))
+    return product, product if bias is None else rd(product + rd(bias))
 
 
 def backward(params: np.ndarray, model: list[Layer], tape: list[tuple[np.ndarray, np.ndarray]],
