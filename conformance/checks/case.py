@@ -99,11 +99,12 @@ class CaseChecks(OfRun):
                "formulas": {name: sorted(named) for name, named in switches.items()}}
         for got, ref, who, against in ((a, b, first, second), (b, a, second, first)):
             own, other = switches[who.backend], switches[against.backend]
-            band = _both(self.refs.parity_band_of(own), self.refs.parity_band_of(other))
+            own_band = self.refs.parity_band_of(own)
+            band = _both(own_band, self.refs.parity_band_of(other))
             moved = ref
             if own != other:  # the other result, carried onto this one's formulas
                 moved = _Moved(ref, self.refs.replay_of(own), self.refs.replay_of(other))
-            along = self.refs.replay_of(own) if derived(self.refs.parity_band_of(own)[1]) else None
+            along = self.refs.replay_of(own) if derived(own_band[1]) else None
             mismatch = self.results.worst_mismatch(got, moved, band, along)
             if mismatch is not None:
                 shifted = "" if own == other else (f" moved by the difference of their own replays "
