@@ -121,6 +121,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
         return values * (1.0 + size * rounding.uniform(-1.0, 1.0, np.shape(values)))
 
     output_bias = np.ones(problem.n) if rounding is None else jitter(np.ones(problem.n), compute_unit)
+    # a stream of its own: the loss's rounding leaves every other perturbation (and band) as it was
+    loss_rounding = None if rounding is None else rounding.spawn(1)[0]
     # bce's gradient p - y: p rounded first, so the difference carries u p, not u |p - y|
     probability_bias = None if rounding is None or problem.loss != "bce" else jitter(np.ones(problem.n), compute_unit)
     model = network.with_switches(problem.layers, switches)
@@ -159,7 +161,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     history = np.empty((problem.epochs, params.size))
     losses = np.empty(problem.epochs)
     penalties = np.zeros(problem.epochs)
-    def evaluate(params: np.ndarray, rows: Any) -> tuple[float, np.ndarray, np.ndarray | None]:
+    def evaluate(params: np.ndarray, rows: Any, batch_size: int) -> tuple[float, np.ndarray, np.ndarray | None]:
         """The loss of `rows`, its gradient, and (with `rounding`) its terms' magnitudes."""
         magnitudes = None if rounding is None and not order_decides else []
         loss, grad = loss_and_gradient(params, x[rows], y[rows], problem.has_bias, problem.reduction,
@@ -169,10 +171,16 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                                        None if hidden_bias is None else
                                        [jitter(f[rows], compute_unit) for f in hidden_bias],
                                        rd=rd, loss_scale=scaler.scale, magnitudes=magnitudes,
-                                       weighted_in_float32="weighted_losses_in_float32" in switches,
+                                       weights_in_float32_over=batch_size
+                                       if "weighted_losses_in_float32" in switches else None,
                                        probability_factors=None if probability_bias is None else
                                        jitter(probability_bias[rows], compute_unit))
-        return loss, grad, None if magnitudes is None else magnitudes.pop()
+        if magnitudes is None:
+            return loss, grad, None
+        loss_terms = magnitudes.pop()
+        if rounding is not None:  # the loss's own sum, in the training dtype (autocast, Keras: float32)
+            loss += unit * np.sqrt(len(y[rows])) * loss_terms * float(loss_rounding.uniform(-1.0, 1.0))
+        return loss, grad, magnitudes.pop()
 
     order_decides = "gradient_sum_in_compute_dtype" in switches and problem.loss_scale is not None
     largest = float(np.finfo(problem.compute_dtype).max) if order_decides else np.inf
@@ -193,7 +201,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
             total = penalty = 0.0
             for step, batch in enumerate(problem.batches(epoch)):
                 shards, shares = replica_shares(problem, batch, switches)
-                parts = [evaluate(params, rows) for rows in shards]
+                parts = [evaluate(params, rows, len(y[batch])) for rows in shards]
                 loss = sum(share * part[0] for share, part in zip(shares, parts)) \
                     if "reported_loss_averaged" in switches else \
                     sum(part[0] * (len(y[rows]) / len(y[batch]) if problem.reduction == "mean" else 1.0)
@@ -486,7 +494,7 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
                       hidden_factors: list[np.ndarray] | None = None,
                       rd: Callable[[np.ndarray], np.ndarray] | None = None,
                       loss_scale: float = 1.0, magnitudes: list[np.ndarray] | None = None,
-                      weighted_in_float32: bool = False,
+                      weights_in_float32_over: int | None = None,
                       probability_factors: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """One batch's loss and its gradient with respect to [weights..., bias], or with hidden
     layers (`model`) to every parameter in network.py's layout (z is then the network's output).
@@ -502,13 +510,21 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     rounded and the gradient divided by it after, so float16's overflow shows as a non-finite
     gradient.
 
-    `weighted_in_float32` (tf.nn.compute_average_loss with sample weights, `mean`): each
+    `weights_in_float32_over` (tf.nn.compute_average_loss with sample weights, `mean`): each
     sample's loss and weight are cast to float32 and multiplied there, so the loss sums
-    float32(float32(loss_i) float32(w_i)) and the gradient of loss_i is float32(float32(1 / n) w_i).
+    float32(float32(loss_i) float32(w_i)) and the gradient of loss_i is float32(float32(1 / n) w_i),
+    n this argument: the global batch's size, which each replica's shard divides by (in a shard of
+    13 of 25, float32(1 / 25) is not float32(1 / 13) 13 / 25: fuzz-70211-80).
 
     `magnitudes`, when given, receives the sum of the magnitudes of the terms each gradient
     component sums (the same backward pass on absolute values): what bounds the rounding error
-    of that sum, whatever the sum itself is (a gradient that cancels to 0 still has one).
+    of that sum, whatever the sum itself is (a gradient that cancels to 0 still has one); then
+    the same for the loss. bce's loss cancels: torch computes (1 - y) z - log_sigmoid(z)
+    (aten/src/ATen/native/Loss.cpp binary_cross_entropy_with_logits), TensorFlow
+    max(z, 0) - z y + log1p(exp(-|z|)), the probability path -log(p) with p rounded near 1, so
+    a saturated sample's loss (1e-21 in float64, 1e-249 in the replay of a float32 run) is
+    rounding alone: its error is u times 2 |z| + 1, not u times the loss (fuzz-70211-0: torch
+    0 in float64 where the exact loss is 3.3e-21).
 
     `probability_factors` (`bce`, the replay's model of rounding): the frameworks' gradient of the
     output is p - y with p = sigmoid(z) rounded first (torch's BCELoss and BCEWithLogitsLoss
@@ -532,6 +548,7 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     residual = output - y
     if loss == "bce":
         per_sample = np.logaddexp(0.0, output) - y * output
+        terms = 2.0 * np.abs(output) + 1.0  # softplus(z) <= |z| + log 2, |y z| <= |z|: what the sum cancels
         slope = scipy.special.expit(output) - y
         if probability_factors is not None:
             slope = slope + (probability_factors - 1.0) * scipy.special.expit(output)
@@ -541,16 +558,20 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
         slope = np.where(inside, residual, delta * np.sign(residual))  # d loss_i / d prediction_i
     else:
         per_sample, slope = residual**2, 2.0 * residual
+    if loss != "bce":
+        terms = per_sample  # a square or a Huber branch: no cancellation, its rounding is relative
     scale = 1.0 / len(y) if reduction == "mean" else 1.0
-    if weights is not None and weighted_in_float32 and reduction == "mean":
+    if weights is not None and weights_in_float32_over and reduction == "mean":
         weights32 = weights.astype(np.float32)
         per_sample = (per_sample.astype(np.float32) * weights32).astype(np.float64)
-        slope = (np.float32(scale) * weights32).astype(np.float64) / scale * slope
+        slope = (np.float32(1.0 / weights_in_float32_over) * weights32).astype(np.float64) \
+            * weights_in_float32_over * slope
     elif weights is not None:
         per_sample, slope = weights * per_sample, weights * slope
     if magnitudes is not None:
         magnitudes.append(_term_magnitudes(params, x, has_bias, scale * np.abs(slope),
                                            tape if layered else None, model))
+        magnitudes.append(scale * float(np.sum(terms if weights is None else np.abs(weights) * terms)))
     if layered:
         if output_factors is not None:
             slope = slope * output_factors

@@ -340,7 +340,7 @@ def test_weighted_losses_in_float32_round_each_product_and_each_gradient_weight_
     weights = np.array([0.901, 0.742, 1.3])
     params = np.array([0.8, -0.2])
     per_sample = (x[:, 0] * 0.8 - 0.2 - y) ** 2
-    loss, grad = reference.loss_and_gradient(params, x, y, True, "mean", weights=weights, weighted_in_float32=True)
+    loss, grad = reference.loss_and_gradient(params, x, y, True, "mean", weights=weights, weights_in_float32_over=3)
     products = (per_sample.astype(np.float32) * weights.astype(np.float32)).astype(np.float64)
     assert loss == pytest.approx(products.sum() / 3, rel=1e-15)
     factors = (np.float32(1 / 3) * weights.astype(np.float32)).astype(np.float64)
@@ -348,7 +348,7 @@ def test_weighted_losses_in_float32_round_each_product_and_each_gradient_weight_
     np.testing.assert_allclose(grad, [slope @ x[:, 0], slope.sum()], rtol=1e-14, atol=1e-16)
     exact = reference.loss_and_gradient(params, x, y, True, "mean", weights=weights)
     assert exact[0] != loss and 0 < abs(exact[0] / loss - 1) < 1e-7  # a float32 rounding away, no more
-    summed = reference.loss_and_gradient(params, x, y, True, "sum", weights=weights, weighted_in_float32=True)
+    summed = reference.loss_and_gradient(params, x, y, True, "sum", weights=weights, weights_in_float32_over=3)
     assert summed[0] == reference.loss_and_gradient(params, x, y, True, "sum", weights=weights)[0]  # mean only
 
 
@@ -366,3 +366,30 @@ def test_the_bce_gradient_is_rounded_as_p_then_p_minus_y():
     assert abs(float32_gradient - exact[1]) > 100 * unit * abs(exact[1])  # the relative model misses it
     assert abs(float32_gradient - exact[1]) <= unit * scipy.special.expit(18.0)
     assert abs(perturbed[1] - exact[1]) == pytest.approx(unit * scipy.special.expit(18.0), rel=1e-9)
+
+
+def test_a_replica_shard_weighs_its_losses_by_the_global_batch_in_float32():
+    """compute_average_loss(global_batch_size=n) in a shard of 2 of 3 rows: each gradient weight
+    is float32(float32(1 / 3) w_i), not float32(float32(1 / 2) w_i) 2 / 3 (fuzz-70211-80)."""
+    x, y = np.array([[0.5], [-1.0]]), np.array([1.0, 0.0])
+    weights, params = np.array([0.901, 0.742]), np.array([0.8, -0.2])
+    _, grad = reference.loss_and_gradient(params, x, y, True, "mean", weights=weights, weights_in_float32_over=3)
+    factors = (np.float32(1 / 3) * weights.astype(np.float32)).astype(np.float64)
+    slope = factors * 2 * (x[:, 0] * 0.8 - 0.2 - y)
+    np.testing.assert_allclose(grad * 2 / 3, [slope @ x[:, 0], slope.sum()], rtol=1e-15)
+    shard_factors = (np.float32(1 / 2) * weights.astype(np.float32)).astype(np.float64) * 2 / 3
+    assert not np.allclose(factors, shard_factors, rtol=1e-9, atol=0)  # the two roundings differ here
+
+
+def test_the_loss_rounding_of_a_saturated_bce_sample_is_of_its_terms_not_its_value():
+    """softplus(z) - y z cancels: a saturated sample's loss (here 1e-21) is computed from terms of
+    size |z| (torch: 0 in float64), so the replay's model of the loss's rounding is u (2 |z| + 1)."""
+    x, y, params = np.array([[1.0], [2.0]]), np.array([0.0, 1.0]), np.array([-24.0, 0.0])
+    magnitudes: list = []
+    loss, _ = reference.loss_and_gradient(params, x, y, True, "sum", "bce", weights=np.array([1.0, 0.5]),
+                                          magnitudes=magnitudes)
+    assert loss == pytest.approx(np.logaddexp(0, -24.0) + 0.5 * (np.logaddexp(0, -48.0) + 48.0))
+    assert magnitudes[1] == pytest.approx((2 * 24 + 1) + 0.5 * (2 * 48 + 1))
+    magnitudes = []
+    reference.loss_and_gradient(params, x, y, True, "mean", weights=np.array([1.0, 0.5]), magnitudes=magnitudes)
+    assert magnitudes[1] == pytest.approx((1.0 * 24**2 + 0.5 * 49**2) / 2)  # mse: the loss itself
