@@ -59,6 +59,9 @@ class When(Strict):
     replicas: Condition | None = None  # v1.2: a number of replicas, or a comparison such as "> 1"
     shards: Literal["even", "uneven"] | None = None  # v1.2: whether some batch splits into unequal shards
     sample_weights: bool | None = None  # whether the data set has sample weights
+    accumulate: Condition | None = None  # v1.3: batches per optimizer step, or a comparison such as "> 1"
+    groups: Literal["equal", "unequal"] | None = None  # v1.3: whether some optimizer step's batches
+    # differ in size or number (a short last batch, a partial last group)
 
     @field_validator("settings", "loss_settings", "schedule_settings")
     @classmethod
@@ -147,6 +150,11 @@ def holds(when: When, problem: Problem) -> bool:
         return False
     if when.sample_weights is not None and when.sample_weights != (problem.sample_weight is not None):
         return False
+    if when.accumulate is not None and not _all_hold({"accumulate": when.accumulate},
+                                                     {"accumulate": problem.accumulate}):
+        return False
+    if when.groups is not None and when.groups != ("unequal" if unequal_groups(problem) else "equal"):
+        return False
     activations = {layer["activation"] for layer in problem.hidden or []}
     if when.activation is not None and not activations & set(_names(when.activation)):
         return False
@@ -161,6 +169,13 @@ def uneven_shards(problem: Problem) -> bool:
     """Whether some step's batch (a full one, or the shorter last one) splits into shards of
     different sizes over the case's replicas (never with one replica)."""
     return any(size % problem.replicas for size in problem.batch_sizes)
+
+
+def unequal_groups(problem: Problem) -> bool:
+    """Whether some optimizer step's batches differ from a full group of full batches: a short
+    last batch or a partial last group (never without accumulation)."""
+    return problem.accumulate > 1 and (problem.n % problem.batch_size != 0
+                                       or problem.steps_per_epoch % problem.accumulate != 0)
 
 
 def _kind_holds(kinds: str | list[str] | None, given: dict[str, Any] | None) -> bool:

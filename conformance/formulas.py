@@ -34,6 +34,8 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
     gelu_terms_in_compute_dtype  no formula changes: the band's GELU rounding is the compute dtype's u
                                 times 0.5 |z| (1 + |t|), as 1 + t is rounded there (both forms)
     gelu_tanh_terms_in_compute_dtype  the same for the tanh form only
+    accumulate_divides_by_n     gradient accumulation: each batch's gradient over N (`accumulate`), not
+                                over its share of the step's samples (a partial group, a short batch, `sum`)
     gradient_sum_in_compute_dtype  no formula changes: the band's gradient sums are two roundings of
                                 the compute dtype off, and a decision is open where a partial sum could overflow
 """
@@ -68,6 +70,7 @@ NAMES = frozenset({
     "gradient_sum_in_compute_dtype", "reported_loss_averaged",
     "replica_scale_in_float32", "gelu_divides_by_float32_root_2", "weighted_losses_in_float32",
     "staircase_by_float32_reciprocal", "gelu_terms_in_compute_dtype", "gelu_tanh_terms_in_compute_dtype",
+    "accumulate_divides_by_n",
 })
 
 Switches = frozenset[str]

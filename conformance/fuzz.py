@@ -13,7 +13,8 @@ zero) and noise; bias or not; the initialisation; full batch or mini-batches, sh
 the optimizer and every option; float32 or float64; the loss (mse, huber, bce) and its
 settings; sample weights; learning-rate schedules and clipping (v1.2); hidden layers (v1.2,
 `with_hidden_layers`); mixed precision and loss scaling (v1.2,
-`with_precision`); data-parallel replicas (v1.2, `with_replicas`); and the shapes a naive
+`with_precision`); data-parallel replicas (v1.2, `with_replicas`); gradient accumulation (v1.3,
+`with_accumulation`); and the shapes a naive
 rounding band gets wrong (`fuzz_draws.Shapes`): zero initial parameters, data symmetric about 0
 (balanced classes for bce) whose bias gradient cancels exactly, long float32 Adam runs, and
 epsilon left to the format's default. Learning rates come from
@@ -28,11 +29,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from conformance.fuzz_draws import MAX_STEPS, draw, name, with_hidden_layers, with_precision, with_replicas
+from conformance.fuzz_draws import (
+    MAX_STEPS,
+    draw,
+    name,
+    with_accumulation,
+    with_hidden_layers,
+    with_precision,
+    with_replicas,
+)
 from conformance.yamlio import dump_yaml, read_yaml
 
 # the draws are in conformance/fuzz_draws.py; these names stay this module's too
-__all__ = ["MAX_STEPS", "draw", "name", "shrink_failure", "shrunk_folder", "to_yaml",
+__all__ = ["MAX_STEPS", "draw", "name", "shrink_failure", "shrunk_folder", "to_yaml", "with_accumulation",
            "with_hidden_layers", "with_precision", "with_replicas", "write_cases"]
 
 

@@ -3,7 +3,8 @@
 Case k of seed S is drawn from `numpy.random.default_rng([S, k])` (the case's data, loss,
 optimizer, batching, init), and from streams of its own for each later addition:
 `[S, k, 12]` schedule and clipping, `[S, k, 22]` precision, `[S, k, 23]` hidden layers,
-`[S, k, 24]` replicas, `[S, k, 25]` the shapes that rounding bands get wrong (`Shapes`).
+`[S, k, 24]` replicas, `[S, k, 26]` gradient accumulation, `[S, k, 25]` the shapes that rounding
+bands get wrong (`Shapes`).
 Nothing here imports `conformance.fuzz`.
 """
 
@@ -131,7 +132,8 @@ def draw(seed: int, index: int) -> dict[str, Any]:
             "tolerance": {"parity": "auto", "lstsq": None}}
     case = with_hidden_layers(np.random.default_rng([seed, index, 23]), case)
     case = with_precision(np.random.default_rng([seed, index, 22]), case)
-    return with_replicas(np.random.default_rng([seed, index, 24]), case)
+    case = with_replicas(np.random.default_rng([seed, index, 24]), case)
+    return with_accumulation(np.random.default_rng([seed, index, 26]), case)
 
 
 def mirrored(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None,
@@ -161,6 +163,19 @@ def with_replicas(rng: np.random.Generator, case: dict[str, Any]) -> dict[str, A
         return case
     case["training"]["replicas"] = replicas
     case["description"] = case["description"][:-1] + f"; {replicas} replicas."
+    return case
+
+
+def with_accumulation(rng: np.random.Generator, case: dict[str, Any]) -> dict[str, Any]:
+    """Maybe (one mini-batch case in eight) gradient accumulation over 2 to 4 batches, from a
+    stream of its own (v1.3; every other draw stays as it was): with the epoch's batch count
+    drawn independently, partial last groups and short last batches inside a group both occur."""
+    training = case["training"]
+    n = len(case["dataset"]["inline"]["y"])
+    if rng.random() >= 1 / 8 or training["batch_size"] is None or training["batch_size"] >= n:
+        return case
+    training["accumulate"] = int(rng.integers(2, 5))
+    case["description"] = case["description"][:-1] + f"; a step every {training['accumulate']} batches."
     return case
 
 

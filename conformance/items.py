@@ -181,7 +181,10 @@ def _run(spec: ItemSpec, runs: dict[str, CaseRun], record: dict[str, Any]) -> No
         record["message"] = spec.skip
         pytest.skip(f"{spec.source}: {spec.skip}")
     run = runs[spec.case]
-    record.update(description=run.case.spec.description, seeds=seeds(run.case))
+    problem = run.prepared.problem
+    record.update(description=run.case.spec.description, seeds=seeds(run.case),
+                  steps={"batches_per_epoch": problem.steps_per_epoch, "accumulate": problem.accumulate,
+                         "optimizer_steps_per_epoch": problem.optimizer_steps_per_epoch})
     versions = environment.versions()
     try:
         outcome = _check(spec, run, versions)

@@ -65,6 +65,8 @@ class Problem:
     loss_scale: dict[str, Any] | None = None
     # v1.2 data parallelism: each step's batch is split into `replicas` contiguous shards
     replicas: int = 1
+    # v1.3 gradient accumulation: one optimizer step every `accumulate` batches of an epoch
+    accumulate: int = 1
 
     @property
     def n(self) -> int:
@@ -81,6 +83,19 @@ class Problem:
     @property
     def steps_per_epoch(self) -> int:
         return -(-self.n // self.batch_size)
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: one per `accumulate` batches, an epoch's partial last group one more."""
+        return -(-self.steps_per_epoch // self.accumulate)
+
+    def groups(self, epoch: int) -> Iterator[list[np.ndarray | slice]]:
+        """The batches of each optimizer step of an epoch: `accumulate` consecutive ones, the
+        last group shorter when the epoch's batches are not a multiple of it (never joining the
+        next epoch's, the case format's rule)."""
+        batches = list(self.batches(epoch))
+        for start in range(0, len(batches), self.accumulate):
+            yield batches[start:start + self.accumulate]
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -217,7 +232,7 @@ def prepare(case: LoadedCase) -> Prepared:
         optimizer=_optimizer(case),
         dtype=str(dtype),
         predict_x=_predict(case, x_raw.shape[1], standardizer, dtype),
-        schedule=_schedule(case, steps // spec.training.epochs),
+        schedule=_schedule(case, -(-(steps // spec.training.epochs) // spec.training.accumulate)),
         clip=_clip(spec.training.clip),
         hidden=hidden,
         init_hidden=[{"kernel": kernel.astype(dtype), "bias": None if part is None else part.astype(dtype)}
@@ -225,6 +240,7 @@ def prepare(case: LoadedCase) -> Prepared:
         precision=spec.training.precision,
         loss_scale=_loss_scale(spec.training.loss_scale),
         replicas=_replicas(case, len(y), batch_size),
+        accumulate=spec.training.accumulate,
     )
     names = network.parameter_names(model)
     _check_certified(case, d)

@@ -148,7 +148,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
         optimizer = replace(optimizer, settings=optimizer.settings | {"weight_decay": 0.0})
     update = make_update(optimizer, None if rounding is None else lambda values: jitter(values, unit), switches,
                          float32_jitter)
-    rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs, problem.steps_per_epoch,
+    rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs,
+                                 problem.optimizer_steps_per_epoch,
                                  reciprocal="staircase_by_float32_reciprocal" in switches)
     if "schedule_in_float32" in switches:
         rates = schedule_rounding(rates, problem.learning_rate, rounding)
@@ -199,43 +200,50 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     with np.errstate(all="ignore"):
         for epoch in range(problem.epochs):
             total = penalty = 0.0
-            for step, batch in enumerate(problem.batches(epoch)):
-                shards, shares = replica_shares(problem, batch, switches)
-                parts = [evaluate(params, rows, len(y[batch])) for rows in shards]
-                loss = sum(share * part[0] for share, part in zip(shares, parts)) \
-                    if "reported_loss_averaged" in switches else \
-                    sum(part[0] * (len(y[rows]) / len(y[batch]) if problem.reduction == "mean" else 1.0)
-                        for rows, part in zip(shards, parts))  # the batch's loss
-                if "replica_scale_in_float32" in switches and len(shards) > 1:  # Keras unscales its scaled loss
-                    loss *= len(shards) * float(np.float32(1.0 / len(shards)))
-                total += loss * len(y[batch])
-                if order_decides:  # a partial sum is bounded by the sum of its terms' magnitudes, and no better
-                    overflow_possible[epoch] |= scaler.scale * max(share * float(np.max(part[2]))
-                                                                   for share, part in zip(shares, parts)) >= largest
+            for step, group in enumerate(problem.groups(epoch)):
+                replica_grads: list[np.ndarray] = []
+                finite = True
+                for batch, factor in zip(group, group_factors(problem, group, switches)):
+                    shards, shares = replica_shares(problem, batch, switches)
+                    parts = [evaluate(params, rows, len(y[batch])) for rows in shards]
+                    loss = sum(share * part[0] for share, part in zip(shares, parts)) \
+                        if "reported_loss_averaged" in switches else \
+                        sum(part[0] * (len(y[rows]) / len(y[batch]) if problem.reduction == "mean" else 1.0)
+                            for rows, part in zip(shards, parts))  # the batch's loss
+                    if "replica_scale_in_float32" in switches and len(shards) > 1:  # Keras unscales its scaled loss
+                        loss *= len(shards) * float(np.float32(1.0 / len(shards)))
+                    total += loss * len(y[batch])
+                    if order_decides:  # a partial sum is bounded by the sum of its terms' magnitudes, and no better
+                        overflow_possible[epoch] |= scaler.scale * max(share * float(np.max(part[2]))
+                                                                       for share, part in zip(shares, parts)) >= largest
+                    finite = finite and all(bool(np.isfinite(part[1]).all()) for part in parts)
+                    for replica, (share, rows, (_, grad, magnitude)) in enumerate(zip(shares, shards, parts)):
+                        grad = share * grad
+                        if rounding is not None:  # a sum of m terms: within u sqrt(m) of the sum of their magnitudes
+                            grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[rows])) * share * magnitude
+                            if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
+                                grad = jitter(grad, compute_unit)  # can round a unit away
+                        if decay_before_clip:  # each replica's loss carries its share of the L2 term
+                            grad = grad + decay * params / len(shards)
+                        if replica == len(replica_grads):
+                            replica_grads.append(factor * grad)
+                        else:  # each replica accumulates its shards of the group's batches
+                            replica_grads[replica] = replica_grads[replica] + factor * grad
                 rate = flat_rates[applied] if not problem.schedule_every_epoch else \
-                    rates[applied // problem.steps_per_epoch, 0] if "epoch_from_applied_steps" in switches else \
-                    rates[epoch, step]
+                    rates[applied // problem.optimizer_steps_per_epoch, 0] \
+                    if "epoch_from_applied_steps" in switches else rates[epoch, step]
                 last_rates[epoch] = rate
-                if scaler.skips(all(bool(np.isfinite(part[1]).all()) for part in parts)):
+                if scaler.skips(finite):
                     skipped[epoch] += 1
                     if counts_skips:  # the framework's step counter advances on a skipped step
                         applied += 1
                         if "skipped_steps_counted" in switches:
                             update.skipped()
                     continue
-                grads = []
-                for share, rows, (_, grad, magnitude) in zip(shares, shards, parts):
-                    grad = share * grad
-                    if rounding is not None:  # a sum of m terms: within u sqrt(m) of the sum of their magnitudes
-                        grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[rows])) * share * magnitude
-                        if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
-                            grad = jitter(grad, compute_unit)  # can round a unit away
-                    if decay_before_clip:  # each replica's loss carries its share of the L2 term
-                        grad = grad + decay * params / len(shards)
-                    grads.append(grad)
-                penalty += decay / 2 * float(params @ params) * len(y[batch])
-                grad = clipped(grads[0]) if len(grads) == 1 else \
-                    sum(clipped(part) for part in grads) if "clip_per_replica" in switches else clipped(sum(grads))
+                penalty += decay / 2 * float(params @ params) * sum(len(y[batch]) for batch in group)
+                grad = clipped(replica_grads[0]) if len(replica_grads) == 1 else \
+                    sum(clipped(part) for part in replica_grads) if "clip_per_replica" in switches \
+                    else clipped(sum(replica_grads))
                 params = update(params, grad, rate)
                 applied += 1
                 if rounding is not None:
@@ -254,6 +262,23 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                       rates=last_rates if problem.schedule is not None else None,
                       loss_scale=scales if scaled else None, skipped=skipped if scaled else None,
                       overflow_possible=overflow_possible if order_decides else None)
+
+
+def group_factors(problem: Problem, group: list[Any], switches: Switches) -> list[float]:
+    """Each batch's weight in its optimizer step's gradient (the case format's gradient accumulation).
+
+    The gradient of the loss over the union of the group's samples: with `mean`, each batch's
+    mean gradient times its share of the group's samples; with `sum`, the sum. With
+    `accumulate_divides_by_n` (the common idiom, `(loss / N).backward()`, and every optimizer-level
+    accumulation): each batch's gradient over N = `accumulate`, the same only for a full group of
+    equal batches under `mean`; a short last batch, a partial last group or `sum` differ.
+    """
+    if "accumulate_divides_by_n" in switches:
+        return [1.0 / problem.accumulate] * len(group)
+    if problem.reduction == "sum" or len(group) == 1:
+        return [1.0] * len(group)
+    sizes = [len(np.arange(problem.n)[batch]) if isinstance(batch, slice) else len(batch) for batch in group]
+    return [size / sum(sizes) for size in sizes]
 
 
 def replica_shares(problem: Problem, batch: Any, switches: Switches) -> tuple[list[Any], list[float]]:
@@ -709,13 +734,14 @@ def ridge(problem: Problem) -> np.ndarray:
 def decay_objective(problem: Problem) -> tuple[np.ndarray, float]:
     """Under coupled weight decay: each sample's weight c_i in the objective the training follows,
     and the penalty on |theta|^2 (see `ridge`)."""
-    batches = problem.steps_per_epoch
+    batches = problem.optimizer_steps_per_epoch  # decay is added once per optimizer step
+    step_size = problem.batch_size * problem.accumulate  # the samples of one optimizer step
     if problem.reduction == "sum":
         weights = np.ones(problem.n)
     elif problem.orders is None:
         weights = np.empty(problem.n)
-        for start in range(0, problem.n, problem.batch_size):
-            stop = min(start + problem.batch_size, problem.n)
+        for start in range(0, problem.n, step_size):
+            stop = min(start + step_size, problem.n)
             weights[start:stop] = 1.0 / (stop - start)
     else:
         weights = np.full(problem.n, batches / problem.n)

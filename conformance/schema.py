@@ -375,6 +375,9 @@ LossScale = one_of({"fixed": Positive, "dynamic": DynamicLossScale})
 PRECISIONS = ("mixed_bfloat16", "mixed_float16")
 
 
+MAX_ACCUMULATE = 100_000  # batches per optimizer step
+
+
 class Training(Strict):
     epochs: Annotated[int, Field(ge=1, le=10_000_000)]
     batch_size: Optional[Annotated[int, Field(ge=1)]] = None
@@ -388,6 +391,8 @@ class Training(Strict):
     precision: Optional[Literal[PRECISIONS]] = None  # type: ignore[valid-type]  # v1.2: compute dtype
     loss_scale: Optional[LossScale] = None  # type: ignore[valid-type]  # v1.2, only with mixed_float16
     replicas: Annotated[int, Field(ge=1, le=64)] = 1  # v1.2: data-parallel replicas, each a shard of every batch
+    # v1.3: one optimizer step every `accumulate` batches, its gradient that of their union
+    accumulate: Annotated[int, Field(ge=1, le=MAX_ACCUMULATE)] = 1
 
     @model_validator(mode="after")
     def _precision_rules(self) -> "Training":

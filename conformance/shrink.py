@@ -90,6 +90,8 @@ def reduction_space(case: dict[str, Any]) -> dict[str, Any]:
             knobs[f"keep_{extra}"] = st.booleans()
     if training.get("replicas", 1) > 1:  # how many replicas to keep (1: no data parallelism)
         knobs["replicas"] = st.integers(1, training["replicas"])
+    if training.get("accumulate", 1) > 1:  # how many batches a step accumulates (1: none)
+        knobs["accumulate"] = st.integers(1, training["accumulate"])
     hidden = case["model"].get("hidden") or []
     if hidden:  # how many hidden layers to keep (0: the linear model), and at most how many units each
         knobs["hidden_layers"] = st.integers(0, len(hidden))
@@ -143,6 +145,10 @@ def reduced(case: dict[str, Any], reduction: dict[str, Any]) -> dict[str, Any]:
         batch = training.get("batch_size") or samples
         smallest = min(batch, samples - (-(-samples // batch) - 1) * batch)
         training["replicas"] = min(reduction.get("replicas", training["replicas"]), smallest)
+    if "accumulate" in training:
+        training["accumulate"] = reduction.get("accumulate", training["accumulate"])
+        if training["accumulate"] == 1 or training.get("batch_size") is None:
+            del training["accumulate"]
     cosine = training.get("schedule", {}).get("cosine")
     if cosine and cosine.get("warmup_steps", 0) > training["epochs"]:  # a warm-up within the fewer epochs
         cosine["warmup_steps"] = training["epochs"]

@@ -12,6 +12,9 @@
     DATA_PARALLEL: bool                  optional (default False): trains `problem.replicas` > 1 as
                                          its framework's data-parallel API does; else such a case
                                          skips, with WHY_NOT_DATA_PARALLEL (optional) as the reason
+    ACCUMULATES: bool                    optional (default False): trains `problem.accumulate` > 1 (one
+                                         optimizer step per `Problem.groups` group); else such a case
+                                         skips, with WHY_NOT_ACCUMULATING (optional) as the reason
 
 Modules are imported on first use, and frameworks only inside them, so that the harness (and
 its own tests) work without TensorFlow or PyTorch installed.

@@ -6,6 +6,7 @@ Replicas > 1: the same loop in one process per replica under `DistributedDataPar
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import time
 import warnings
@@ -19,6 +20,7 @@ from conformance.problem import Optimizer, Problem, Trajectory
 NAME = "torch"
 LOOKED_FOR = ("cpu", "cuda", "mps")  # device kinds asked of torch: cuda:N, mps
 DATA_PARALLEL = True  # DistributedDataParallel, one process per replica (conformance/backends/_torch_ddp.py)
+ACCUMULATES = True  # the idiom of its tutorials: (loss / N).backward(), a step every N batches and at the epoch's end
 
 
 def available() -> str | None:
@@ -42,6 +44,9 @@ def device_name(device: str) -> str:
 
 def train(problem: Problem, device: str) -> Trajectory:
     if problem.replicas > 1:
+        if problem.accumulate > 1:
+            raise Unavailable("gradient accumulation under DistributedDataParallel (no_sync on the accumulating "
+                              "batches) is not built yet (issue 34)")
         return _torch_ddp.train(NAME, problem, device)
     return train_steps(problem, device, compile_step=None)
 
@@ -102,25 +107,51 @@ def train_steps(problem: Problem, device: str, compile_step: Any, replica: Any =
         mixed.backward_and_step(loss, optimizer, parameters, problem.clip)
         return loss.detach()
 
+    def accumulating_step(x_batch: Any, y_batch: Any, w_batch: Any = None) -> Any:
+        """One batch of a group: (loss / N).backward(), the gradients summed in .grad."""
+        with contextlib.nullcontext() if mixed is None else mixed.autocast():
+            loss = batch_loss(x_batch, y_batch, w_batch)
+        if mixed is None:
+            (loss / problem.accumulate).backward()
+        else:
+            mixed.backward(loss / problem.accumulate)
+        return loss.detach()
+
+    def optimizer_step() -> None:
+        """The group's one step: unscale, clip and step once (the gradients are zeroed before the
+        group's first batch)."""
+        if mixed is None:
+            clip_gradients(torch, parameters, problem.clip)
+            optimizer.step()
+        else:
+            mixed.step(optimizer, parameters, problem.clip)
+
     chosen = step if mixed is None else mixed_step
+    if problem.accumulate > 1:
+        chosen = accumulating_step
     run_step = chosen if compile_step is None else compile_step(chosen)
     orders = None if problem.orders is None else torch.as_tensor(problem.orders, device=device)
     params, step_losses, rates = _Stacked(torch), _Stacked(torch), []
     ends = [time.perf_counter()]
     last_start = (problem.steps_per_epoch - 1) * problem.batch_size
     for epoch in range(problem.epochs):
-        for start in range(0, problem.n, problem.batch_size):
+        for index, start in enumerate(range(0, problem.n, problem.batch_size)):
             rows = slice(start, start + problem.batch_size) if orders is None \
                 else orders[epoch, start:start + problem.batch_size]
             if replica is not None:
                 rows = replica.rows(torch, problem, epoch, start, device)
             if scheduler is not None and start == last_start:
                 rates.append(float(optimizer.param_groups[0]["lr"]))
+            steps = (index + 1) % problem.accumulate == 0 or start == last_start  # an optimizer step now
             scale = None if mixed is None else mixed.scale()
+            if problem.accumulate > 1 and index % problem.accumulate == 0:
+                optimizer.zero_grad(set_to_none=True)
             step_losses.add(run_step(x[rows], y[rows], w[rows]) if weighted else run_step(x[rows], y[rows]))
-            if mixed is not None:
+            if problem.accumulate > 1 and steps:
+                optimizer_step()
+            if mixed is not None and steps:
                 mixed.count_skip(scale)
-            if scheduler is not None and not problem.schedule_every_epoch:
+            if scheduler is not None and not problem.schedule_every_epoch and steps:
                 scheduler.step()
         if scheduler is not None and problem.schedule_every_epoch:
             scheduler.step()
@@ -194,20 +225,29 @@ class MixedPrecision:
 
     def backward_and_step(self, loss: Any, optimizer: Any, parameters: list[Any], clip: Any) -> None:
         """Backward, unscale, clip and step, with the case's loss scale."""
+        self.backward(loss)
+        self.step(optimizer, parameters, clip)
+
+    def backward(self, loss: Any) -> None:
+        """The scaled loss's backward pass (gradient accumulation: once per batch of a group)."""
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+        elif self.passed is None:
+            loss.backward()
+        else:
+            (loss * self.passed["scale"]).backward()
+
+    def step(self, optimizer: Any, parameters: list[Any], clip: Any) -> None:
+        """Unscale, clip and step the gradients summed so far (once per optimizer step)."""
+        if self.scaler is not None:
             self.scaler.unscale_(optimizer)
             clip_gradients(self.torch, parameters, clip)
             self.scaler.step(optimizer)
             self.scaler.update()
             return
-        if self.passed is None:
-            loss.backward()
-        else:
-            scale = self.passed["scale"]
-            (loss * scale).backward()
+        if self.passed is not None:
             for parameter in parameters:
-                parameter.grad.div_(scale)
+                parameter.grad.div_(self.passed["scale"])
         clip_gradients(self.torch, parameters, clip)
         optimizer.step()
 
@@ -434,7 +474,8 @@ def make_scheduler(torch: Any, optimizer: Any, problem: Problem) -> Any:
     warmup, decay_steps, alpha = settings["warmup_steps"], settings["decay_steps"], settings["alpha"]
     parts = [schedulers.LambdaLR(optimizer, lambda t: t / warmup)] if warmup else []
     parts += [schedulers.CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=alpha * problem.learning_rate),
-              schedulers.ConstantLR(optimizer, factor=alpha, total_iters=problem.epochs * problem.steps_per_epoch + 1)]
+              schedulers.ConstantLR(optimizer, factor=alpha,
+                                    total_iters=problem.epochs * problem.optimizer_steps_per_epoch + 1)]
     return schedulers.SequentialLR(optimizer, parts, milestones=[warmup, warmup + decay_steps][-len(parts) + 1:])
 
 

@@ -69,11 +69,13 @@ def case_files(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue
         source = entry.get("source", "")
         found[entry["case"]] = {"source": source, "yaml": _read_case(source),
-                                "description": entry.get("description"), "seeds": entry.get("seeds") or {}}
+                                "description": entry.get("description"), "seeds": entry.get("seeds") or {},
+                                "steps": entry.get("steps")}
     for entry in entries:  # a later item of the case may know what the first did not
         known = found[entry["case"]]
         known["description"] = known["description"] or entry.get("description")
         known["seeds"] = known["seeds"] or entry.get("seeds") or {}
+        known["steps"] = known.get("steps") or entry.get("steps")
     return found
 
 

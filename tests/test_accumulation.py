@@ -1,0 +1,89 @@
+"""Gradient accumulation (v1.3 `training.accumulate`): the case format's step in the replay,
+the idiom's formula (switch accumulate_divides_by_n), the conditions and the fuzzer's draws."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conformance import fuzz_draws, shrink
+from conformance.expectations import When, holds
+from conformance.reference import group_factors, replay
+from tests.test_reference import problem
+
+
+def data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2))
+    return x, x @ [1.5, -0.5] + 0.3 + rng.normal(0, 0.1, n)
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_a_group_of_batches_steps_as_one_batch_of_their_union(shuffled):
+    """N batches of b accumulated are one batch of N b: the union's mean gradient, one step."""
+    x, y = data(36)
+    orders = np.array([np.random.default_rng(epoch).permutation(36) for epoch in range(5)]) if shuffled else None
+    union = replay(problem(x, y, epochs=5, batch_size=12, orders=orders, momentum=0.9))
+    accumulated = replay(dataclasses.replace(problem(x, y, epochs=5, batch_size=4, orders=orders, momentum=0.9),
+                                             accumulate=3))
+    np.testing.assert_allclose(accumulated.params, union.params, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(accumulated.loss, union.loss, rtol=1e-13)
+
+
+def test_a_partial_last_group_and_a_short_batch_are_means_over_their_own_samples():
+    """10 samples, batches of 3 (the fourth has 1), a step every 3: steps over 9 and over 1
+    sample, each its own mean: the same as batches of 9 (the last has 1)."""
+    x, y = data(10)
+    steps = problem(x, y, epochs=4, batch_size=9)
+    accumulated = dataclasses.replace(problem(x, y, epochs=4, batch_size=3), accumulate=3)
+    assert accumulated.optimizer_steps_per_epoch == 2 and [len(g) for g in accumulated.groups(0)] == [3, 1]
+    np.testing.assert_allclose(replay(accumulated).params, replay(steps).params, rtol=1e-13, atol=1e-15)
+
+
+def test_the_idiom_divides_every_batch_by_n():
+    """accumulate_divides_by_n: each batch's mean gradient over N, a partial group and a short
+    batch included; without it, each batch's share of the step's samples."""
+    accumulated = dataclasses.replace(problem(*data(10), batch_size=3), accumulate=3)
+    groups = list(accumulated.groups(0))
+    assert group_factors(accumulated, groups[0], frozenset()) == pytest.approx([1 / 3] * 3)
+    assert group_factors(accumulated, groups[1], frozenset()) == [1.0]
+    assert group_factors(accumulated, groups[1], frozenset({"accumulate_divides_by_n"})) == [1 / 3]
+    short = dataclasses.replace(problem(*data(8), batch_size=3), accumulate=3)  # batches 3, 3, 2
+    assert group_factors(short, next(short.groups(0)), frozenset()) == pytest.approx([3 / 8, 3 / 8, 2 / 8])
+    summed = dataclasses.replace(problem(*data(8), batch_size=3, reduction="sum"), accumulate=3)
+    assert group_factors(summed, next(summed.groups(0)), frozenset()) == [1.0, 1.0, 1.0]
+    idiom = replay(accumulated, switches=frozenset({"accumulate_divides_by_n"}))
+    assert not np.allclose(idiom.params, replay(accumulated).params, rtol=1e-6)
+
+
+def test_a_per_step_schedule_counts_optimizer_steps():
+    x, y = data(12)
+    base = problem(x, y, epochs=3, batch_size=2)
+    schedule = {"kind": "exponential", "settings": {"decay_steps": 1, "decay_rate": 0.5, "staircase": False},
+                "every": "step"}
+    accumulated = dataclasses.replace(base, accumulate=3, schedule=schedule)
+    rates = replay(accumulated).rates
+    assert rates is not None
+    np.testing.assert_allclose(rates, 0.1 * 0.5 ** np.array([1, 3, 5]))  # 2 steps an epoch: the last is 2k + 1
+
+
+def test_conditions_on_accumulation():
+    x, y = data(10)
+    equal = dataclasses.replace(problem(x, y, batch_size=5), accumulate=2)
+    partial = dataclasses.replace(problem(x, y, batch_size=2), accumulate=2)  # 5 batches: groups 2, 2, 1
+    assert holds(When(accumulate="> 1"), equal) and not holds(When(accumulate="> 1"), problem(x, y, batch_size=5))
+    assert holds(When(groups="equal"), equal) and holds(When(groups="unequal"), partial)
+    assert holds(When(groups="equal"), problem(x, y, batch_size=3))  # no accumulation: never unequal
+
+
+def test_the_fuzzer_draws_accumulation_and_the_shrinker_can_remove_it():
+    drawn = [fuzz_draws.draw(7, index) for index in range(200)]
+    accumulating = [case for case in drawn if "accumulate" in case["training"]]
+    assert 3 <= len(accumulating) <= 50  # one mini-batch case in eight
+    assert all(2 <= case["training"]["accumulate"] <= 4 and case["training"]["batch_size"] for case in accumulating)
+    case = accumulating[0]
+    assert "accumulate" in shrink.reduction_space(case)
+    assert "accumulate" not in shrink.reduced(case, {"accumulate": 1})["training"]
+    assert shrink.reduced(case, {})["training"]["accumulate"] == case["training"]["accumulate"]
