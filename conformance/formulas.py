@@ -36,6 +36,10 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
     gelu_tanh_terms_in_compute_dtype  the same for the tanh form only
     accumulate_divides_by_n     gradient accumulation: each batch's gradient over N (`accumulate`), not
                                 over its share of the step's samples (a partial group, a short batch, `sum`)
+    accumulate_across_epochs    gradient accumulation over the whole training's batches: a partial group
+                                completes with the next epoch's first batches; the last one never steps
+    schedule_counts_batches     with accumulation, a per-step schedule's t is the batches trained before
+                                the update's last one (update k: t = k N - 1), not the updates so far
     gradient_sum_in_compute_dtype  no formula changes: the band's gradient sums are two roundings of
                                 the compute dtype off, and a decision is open where a partial sum could overflow
 """
@@ -70,7 +74,7 @@ NAMES = frozenset({
     "gradient_sum_in_compute_dtype", "reported_loss_averaged",
     "replica_scale_in_float32", "gelu_divides_by_float32_root_2", "weighted_losses_in_float32",
     "staircase_by_float32_reciprocal", "gelu_terms_in_compute_dtype", "gelu_tanh_terms_in_compute_dtype",
-    "accumulate_divides_by_n",
+    "accumulate_divides_by_n", "accumulate_across_epochs", "schedule_counts_batches",
 })
 
 Switches = frozenset[str]

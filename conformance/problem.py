@@ -97,6 +97,26 @@ class Problem:
         for start in range(0, len(batches), self.accumulate):
             yield batches[start:start + self.accumulate]
 
+    def step_groups(self, across_epochs: bool = False) -> Iterator[list[tuple[int, np.ndarray | slice]]]:
+        """Every optimizer step's batches over the whole training, each with its epoch: `groups`
+        epoch by epoch, or `across_epochs` (an optimizer that counts batches and knows no epochs)
+        consecutive runs of `accumulate` batches of the whole training, the last one possibly
+        short (its batches train no step)."""
+        if not across_epochs:
+            for epoch in range(self.epochs):
+                for group in self.groups(epoch):
+                    yield [(epoch, batch) for batch in group]
+            return
+        pending: list[tuple[int, np.ndarray | slice]] = []
+        for epoch in range(self.epochs):
+            for batch in self.batches(epoch):
+                pending.append((epoch, batch))
+                if len(pending) == self.accumulate:
+                    yield pending
+                    pending = []
+        if pending:
+            yield pending
+
     @property
     def batch_sizes(self) -> list[int]:
         """The distinct sizes of the case's steps: the full batch, and a shorter last one if any."""

@@ -197,61 +197,85 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
         grad = clip(grad)
         return grad if rounding is None or problem.clip is None else jitter(grad, unit)
 
+    across_epochs = "accumulate_across_epochs" in switches and problem.accumulate > 1
+    batch_rates = None
+    if "schedule_counts_batches" in switches and problem.accumulate > 1 and not problem.schedule_every_epoch:
+        batch_rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs,
+                                           problem.steps_per_epoch).reshape(-1)
+        if "schedule_in_float32" in switches:
+            batch_rates = schedule_rounding(batch_rates, problem.learning_rate, rounding)
+    totals, penalty_totals = np.zeros(problem.epochs), np.zeros(problem.epochs)
+    epoch, step, batches_seen = 0, 0, 0  # the epoch trained now, its optimizer steps, batches so far
+
+    def end_epochs(before: int) -> None:
+        """Record every epoch before `before` (from `epoch` on): its end's parameters and scale."""
+        nonlocal epoch, step
+        while epoch < before:
+            history[epoch], scales[epoch] = params, scaler.scale
+            if step == 0:  # no step ended in this epoch (an accumulation across epochs): its rate stays
+                last_rates[epoch] = last_rates[epoch - 1] if epoch else flat_rates[0]
+            epoch, step = epoch + 1, 0
+
     with np.errstate(all="ignore"):
-        for epoch in range(problem.epochs):
-            total = penalty = 0.0
-            for step, group in enumerate(problem.groups(epoch)):
-                replica_grads: list[np.ndarray] = []
-                finite = True
-                for batch, factor in zip(group, group_factors(problem, group, switches)):
-                    shards, shares = replica_shares(problem, batch, switches)
-                    parts = [evaluate(params, rows, len(y[batch])) for rows in shards]
-                    loss = sum(share * part[0] for share, part in zip(shares, parts)) \
-                        if "reported_loss_averaged" in switches else \
-                        sum(part[0] * (len(y[rows]) / len(y[batch]) if problem.reduction == "mean" else 1.0)
-                            for rows, part in zip(shards, parts))  # the batch's loss
-                    if "replica_scale_in_float32" in switches and len(shards) > 1:  # Keras unscales its scaled loss
-                        loss *= len(shards) * float(np.float32(1.0 / len(shards)))
-                    total += loss * len(y[batch])
-                    if order_decides:  # a partial sum is bounded by the sum of its terms' magnitudes, and no better
-                        overflow_possible[epoch] |= scaler.scale * max(share * float(np.max(part[2]))
-                                                                       for share, part in zip(shares, parts)) >= largest
-                    finite = finite and all(bool(np.isfinite(part[1]).all()) for part in parts)
-                    for replica, (share, rows, (_, grad, magnitude)) in enumerate(zip(shares, shards, parts)):
-                        grad = share * grad
-                        if rounding is not None:  # a sum of m terms: within u sqrt(m) of the sum of their magnitudes
-                            grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[rows])) * share * magnitude
-                            if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
-                                grad = jitter(grad, compute_unit)  # can round a unit away
-                        if decay_before_clip:  # each replica's loss carries its share of the L2 term
-                            grad = grad + decay * params / len(shards)
-                        if replica == len(replica_grads):
-                            replica_grads.append(factor * grad)
-                        else:  # each replica accumulates its shards of the group's batches
-                            replica_grads[replica] = replica_grads[replica] + factor * grad
-                rate = flat_rates[applied] if not problem.schedule_every_epoch else \
-                    rates[applied // problem.optimizer_steps_per_epoch, 0] \
-                    if "epoch_from_applied_steps" in switches else rates[epoch, step]
-                last_rates[epoch] = rate
-                if scaler.skips(finite):
-                    skipped[epoch] += 1
-                    if counts_skips:  # the framework's step counter advances on a skipped step
-                        applied += 1
-                        if "skipped_steps_counted" in switches:
-                            update.skipped()
-                    continue
-                penalty += decay / 2 * float(params @ params) * sum(len(y[batch]) for batch in group)
-                grad = clipped(replica_grads[0]) if len(replica_grads) == 1 else \
-                    sum(clipped(part) for part in replica_grads) if "clip_per_replica" in switches \
-                    else clipped(sum(replica_grads))
-                params = update(params, grad, rate)
-                applied += 1
-                if rounding is not None:
-                    params = jitter(params, unit)
-            history[epoch] = params
-            losses[epoch] = total / problem.n
-            penalties[epoch] = penalty / problem.n
-            scales[epoch] = scaler.scale
+        for group in problem.step_groups(across_epochs):
+            replica_grads: list[np.ndarray] = []
+            finite = True
+            batches = [batch for _, batch in group]
+            for (batch_epoch, batch), factor in zip(group, group_factors(problem, batches, switches)):
+                end_epochs(batch_epoch)
+                batches_seen += 1
+                shards, shares = replica_shares(problem, batch, switches)
+                parts = [evaluate(params, rows, len(y[batch])) for rows in shards]
+                loss = sum(share * part[0] for share, part in zip(shares, parts)) \
+                    if "reported_loss_averaged" in switches else \
+                    sum(part[0] * (len(y[rows]) / len(y[batch]) if problem.reduction == "mean" else 1.0)
+                        for rows, part in zip(shards, parts))  # the batch's loss
+                if "replica_scale_in_float32" in switches and len(shards) > 1:  # Keras unscales its scaled loss
+                    loss *= len(shards) * float(np.float32(1.0 / len(shards)))
+                totals[epoch] += loss * len(y[batch])
+                if order_decides:  # a partial sum is bounded by the sum of its terms' magnitudes, and no better
+                    overflow_possible[epoch] |= scaler.scale * max(share * float(np.max(part[2]))
+                                                                   for share, part in zip(shares, parts)) >= largest
+                finite = finite and all(bool(np.isfinite(part[1]).all()) for part in parts)
+                for replica, (share, rows, (_, grad, magnitude)) in enumerate(zip(shares, shards, parts)):
+                    grad = share * grad
+                    if rounding is not None:  # a sum of m terms: within u sqrt(m) of the sum of their magnitudes
+                        grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[rows])) * share * magnitude
+                        if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
+                            grad = jitter(grad, compute_unit)  # can round a unit away
+                    if decay_before_clip:  # each replica's loss carries its share of the L2 term
+                        grad = grad + decay * params / len(shards)
+                    if replica == len(replica_grads):
+                        replica_grads.append(factor * grad)
+                    else:  # each replica accumulates its shards of the group's batches
+                        replica_grads[replica] = replica_grads[replica] + factor * grad
+            if across_epochs and len(group) < problem.accumulate:
+                break  # the training's last batches never complete a group: no step
+            rate = flat_rates[applied] if not problem.schedule_every_epoch else \
+                rates[applied // problem.optimizer_steps_per_epoch, 0] \
+                if "epoch_from_applied_steps" in switches else rates[epoch, min(step, rates.shape[1] - 1)]
+            if batch_rates is not None:  # the schedule of the batches trained so far, not of the steps
+                rate = batch_rates[batches_seen - 1]
+            last_rates[epoch] = rate
+            step += 1
+            if scaler.skips(finite):
+                skipped[epoch] += 1
+                if counts_skips:  # the framework's step counter advances on a skipped step
+                    applied += 1
+                    if "skipped_steps_counted" in switches:
+                        update.skipped()
+                continue
+            penalty_totals[epoch] += decay / 2 * float(params @ params) * sum(len(y[batch]) for batch in batches)
+            grad = clipped(replica_grads[0]) if len(replica_grads) == 1 else \
+                sum(clipped(part) for part in replica_grads) if "clip_per_replica" in switches \
+                else clipped(sum(replica_grads))
+            params = update(params, grad, rate)
+            applied += 1
+            if rounding is not None:
+                params = jitter(params, unit)
+        end_epochs(problem.epochs)
+        losses[:] = totals / problem.n
+        penalties[:] = penalty_totals / problem.n
     predictions = None
     if problem.predict_x is not None:
         predictions = predict(params, problem.predict_x.astype(np.float64), problem.has_bias, model, rd)

@@ -87,3 +87,27 @@ def test_the_fuzzer_draws_accumulation_and_the_shrinker_can_remove_it():
     assert "accumulate" in shrink.reduction_space(case)
     assert "accumulate" not in shrink.reduced(case, {"accumulate": 1})["training"]
     assert shrink.reduced(case, {})["training"]["accumulate"] == case["training"]["accumulate"]
+
+
+def test_across_epochs_a_partial_group_completes_with_the_next_epochs_batches():
+    """accumulate_across_epochs (Keras 3): 5 batches an epoch, a step every 3: steps end at
+    batches 3, 6, 9 of the 10; the 10th never steps. Epoch 1 ends after one step, epoch 2 after two."""
+    x, y = data(10)
+    accumulated = dataclasses.replace(problem(x, y, epochs=2, batch_size=2), accumulate=3)
+    groups = list(accumulated.step_groups(across_epochs=True))
+    assert [[epoch for epoch, _ in group] for group in groups] == [[0, 0, 0], [0, 0, 1], [1, 1, 1], [1]]
+    carried = replay(accumulated, switches=frozenset({"accumulate_across_epochs", "accumulate_divides_by_n"}))
+    # the same three steps by hand: one epoch of the 18 samples those groups cover, in batches of 6
+    by_hand = replay(problem(np.vstack([x, x[:8]]), np.concatenate([y, y[:8]]), epochs=1, batch_size=6))
+    np.testing.assert_allclose(carried.params[1], by_hand.params[0], rtol=1e-13, atol=1e-15)
+    assert not np.allclose(carried.params, replay(accumulated).params)
+
+
+def test_keras_schedule_counts_batches_at_each_update():
+    """schedule_counts_batches: update k (from 1) takes the rate at t = k N - 1."""
+    x, y = data(12)
+    schedule = {"kind": "exponential", "settings": {"decay_steps": 1, "decay_rate": 0.5, "staircase": False},
+                "every": "step"}
+    accumulated = dataclasses.replace(problem(x, y, epochs=2, batch_size=2), accumulate=3, schedule=schedule)
+    rates = replay(accumulated, switches=frozenset({"schedule_counts_batches"})).rates
+    np.testing.assert_allclose(rates, 0.1 * 0.5 ** np.array([5, 11]))  # the last update of each epoch

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import _compiled
+from conformance.backends import Unavailable, _compiled
 from conformance.problem import Optimizer, Problem
 
 
@@ -34,7 +34,8 @@ def floatx(keras: ModuleType, dtype: str) -> Iterator[None]:
 
 
 def optimizer(keras: ModuleType, optimizer: Optimizer, learning_rate: Any = None,
-              clip: dict[str, Any] | None = None, loss_scale_factor: float | None = None) -> Any:
+              clip: dict[str, Any] | None = None, loss_scale_factor: float | None = None,
+              accumulate: int = 1) -> Any:
     """A Keras optimizer with every hyperparameter passed explicitly (Keras 2 and 3 alike).
 
     Weight decay is left out here: the case format's weight decay is added to the gradient
@@ -44,6 +45,7 @@ def optimizer(keras: ModuleType, optimizer: Optimizer, learning_rate: Any = None
     clipping as the optimizer's own `global_clipnorm`, `clipnorm` (each variable on its own)
     or `clipvalue`. `loss_scale_factor` (Keras 3 only): a fixed loss scale, the optimizer's own
     (the loss is multiplied by it, the gradients divided by it, nothing is skipped).
+    `accumulate` > 1 (Keras 3 only): the optimizer's own `gradient_accumulation_steps`.
     """
     settings = optimizer.settings
     optimizers = keras.optimizers
@@ -54,6 +56,8 @@ def optimizer(keras: ModuleType, optimizer: Optimizer, learning_rate: Any = None
               "weight_decay": None, "use_ema": False} | clipping
     if loss_scale_factor is not None:
         common["loss_scale_factor"] = loss_scale_factor
+    if accumulate > 1:
+        common["gradient_accumulation_steps"] = accumulate
     if optimizer.name == "sgd":
         return optimizers.SGD(momentum=settings["momentum"], nesterov=settings["nesterov"], **common)
     if optimizer.name == "adam":
@@ -84,13 +88,23 @@ def scaled_optimizer(keras: ModuleType, problem: Problem, learning_rate: Any = N
     unscaled gradients (Keras 3's wrapper refuses clipping arguments).
     """
     scale = problem.loss_scale
+    accumulate = problem.accumulate
+    if accumulate > 1 and not is_keras3(keras):
+        raise Unavailable("Keras 2 (TensorFlow <= 2.15) has no gradient accumulation: its optimizers take no "
+                          "gradient_accumulation_steps and fit has no accumulation option")
+    if accumulate > 1 and problem.replicas > 1:
+        raise Unavailable("gradient accumulation on several replicas is not built yet for Keras (issue 34)")
+    if accumulate > 1 and scale is not None and scale["kind"] == "dynamic":
+        raise Unavailable("Keras 3's LossScaleOptimizer refuses gradient_accumulation_steps; set on the inner "
+                          "optimizer, each micro-batch's overflow check skips and shifts the groups: not modelled")
     if scale is None:
-        return optimizer(keras, problem.optimizer, learning_rate, clip)
+        return optimizer(keras, problem.optimizer, learning_rate, clip, accumulate=accumulate)
     if not is_keras3(keras):
         inner = optimizer(keras, problem.optimizer, learning_rate, clip)
         return keras2_loss_scale_optimizer(keras, inner, scale)
     if scale["kind"] == "fixed":
-        return optimizer(keras, problem.optimizer, learning_rate, clip, loss_scale_factor=scale["scale"])
+        return optimizer(keras, problem.optimizer, learning_rate, clip, loss_scale_factor=scale["scale"],
+                         accumulate=accumulate)
     inner = optimizer(keras, problem.optimizer, learning_rate, clip)
     return keras.optimizers.LossScaleOptimizer(inner, initial_scale=scale["initial"],
                                                dynamic_growth_steps=scale["growth_interval"])
@@ -250,8 +264,14 @@ def epoch_scheduler(keras: ModuleType, problem: Problem) -> Any:
 
 def current_rate(keras: ModuleType, optimizer: Any, schedule_object: Any) -> float:
     """The learning rate of the optimizer's last step, read back from Keras: its schedule at
-    the optimizer's own iteration count less one, or its rate variable (per-epoch callback)."""
+    the optimizer's own iteration count less one, or its rate variable (per-epoch callback).
+    With gradient accumulation, the schedule at the batch count of the last update, less one
+    (keras/src/optimizers/base_optimizer.py: `self._learning_rate(self._iterations)`)."""
     if schedule_object is not None:
+        steps = getattr(optimizer, "gradient_accumulation_steps", None)
+        if steps:  # the schedule is called with the batches so far (`_iterations`) at each update
+            updates = int(_number(keras, optimizer._iterations)) // steps
+            return _number(keras, schedule_object(updates * steps - 1))
         return _number(keras, schedule_object(int(_number(keras, optimizer.iterations)) - 1))
     return _number(keras, optimizer.learning_rate)
 

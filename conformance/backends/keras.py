@@ -22,6 +22,7 @@ available = _tensorflow.available
 devices = _tensorflow.devices
 device_name = _tensorflow.device_name
 DATA_PARALLEL = True
+ACCUMULATES = True  # Keras 3's optimizer argument gradient_accumulation_steps (Keras 2: a skip with the reason)
 DISTRIBUTED_API = ("tf.distribute.MirroredStrategy(devices); model built and compiled in strategy.scope(); "
                    "fit(strategy.distribute_datasets_from_function(shards in order), steps_per_epoch)")
 

@@ -14,6 +14,7 @@ LOOKED_FOR = _devices_of.LOOKED_FOR
 devices = _devices_of.devices
 device_name = _devices_of.device_name
 DATA_PARALLEL = True  # keras.distribution.DataParallel (see _keras3)
+ACCUMULATES = True  # the optimizer argument gradient_accumulation_steps
 
 
 def available() -> str | None:

@@ -14,6 +14,7 @@ LOOKED_FOR = _devices_of.LOOKED_FOR
 devices = _devices_of.devices
 device_name = _devices_of.device_name
 WHY_NOT_DATA_PARALLEL = _keras3.WHY_NOT_DATA_PARALLEL["torch"]
+ACCUMULATES = True  # the optimizer argument gradient_accumulation_steps
 
 
 def available() -> str | None:

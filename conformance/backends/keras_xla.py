@@ -16,6 +16,7 @@ available = _tensorflow.xla_available
 devices = _tensorflow.devices
 device_name = _tensorflow.device_name
 DATA_PARALLEL = True
+ACCUMULATES = True  # Keras 3's optimizer argument gradient_accumulation_steps (Keras 2: a skip with the reason)
 
 
 def train(problem: Problem, device: str) -> Trajectory:
