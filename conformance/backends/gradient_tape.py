@@ -34,6 +34,7 @@ available = _tensorflow.available
 devices = _tensorflow.devices
 device_name = _tensorflow.device_name
 DATA_PARALLEL = True
+ACCUMULATES = True  # the idiom: each batch's gradient of loss / N summed in variables, applied every N
 
 
 def train(problem: Problem, device: str) -> Trajectory:
@@ -47,6 +48,10 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
     nothing), so the compile time is measured apart from the training, which reuses the
     compiled program.
     """
+    if problem.accumulate > 1 and (problem.replicas > 1 or problem.loss_scale is not None):
+        raise Unavailable("gradient accumulation in the GradientTape loop is built for one replica without a "
+                          "loss scale; with " + ("replicas" if problem.replicas > 1 else "a loss scale") +
+                          " it is not built yet (issue 34)")
     if problem.replicas > 1:  # MirroredStrategy in a replicated worker (_tf_distributed)
         if problem.loss_scale is not None and _tensorflow.keras_major() < 3:
             raise Unavailable(f"the replicated GradientTape loop scales the loss with Keras 3's scale_loss / apply; "
@@ -275,17 +280,20 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
     keras2_skips = tf.Variable(0, dtype=tf.int64, trainable=False) \
         if keras2_scaled and problem.dynamic_scaling else None
 
+    def rows(order: Any, start: Any, size: int) -> tuple[Any, Any, Any]:
+        """`size` rows of `order` from `start` (x, y, sample weights or None). Unshuffled cases
+        slice the data directly (the same rows, without a gather)."""
+        if shuffled:
+            indices = tf.slice(order, tf.reshape(start, [1]), [size])
+            return tf.gather(x, indices), tf.gather(y, indices), tf.gather(w, indices) if weighted else None
+        return (tf.slice(x, tf.stack([start, 0]), [size, problem.features]),
+                tf.slice(y, tf.stack([start, 0]), [size, 1]),
+                tf.slice(w, tf.stack([start, 0]), [size, 1]) if weighted else None)
+
     def step(order: Any, start: Any, size: int) -> Any:
         """One optimizer step on `size` rows of `order` from `start`; the loss times the size.
         Unshuffled cases slice the data directly (the same rows, without a gather)."""
-        if shuffled:
-            indices = tf.slice(order, tf.reshape(start, [1]), [size])
-            x_batch, y_batch = tf.gather(x, indices), tf.gather(y, indices)
-            w_batch = tf.gather(w, indices) if weighted else None
-        else:
-            x_batch = tf.slice(x, tf.stack([start, 0]), [size, problem.features])
-            y_batch = tf.slice(y, tf.stack([start, 0]), [size, 1])
-            w_batch = tf.slice(w, tf.stack([start, 0]), [size, 1]) if weighted else None
+        x_batch, y_batch, w_batch = rows(order, start, size)
         with tf.GradientTape() as tape:
             losses = per_sample(_forward(tf, x_batch, layers, compute_dtype, seen), y_batch)
             loss = reduce(losses * w_batch if weighted else losses)
@@ -310,6 +318,30 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
                                                         optimizer.loss_scale)
             keras2_skips.assign_add(tf.cast(skipped, tf.int64))
         return loss * tf.constant(size, dtype=x.dtype)
+
+    accumulators = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables] \
+        if problem.accumulate > 1 else []
+
+    def accumulating_step(order: Any, start: Any, size: int) -> Any:
+        """One batch of a group: the gradient of its loss / N added to the accumulators."""
+        x_batch, y_batch, w_batch = rows(order, start, size)
+        with tf.GradientTape() as tape:
+            losses = per_sample(_forward(tf, x_batch, layers, compute_dtype, seen), y_batch)
+            loss = reduce(losses * w_batch if weighted else losses)
+            share = loss / problem.accumulate
+        gradients = tape.gradient(share, variables)
+        for accumulator, gradient in zip(accumulators, gradients):
+            accumulator.assign_add(gradient)
+        return loss * tf.constant(size, dtype=x.dtype)
+
+    def apply_accumulated() -> None:
+        """The group's one step: clip, decay and apply the summed gradients, then zero them."""
+        gradients = _clipped(tf, [tf.identity(accumulator) for accumulator in accumulators], problem.clip)
+        if decay:
+            gradients = [g + decay * v for g, v in zip(gradients, variables)]
+        optimizer.apply_gradients(zip(gradients, variables))
+        for accumulator in accumulators:
+            accumulator.assign(tf.zeros_like(accumulator))
 
     def scaled_step(gradients: list[Any]) -> None:
         """The update from the scaled loss's gradients: coupled decay joins them at the loss's
@@ -370,10 +402,20 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
                 optimizer.learning_rate.assign(tf.cast(rate_schedule(epoch), optimizer.learning_rate.dtype))
             count_before = applied_steps() if scaled else None
             total = tf.constant(0.0, dtype=x.dtype)
-            for index in tf.range(full_batches, dtype=tf.int64):
-                total += step(order, index * batch, batch)
-            if last_batch:
-                total += step(order, tf.constant(full_batches * batch, dtype=tf.int64), last_batch)
+            if accumulators:  # a step every N batches, and at the epoch's end for a partial group
+                for index in tf.range(full_batches, dtype=tf.int64):
+                    total += accumulating_step(order, index * batch, batch)
+                    if (index + 1) % problem.accumulate == 0:
+                        apply_accumulated()
+                if last_batch:
+                    total += accumulating_step(order, tf.constant(full_batches * batch, dtype=tf.int64), last_batch)
+                if problem.steps_per_epoch % problem.accumulate or last_batch:
+                    apply_accumulated()
+            else:
+                for index in tf.range(full_batches, dtype=tf.int64):
+                    total += step(order, index * batch, batch)
+                if last_batch:
+                    total += step(order, tf.constant(full_batches * batch, dtype=tf.int64), last_batch)
             arrays = write_epoch(arrays, epoch, total, count_before)
         return dict(zip(("params", "totals", "rates", "scales", "skipped"), (a.stack() for a in arrays)))
 

@@ -19,6 +19,7 @@ available = _tensorflow.xla_available
 devices = _tensorflow.devices
 device_name = _tensorflow.device_name
 DATA_PARALLEL = True
+ACCUMULATES = True  # gradient_tape's accumulation, compiled
 
 
 def train(problem: Problem, device: str) -> Trajectory:
