@@ -382,6 +382,33 @@ CATALOGUE += [Mutant(*fields) for fields in [  # v1.2: data parallelism
      _tf_average_loss_per_replica),
 ]]
 
+
+
+def _keras_accumulation_ignored() -> None:
+    """Keras 3's optimizers dropping gradient_accumulation_steps: a step every batch."""
+    _patch_init(_tf_keras().optimizers.Optimizer, lambda kwargs: kwargs | {"gradient_accumulation_steps": None}
+                if "gradient_accumulation_steps" in kwargs else kwargs)
+
+
+def _optax_multisteps_summed() -> None:
+    """optax.MultiSteps summing the accumulated gradients instead of averaging them."""
+    _patch_init(_optax().MultiSteps, _set(use_grad_mean=False))
+
+
+def _optax_multisteps_one_early() -> None:
+    """optax.MultiSteps updating after N - 1 mini-steps (an off-by-one in its emit test)."""
+    _patch_init(_optax().MultiSteps, lambda kwargs: kwargs | {"every_k_schedule": kwargs["every_k_schedule"] - 1})
+
+
+CATALOGUE += [Mutant(*fields) for fields in [  # v1.3: gradient accumulation
+    ("keras-accumulation-ignored", ("keras", "keras_xla"), "main",
+     "Keras's optimizer ignores gradient_accumulation_steps and steps every batch", _keras_accumulation_ignored),
+    ("optax-multisteps-summed", ("jax",), "main",
+     "optax.MultiSteps sums the accumulated gradients instead of averaging them", _optax_multisteps_summed),
+    ("optax-multisteps-one-early", ("jax",), "main",
+     "optax.MultiSteps updates after N - 1 mini-steps instead of N", _optax_multisteps_one_early),
+]]
+
 from tests.mutants_formulas import FORMULA_MUTANTS  # noqa: E402  (it imports the helpers above)
 
 CATALOGUE += FORMULA_MUTANTS  # optimizer constants, rates, clipping thresholds and epsilon placement
