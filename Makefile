@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e ".[test,cpu,jax]"
+	$(BIN)/python -m pip install --quiet -e ".[test,cpu,jax,trainers]"
 	touch $@
 
 clean-venv:

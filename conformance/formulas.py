@@ -110,9 +110,23 @@ def catalogue() -> tuple[Switch, ...]:
 
 def applying(problem: Problem, backend: str, versions: dict[str, str | None]) -> tuple[Switch, ...]:
     """The switches of `backend` that hold for this problem and these installed versions."""
-    return tuple(switch for switch in catalogue()
+    return tuple(switch for switch in catalogue() + declared_outside(backend)
                  if backend in switch.backends and versions_hold(switch.versions, versions)
                  and holds(switch.when, problem))
+
+
+@cache
+def declared_outside(backend: str) -> tuple[Switch, ...]:
+    """The switches a backend from outside the project declares in its module's SWITCHES (the
+    entries of formulas.yaml, `backends` being itself); none for a shipped backend."""
+    from conformance import backends
+    from conformance.schema import BACKEND_NAMES
+
+    if backend in BACKEND_NAMES or backend not in backends.MODULES:
+        return ()
+    declared = getattr(backends.load(backend), "SWITCHES", [])
+    return tuple(TypeAdapter(list[Switch]).validate_python([{"backends": [backend]} | dict(entry)
+                                                            for entry in declared]))
 
 
 def switches_for(problem: Problem, backend: str, versions: dict[str, str | None]) -> Switches:

@@ -23,10 +23,13 @@ from conformance.expectations import Expectations
 
 RESULT_CHECKS = ("parity", "trajectory", "lstsq")
 CASE_CHECKS = ("pairwise", "certified", "load")
-_ID = re.compile(
-    r"^(?P<case>.+?)-(?:(?P<backend>{})-(?P<device>[a-z]+(?::\d+)?)-(?:{}|unavailable)|{})$".format(
-        "|".join(backends.MODULES), "|".join(RESULT_CHECKS), "|".join(CASE_CHECKS))
-)
+
+
+def _id_pattern() -> re.Pattern[str]:
+    """An item id's parts; of the backends known now (outside ones register at start-up)."""
+    return re.compile(
+        r"^(?P<case>.+?)-(?:(?P<backend>{})-(?P<device>[a-z]+(?::\d+)?)-(?:{}|unavailable)|{})$".format(
+            "|".join(map(re.escape, backends.MODULES)), "|".join(RESULT_CHECKS), "|".join(CASE_CHECKS)))
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,14 @@ class ItemSpec:
 
 def result_of(item_id: str) -> tuple[str, str, str] | None:
     """(case, backend, device) of an item that checks one result; None for case checks."""
-    match = _ID.match(item_id)
+    match = _id_pattern().match(item_id)
     return (match.group("case"), match.group("backend"), match.group("device")) if match and match.group("backend") \
         else None
 
 
 def case_of(item_id: str) -> str:
     """The case name inside an item id (used to keep one case's items on one xdist worker)."""
-    match = _ID.match(item_id)
+    match = _id_pattern().match(item_id)
     return match.group("case") if match else item_id
 
 

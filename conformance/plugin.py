@@ -14,6 +14,7 @@ in `config.stash`; items read them from there. Results reach the report as plain
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -108,6 +109,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[ACTIVE] = runs_conformance(config)
     if not active(config):
         return
+    outside = []
+    for point in importlib.metadata.entry_points(group=backends.ENTRY_POINT_GROUP):  # installed packages' own
+        try:
+            backends.register(point.name)
+        except ValueError as error:
+            outside.append(f"(entry point {point.name}) {error}")
+    for index, reference in enumerate(config.getoption("backend")):
+        if reference not in backends.MODULES:
+            try:  # a backend from outside the project: registered under its NAME
+                config.option.backend[index] = backends.register(reference)
+            except ValueError as error:
+                outside.append(str(error))
+    if outside:
+        raise pytest.UsageError("--backend " + "; ".join(outside))
     unknown = [name for name in config.getoption("backend") if name not in backends.MODULES]
     if unknown:
         raise pytest.UsageError(f"--backend {', '.join(unknown)}: unknown; expected one of: "

@@ -23,7 +23,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 BACKEND_NAMES = ("keras", "gradient_tape", "torch", "keras_xla", "gradient_tape_xla", "torch_compile", "jax",
-                 "keras_jax", "keras_torch")
+                 "keras_jax", "keras_torch", "lightning", "accelerate")
 CHECK_NAMES = ("parity", "lstsq", "certified", "trajectory")
 DEVICE_PATTERN = r"^(cpu|cuda:[0-9]+|mps)$"
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"

@@ -1,0 +1,100 @@
+"""PyTorch Lightning: a `LightningModule` around the torch backend's model and loss, its
+`configure_optimizers` returning the case's optimizer and scheduler (`interval: step | epoch`),
+and `Trainer(max_epochs, accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm,
+precision)` fed the harness's batches in the harness's order, progress bar, logger,
+checkpoints and model summary off. Lightning's loop decides when to step, clip and schedule.
+
+What Lightning adds to the plain loop (docs/accumulation.md): each batch's loss divided by
+`accumulate_grad_batches` before its backward pass, an optimizer step every N batches and at
+the epoch's last batch, the scheduler stepped once per optimizer step, the clip once per step
+(torch.nn.utils.clip_grad_norm_ or clip_grad_value_).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from conformance.backends import Unavailable, _frameworks, _trainers
+from conformance.backends import torch as torch_backend
+from conformance.problem import Problem, Trajectory
+
+NAME = "lightning"
+LOOKED_FOR = ("cpu",)  # one process on the CPU; CUDA and DDP are not built yet
+ACCUMULATES = True  # Trainer(accumulate_grad_batches=N)
+SELECTED_BY_DEFAULT = _frameworks.installed("pytorch_lightning")  # an extra: in a run when installed
+WHY_NOT_DATA_PARALLEL = "Trainer(strategy='ddp') over gloo on the CPU is not built yet (issue 34)"
+PRECISION = {None: {"float32": "32-true", "float64": "64-true"}, "mixed_bfloat16": "bf16-mixed"}
+CLIP_ALGORITHM = {"global_norm": "norm", "value": "value"}
+
+
+def available() -> str | None:
+    if not _frameworks.installed("torch"):
+        return "torch is not installed"
+    if not _frameworks.installed("pytorch_lightning"):
+        return "pytorch-lightning is not installed (pip install '.[trainers]')"
+    return None
+
+
+def devices() -> list[str]:
+    return ["cpu"]
+
+
+def device_name(device: str) -> str:
+    return torch_backend.device_name(device)
+
+
+def train(problem: Problem, device: str) -> Trajectory:
+    _trainers.refuse_unbuilt(problem, "Lightning")
+    if device != "cpu":
+        raise Unavailable("the lightning backend trains on the CPU only (not built yet for accelerators)")
+    import pytorch_lightning as pl
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    setup = _trainers.Setup(problem, device)
+    precision = PRECISION[problem.precision]
+    if isinstance(precision, dict):
+        precision = precision[problem.dtype]
+
+    class CaseModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = setup.model
+
+        def training_step(self, batch: Any, batch_index: int) -> Any:
+            x_batch, y_batch, w_batch = batch
+            loss = setup.loss(self.model(x_batch), y_batch, w_batch)
+            setup.step_losses.append(loss.detach())
+            return loss
+
+        def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
+            setup.record_rate(batch_index)
+
+        def on_train_epoch_end(self) -> None:
+            setup.record_epoch()
+
+        def configure_optimizers(self) -> Any:
+            if setup.scheduler is None:
+                return setup.optimizer
+            interval = "epoch" if problem.schedule_every_epoch else "step"
+            return {"optimizer": setup.optimizer,
+                    "lr_scheduler": {"scheduler": setup.scheduler, "interval": interval, "frequency": 1}}
+
+    clip = problem.clip
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=problem.epochs,
+                         accumulate_grad_batches=problem.accumulate, precision=precision,
+                         gradient_clip_val=None if clip is None else clip["threshold"],
+                         gradient_clip_algorithm=None if clip is None else CLIP_ALGORITHM[clip["kind"]],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        trainer.fit(CaseModule(), train_dataloaders=setup.loader)
+    calls = (f"Trainer(max_epochs={problem.epochs}, accumulate_grad_batches={problem.accumulate}, "
+             f"precision={precision!r}, gradient_clip_val={None if clip is None else clip['threshold']}, "
+             f"gradient_clip_algorithm={None if clip is None else CLIP_ALGORITHM[clip['kind']]!r}).fit")
+    return setup.trajectory({"pytorch_lightning": pl.__version__, "trainer": calls})
