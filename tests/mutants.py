@@ -400,7 +400,25 @@ def _optax_multisteps_one_early() -> None:
     _patch_init(_optax().MultiSteps, lambda kwargs: kwargs | {"every_k_schedule": kwargs["every_k_schedule"] - 1})
 
 
+def _lightning_accumulation_ignored() -> None:
+    """Lightning's Trainer ignoring accumulate_grad_batches: a step every batch."""
+    import pytorch_lightning
+
+    _patch_init(pytorch_lightning.Trainer, _set(accumulate_grad_batches=1))
+
+
+def _accelerate_scheduler_per_batch() -> None:
+    """Accelerate's prepared scheduler stepping on every batch, not with the optimizer."""
+    import accelerate
+
+    _patch_init(accelerate.Accelerator, _set(step_scheduler_with_optimizer=False))
+
+
 CATALOGUE += [Mutant(*fields) for fields in [  # v1.3: gradient accumulation
+    ("lightning-accumulation-ignored", ("lightning",), "main",
+     "Lightning's Trainer ignores accumulate_grad_batches and steps every batch", _lightning_accumulation_ignored),
+    ("accelerate-scheduler-per-batch", ("accelerate",), "main",
+     "Accelerate steps the scheduler on every batch instead of with the optimizer", _accelerate_scheduler_per_batch),
     ("keras-accumulation-ignored", ("keras", "keras_xla"), "main",
      "Keras's optimizer ignores gradient_accumulation_steps and steps every batch", _keras_accumulation_ignored),
     ("optax-multisteps-summed", ("jax",), "main",
