@@ -133,6 +133,17 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     # bounded by the compute dtype's u, not float32's, times the sum of its terms' magnitudes
     sum_unit = compute_unit if "gradient_sum_in_compute_dtype" in switches else unit
     gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), sum_unit)
+    def stored(values: np.ndarray) -> np.ndarray:
+        """The parameters as the framework stores them after a step. float32 variables: rounded
+        to float32 itself, not by a random unit: a step that repeats (a saturated clip by value,
+        Adam's lr sign(g)) rounds the same way every time, a drift linear in the steps that
+        independent errors (sqrt of the steps) miss (fuzz-52409-267: a clipped SGD step of 77
+        units of the weight's float32 spacing, 1.2e-7 short every step, 2.1e-5 after 177).
+        float64: a random unit (the replay cannot round below its own precision)."""
+        if problem.dtype == "float32":
+            return values.astype(np.float32).astype(np.float64)
+        return jitter(values, unit)
+
     float32_unit = FLOAT32_POWER_UNITS * UNIT_ROUNDOFF["float32"]
     float32_jitter = None if rounding is None else lambda values: jitter(values, float32_unit)
     optimizer = problem.optimizer
@@ -233,6 +244,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                 if "replica_scale_in_float32" in switches and len(shards) > 1:  # Keras unscales its scaled loss
                     loss *= len(shards) * float(np.float32(1.0 / len(shards)))
                 totals[epoch] += loss * len(y[batch])
+                # the L2 term a framework reports with the loss: every batch's, a skipped step's too
+                penalty_totals[epoch] += decay / 2 * float(params @ params) * len(y[batch])
                 if order_decides:  # a partial sum is bounded by the sum of its terms' magnitudes, and no better
                     overflow_possible[epoch] |= scaler.scale * max(share * float(np.max(part[2]))
                                                                    for share, part in zip(shares, parts)) >= largest
@@ -265,14 +278,13 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                     if "skipped_steps_counted" in switches:
                         update.skipped()
                 continue
-            penalty_totals[epoch] += decay / 2 * float(params @ params) * sum(len(y[batch]) for batch in batches)
             grad = clipped(replica_grads[0]) if len(replica_grads) == 1 else \
                 sum(clipped(part) for part in replica_grads) if "clip_per_replica" in switches \
                 else clipped(sum(replica_grads))
             params = update(params, grad, rate)
             applied += 1
             if rounding is not None:
-                params = jitter(params, unit)
+                params = stored(params)
         end_epochs(problem.epochs)
         losses[:] = totals / problem.n
         penalties[:] = penalty_totals / problem.n
