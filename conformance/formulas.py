@@ -38,6 +38,8 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
                                 over its share of the step's samples (a partial group, a short batch, `sum`)
     accumulate_across_epochs    gradient accumulation over the whole training's batches: a partial group
                                 completes with the next epoch's first batches; the last one never steps
+    accumulated_mean_in_float32  with accumulation, the running mean acc + (g - acc) / (k + 1) of a
+                                group's gradients stored in float32 between its batches
     schedule_counts_batches     with accumulation, a per-step schedule's t is the batches trained before
                                 the update's last one (update k: t = k N - 1), not the updates so far
     gradient_sum_in_compute_dtype  no formula changes: the band's gradient sums are two roundings of
@@ -75,6 +77,7 @@ NAMES = frozenset({
     "replica_scale_in_float32", "gelu_divides_by_float32_root_2", "weighted_losses_in_float32",
     "staircase_by_float32_reciprocal", "gelu_terms_in_compute_dtype", "gelu_tanh_terms_in_compute_dtype",
     "accumulate_divides_by_n", "accumulate_across_epochs", "schedule_counts_batches",
+    "accumulated_mean_in_float32",
 })
 
 Switches = frozenset[str]

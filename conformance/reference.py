@@ -209,6 +209,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
         return grad if rounding is None or problem.clip is None else jitter(grad, unit)
 
     across_epochs = "accumulate_across_epochs" in switches and problem.accumulate > 1
+    running_mean32 = "accumulated_mean_in_float32" in switches and problem.accumulate > 1
     batch_rates = None
     if "schedule_counts_batches" in switches and problem.accumulate > 1 and not problem.schedule_every_epoch:
         batch_rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs,
@@ -232,7 +233,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
             replica_grads: list[np.ndarray] = []
             finite = True
             batches = [batch for _, batch in group]
-            for (batch_epoch, batch), factor in zip(group, group_factors(problem, batches, switches)):
+            for k, ((batch_epoch, batch), factor) in enumerate(zip(group, group_factors(problem, batches, switches))):
                 end_epochs(batch_epoch)
                 batches_seen += 1
                 shards, shares = replica_shares(problem, batch, switches)
@@ -259,9 +260,13 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                     if decay_before_clip:  # each replica's loss carries its share of the L2 term
                         grad = grad + decay * params / len(shards)
                     if replica == len(replica_grads):
-                        replica_grads.append(factor * grad)
+                        replica_grads.append(grad if running_mean32 else factor * grad)
+                    elif running_mean32:  # optax.MultiSteps: acc + (g - acc) / (k + 1), kept in float32
+                        replica_grads[replica] = replica_grads[replica] + (grad - replica_grads[replica]) / (k + 1)
                     else:  # each replica accumulates its shards of the group's batches
                         replica_grads[replica] = replica_grads[replica] + factor * grad
+                if running_mean32 and k < len(group) - 1:  # stored between batches in float32
+                    replica_grads = [part.astype(np.float32).astype(np.float64) for part in replica_grads]
             if across_epochs and len(group) < problem.accumulate:
                 break  # the training's last batches never complete a group: no step
             rate = flat_rates[applied] if not problem.schedule_every_epoch else \
