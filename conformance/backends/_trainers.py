@@ -17,6 +17,24 @@ from conformance.backends import torch as torch_backend
 from conformance.problem import Problem, Trajectory
 
 
+def availability(module: str, distribution: str) -> str | None:
+    """A trainer backend's `available()`: None, or which package is missing."""
+    if not _frameworks.installed("torch"):
+        return "torch is not installed"
+    if not _frameworks.installed(module):
+        return f"{distribution} is not installed (pip install '.[trainers]')"
+    return None
+
+
+def devices() -> list[str]:
+    """One process on the CPU (accelerators and several processes are not built yet)."""
+    return ["cpu"]
+
+
+def device_name(device: str) -> str:
+    return torch_backend.device_name(device)
+
+
 def refuse_unbuilt(problem: Problem, trainer: str) -> None:
     """Unavailable, with the reason, for what this trainer backend does not train yet."""
     if problem.precision == "mixed_float16":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 
 from conformance.backends import Unavailable, _frameworks, _trainers
-from conformance.backends import torch as torch_backend
 from conformance.problem import Problem, Trajectory
 
 NAME = "accelerate"
@@ -28,19 +27,11 @@ MIXED_PRECISION = {None: "no", "mixed_bfloat16": "bf16"}
 
 
 def available() -> str | None:
-    if not _frameworks.installed("torch"):
-        return "torch is not installed"
-    if not _frameworks.installed("accelerate"):
-        return "accelerate is not installed (pip install '.[trainers]')"
-    return None
+    return _trainers.availability("accelerate", "accelerate")
 
 
-def devices() -> list[str]:
-    return ["cpu"]
-
-
-def device_name(device: str) -> str:
-    return torch_backend.device_name(device)
+devices = _trainers.devices
+device_name = _trainers.device_name
 
 
 def train(problem: Problem, device: str) -> Trajectory:

@@ -17,7 +17,6 @@ import warnings
 from typing import Any
 
 from conformance.backends import Unavailable, _frameworks, _trainers
-from conformance.backends import torch as torch_backend
 from conformance.problem import Problem, Trajectory
 
 NAME = "lightning"
@@ -30,19 +29,11 @@ CLIP_ALGORITHM = {"global_norm": "norm", "value": "value"}
 
 
 def available() -> str | None:
-    if not _frameworks.installed("torch"):
-        return "torch is not installed"
-    if not _frameworks.installed("pytorch_lightning"):
-        return "pytorch-lightning is not installed (pip install '.[trainers]')"
-    return None
+    return _trainers.availability("pytorch_lightning", "pytorch-lightning")
 
 
-def devices() -> list[str]:
-    return ["cpu"]
-
-
-def device_name(device: str) -> str:
-    return torch_backend.device_name(device)
+devices = _trainers.devices
+device_name = _trainers.device_name
 
 
 def train(problem: Problem, device: str) -> Trajectory:
