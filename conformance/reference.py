@@ -251,7 +251,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                     overflow_possible[epoch] |= scaler.scale * max(share * float(np.max(part[2]))
                                                                    for share, part in zip(shares, parts)) >= largest
                 finite = finite and all(bool(np.isfinite(part[1]).all()) for part in parts)
-                for replica, (share, rows, (_, grad, magnitude)) in enumerate(zip(shares, shards, parts)):
+                batch_grads = []
+                for share, rows, (_, grad, magnitude) in zip(shares, shards, parts):
                     grad = share * grad
                     if rounding is not None:  # a sum of m terms: within u sqrt(m) of the sum of their magnitudes
                         grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[rows])) * share * magnitude
@@ -259,6 +260,10 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                             grad = jitter(grad, compute_unit)  # can round a unit away
                     if decay_before_clip:  # each replica's loss carries its share of the L2 term
                         grad = grad + decay * params / len(shards)
+                    batch_grads.append(grad)
+                if running_mean32:  # optax.MultiSteps accumulates the replicas' combined gradient
+                    batch_grads = [sum(batch_grads)]
+                for replica, grad in enumerate(batch_grads):
                     if replica == len(replica_grads):
                         replica_grads.append(grad if running_mean32 else factor * grad)
                     elif running_mean32:  # optax.MultiSteps: acc + (g - acc) / (k + 1), kept in float32

@@ -414,7 +414,26 @@ def _accelerate_scheduler_per_batch() -> None:
     _patch_init(accelerate.Accelerator, _set(step_scheduler_with_optimizer=False))
 
 
+def _lightning_clip_per_micro_batch() -> None:
+    """Lightning clipping after every backward pass (each micro-batch's partial sum), not once
+    before the accumulated step: its precision plugin's post_backward clipping too."""
+    from pytorch_lightning.plugins.precision import Precision
+
+    original = Precision.post_backward
+
+    def post_backward(self: Any, tensor: Any, module: Any) -> Any:
+        trainer = module.trainer
+        if trainer.gradient_clip_val:
+            self.clip_gradients(trainer.optimizers[0], trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+        return original(self, tensor, module)
+
+    Precision.post_backward = post_backward
+
+
 CATALOGUE += [Mutant(*fields) for fields in [  # v1.3: gradient accumulation
+    ("lightning-clip-per-micro-batch", ("lightning",), "main",
+     "Lightning clips the gradients after every micro-batch's backward pass, not once per step",
+     _lightning_clip_per_micro_batch),
     ("lightning-accumulation-ignored", ("lightning",), "main",
      "Lightning's Trainer ignores accumulate_grad_batches and steps every batch", _lightning_accumulation_ignored),
     ("accelerate-scheduler-per-batch", ("accelerate",), "main",

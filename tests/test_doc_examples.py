@@ -22,7 +22,6 @@ DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"] + ([SPEC] if 
 BLOCK = re.compile(r"^```ya?ml\n(.*?)^```", re.S | re.M)
 MINIMAL = {"dataset": {"inline": {"x": [0, 1, 2], "y": [1, 3, 5]}},
            "training": {"epochs": 1, "optimizer": {"sgd": {"learning_rate": 0.1}}}}
-NOT_YET: set[str] = {"accumulate"}  # v1.3 fields not built yet (training.accumulate: issue 34)
 # The spec's mixed-precision block lists alternatives in its comments: as written it puts a
 # loss_scale under mixed_bfloat16, which its own comment ("only with mixed_float16") and the rule
 # of issue 22 forbid. It must fail with that rule's message, and load with the alternative.
@@ -48,14 +47,6 @@ def completed(data: dict) -> dict:
     return case
 
 
-def mentions_unbuilt(data) -> bool:
-    if isinstance(data, dict):
-        return any(key in NOT_YET or mentions_unbuilt(value) for key, value in data.items())
-    if isinstance(data, list):
-        return any(mentions_unbuilt(value) for value in data)
-    return False
-
-
 @pytest.mark.parametrize(("where", "text"), blocks(), ids=[where for where, _ in blocks()])
 def test_every_yaml_example_loads(where, text):
     if text.startswith("# fragment: not a case"):
@@ -64,8 +55,6 @@ def test_every_yaml_example_loads(where, text):
     if isinstance(data, list):  # an expectations-file or `expect` list example
         pytest.skip("a list: checked by the expectations tests")
     assert isinstance(data, dict), f"{where}: not a mapping"
-    if mentions_unbuilt(data):
-        pytest.skip(f"uses a field not built yet ({', '.join(sorted(NOT_YET))})")
     contradiction = next((fix for key, fix in SELF_CONTRADICTING.items()
                           if where.startswith("case-format.md") and key in data.get("training", {})), None)
     if contradiction is not None and data["training"].get("precision") != "mixed_float16":

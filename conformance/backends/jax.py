@@ -66,8 +66,6 @@ def train(problem: Problem, device: str) -> Trajectory:
     """Train `problem` on `device`: in this process for one replica, the batch sharded over
     `problem.replicas` devices otherwise (_jax_sharded)."""
     if problem.replicas > 1:
-        if problem.accumulate > 1:
-            raise Unavailable("gradient accumulation on several replicas is not built yet for jax (issue 34)")
         from conformance.backends import _jax_sharded
 
         return _jax_sharded.train(problem, device)

@@ -44,9 +44,6 @@ def device_name(device: str) -> str:
 
 def train(problem: Problem, device: str) -> Trajectory:
     if problem.replicas > 1:
-        if problem.accumulate > 1:
-            raise Unavailable("gradient accumulation under DistributedDataParallel (no_sync on the accumulating "
-                              "batches) is not built yet (issue 34)")
         return _torch_ddp.train(NAME, problem, device)
     return train_steps(problem, device, compile_step=None)
 
@@ -130,6 +127,10 @@ def train_steps(problem: Problem, device: str, compile_step: Any, replica: Any =
     if problem.accumulate > 1:
         chosen = accumulating_step
     run_step = chosen if compile_step is None else compile_step(chosen)
+    # Compiled, the accumulating step holds the forward and backward passes only: the group's
+    # optimizer step is compiled on its own (PyTorch's "compiled optimizer" recipe), so that the
+    # update is the compiled optimizer's, as in the step that holds both.
+    apply_step = optimizer_step if compile_step is None or problem.accumulate == 1 else compile_step(optimizer_step)
     orders = None if problem.orders is None else torch.as_tensor(problem.orders, device=device)
     params, step_losses, rates = _Stacked(torch), _Stacked(torch), []
     ends = [time.perf_counter()]
@@ -146,9 +147,12 @@ def train_steps(problem: Problem, device: str, compile_step: Any, replica: Any =
             scale = None if mixed is None else mixed.scale()
             if problem.accumulate > 1 and index % problem.accumulate == 0:
                 optimizer.zero_grad(set_to_none=True)
-            step_losses.add(run_step(x[rows], y[rows], w[rows]) if weighted else run_step(x[rows], y[rows]))
+            # DistributedDataParallel's idiom: no all-reduce on a group's accumulating batches
+            # (model.no_sync()); the group's last backward all-reduces the summed gradients.
+            with forward.no_sync() if replica is not None and not steps else contextlib.nullcontext():
+                step_losses.add(run_step(x[rows], y[rows], w[rows]) if weighted else run_step(x[rows], y[rows]))
             if problem.accumulate > 1 and steps:
-                optimizer_step()
+                apply_step()
             if mixed is not None and steps:
                 mixed.count_skip(scale)
             if scheduler is not None and not problem.schedule_every_epoch and steps:

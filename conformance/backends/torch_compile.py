@@ -38,6 +38,7 @@ COMPILE_OPTIONS = {"backend": "inductor", "mode": "default"}
 # cases more than twice as slow (benchmarks/run.py measures it): run it with --backend torch_compile.
 SELECTED_BY_DEFAULT = False
 DATA_PARALLEL = True  # DistributedDataParallel, one process per replica (conformance/backends/_torch_ddp.py)
+ACCUMULATES = True  # the torch loop's idiom, each batch's (loss / N).backward() compiled
 
 
 def available() -> str | None:
