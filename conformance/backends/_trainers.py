@@ -36,13 +36,47 @@ def device_name(device: str) -> str:
 
 
 def refuse_unbuilt(problem: Problem, trainer: str) -> None:
-    """Unavailable, with the reason, for what this trainer backend does not train yet."""
-    if problem.precision == "mixed_float16":
-        raise Unavailable(f"{trainer} with float16 mixed precision (its GradScaler's skipped steps and scale "
-                          "read back per epoch) is not built yet (issue 34)")
+    """Unavailable, with the reason, for what this trainer backend does not train."""
+    if problem.loss_scale is not None and problem.loss_scale["kind"] == "fixed":
+        raise Unavailable(f"{trainer} scales a float16 loss only through torch.amp.GradScaler, which has no fixed "
+                          "scale (a dynamic one halves on overflow)")
     if problem.clip is not None and problem.clip["kind"] == "norm":
         raise Unavailable(f"{trainer} clips by the global norm or by value; the case's per-tensor norm clipping "
                           "(clip: norm) has no trainer argument")
+
+
+class ScaleRecords:
+    """A trainer's float16 training as the torch backend records its own: the case's GradScaler
+    (torch.MixedPrecision: every setting passed; disabled without a loss scale), the scale at
+    each epoch's end and the steps skipped (the scale fell across a batch)."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.torch = _frameworks.torch()
+        self.mixed = torch_backend.MixedPrecision(self.torch, problem, "cpu")
+        self.scaler = self.mixed.scaler or self.torch.amp.GradScaler("cpu", enabled=False)
+        self.before: float | None = None
+
+    def before_batch(self) -> None:
+        self.before = self.mixed.scale()
+
+    def after_batch(self) -> None:
+        self.mixed.count_skip(self.before)
+
+    def end_epoch(self) -> None:
+        self.mixed.end_epoch()
+
+    def scaler_calls(self) -> str:
+        if self.mixed.scaler is None:
+            return "GradScaler(enabled=False): no loss scale"
+        return "scaler.scale(loss).backward(), unscale_, clip, scaler.step, scaler.update"
+
+    def record(self, trajectory: Trajectory, setup: Setup, api: str) -> None:
+        """The trajectory's loss scales and skips, and info["precision"] with the trainer's calls."""
+        x, y = self.torch.as_tensor(setup.problem.x[:setup.problem.batch_size]), \
+            self.torch.as_tensor(setup.problem.y[:setup.problem.batch_size]).reshape(-1, 1)
+        trajectory.info["precision"] = self.mixed.describe(setup.model, setup.loss_function, x, y,
+                                                           setup.linears[0].weight) | {"api": api}
+        trajectory.loss_scale, trajectory.skipped = self.mixed.recorded()
 
 
 class EpochBatches:

@@ -36,6 +36,10 @@ device_name = _trainers.device_name
 
 def train(problem: Problem, device: str) -> Trajectory:
     _trainers.refuse_unbuilt(problem, "Accelerate")
+    if problem.precision == "mixed_float16":
+        raise Unavailable("Accelerator(mixed_precision='fp16') on the CPU trains in float32: it makes neither "
+                          "autocast nor a GradScaler there (accelerate/accelerator.py: the fp16 branch requires "
+                          "device.type != 'cpu', so native_amp stays False and autocast is a nullcontext)")
     if device != "cpu":
         raise Unavailable("the accelerate backend trains on the CPU only (not built yet for accelerators)")
     import accelerate

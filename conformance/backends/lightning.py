@@ -24,7 +24,8 @@ LOOKED_FOR = ("cpu",)  # one process on the CPU; CUDA and DDP are not built yet
 ACCUMULATES = True  # Trainer(accumulate_grad_batches=N)
 SELECTED_BY_DEFAULT = _frameworks.installed("pytorch_lightning")  # an extra: in a run when installed
 WHY_NOT_DATA_PARALLEL = "Trainer(strategy='ddp') over gloo on the CPU is not built yet (issue 34)"
-PRECISION = {None: {"float32": "32-true", "float64": "64-true"}, "mixed_bfloat16": "bf16-mixed"}
+PRECISION = {None: {"float32": "32-true", "float64": "64-true"}, "mixed_bfloat16": "bf16-mixed",
+             "mixed_float16": "16-mixed"}
 CLIP_ALGORITHM = {"global_norm": "norm", "value": "value"}
 
 
@@ -48,6 +49,11 @@ def train(problem: Problem, device: str) -> Trajectory:
     precision = PRECISION[problem.precision]
     if isinstance(precision, dict):
         precision = precision[problem.dtype]
+    # float16 on the CPU: Trainer(precision="16-mixed") would switch to bf16-mixed on the CPU
+    # (its accelerator connector warns and replaces the flag); the plugin with the case's scaler
+    # keeps float16, as Lightning's docs pass a custom GradScaler.
+    scaling = _trainers.ScaleRecords(problem) if problem.precision == "mixed_float16" else None
+    plugins = [] if scaling is None else [pl.plugins.precision.MixedPrecision("16-mixed", "cpu", scaling.scaler)]
 
     class CaseModule(pl.LightningModule):
         def __init__(self) -> None:
@@ -62,9 +68,17 @@ def train(problem: Problem, device: str) -> Trajectory:
 
         def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
             setup.record_rate(batch_index)
+            if scaling is not None:
+                scaling.before_batch()
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
+            if scaling is not None:
+                scaling.after_batch()
 
         def on_train_epoch_end(self) -> None:
             setup.record_epoch()
+            if scaling is not None:
+                scaling.end_epoch()
 
         def configure_optimizers(self) -> Any:
             if setup.scheduler is None:
@@ -75,7 +89,8 @@ def train(problem: Problem, device: str) -> Trajectory:
 
     clip = problem.clip
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=problem.epochs,
-                         accumulate_grad_batches=problem.accumulate, precision=precision,
+                         accumulate_grad_batches=problem.accumulate,
+                         **({"precision": precision} if scaling is None else {"plugins": plugins}),
                          gradient_clip_val=None if clip is None else clip["threshold"],
                          gradient_clip_algorithm=None if clip is None else CLIP_ALGORITHM[clip["kind"]],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -88,4 +103,8 @@ def train(problem: Problem, device: str) -> Trajectory:
     calls = (f"Trainer(max_epochs={problem.epochs}, accumulate_grad_batches={problem.accumulate}, "
              f"precision={precision!r}, gradient_clip_val={None if clip is None else clip['threshold']}, "
              f"gradient_clip_algorithm={None if clip is None else CLIP_ALGORITHM[clip['kind']]!r}).fit")
-    return setup.trajectory({"pytorch_lightning": pl.__version__, "trainer": calls})
+    trajectory = setup.trajectory({"pytorch_lightning": pl.__version__, "trainer": calls})
+    if scaling is not None:
+        scaling.record(trajectory, setup, "Trainer(plugins=[MixedPrecision('16-mixed', 'cpu', scaler=torch.amp."
+                       f"GradScaler('cpu', ...))]): autocast around training_step; {scaling.scaler_calls()}")
+    return trajectory
