@@ -83,14 +83,15 @@ class EpochBatches:
     """A batch sampler yielding the harness's batches of each epoch in order: epoch k's on the
     k-th iteration (the trainers iterate their DataLoader once per epoch)."""
 
-    def __init__(self, problem: Problem) -> None:
-        self.problem, self.epoch = problem, 0
+    def __init__(self, problem: Problem, rank: int | None = None) -> None:
+        self.problem, self.rank, self.epoch = problem, rank, 0
 
     def __iter__(self) -> Any:
         epoch = min(self.epoch, self.problem.epochs - 1)
         self.epoch += 1
         for batch in self.problem.batches(epoch):
-            yield (np.arange(self.problem.n)[batch] if isinstance(batch, slice) else batch).tolist()
+            rows = np.arange(self.problem.n)[batch] if isinstance(batch, slice) else batch
+            yield (rows if self.rank is None else self.problem.shards(rows)[self.rank]).tolist()
 
     def __len__(self) -> int:
         return self.problem.steps_per_epoch
@@ -99,7 +100,7 @@ class EpochBatches:
 class Setup:
     """The torch objects of one training: model, optimizer, scheduler, loss and data."""
 
-    def __init__(self, problem: Problem, device: str) -> None:
+    def __init__(self, problem: Problem, device: str, replica: Any = None) -> None:
         torch = self.torch = _frameworks.torch()
         self.problem = problem
         dtype = getattr(torch, problem.dtype)
@@ -111,8 +112,10 @@ class Setup:
         x = torch.as_tensor(problem.x)
         y = torch.as_tensor(problem.y).reshape(-1, 1)
         w = torch.as_tensor(problem.sample_weight).reshape(-1, 1) if self.weighted else torch.ones_like(y)
-        self.loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, w),
-                                                  batch_sampler=EpochBatches(problem), num_workers=0)
+        self.replica = replica
+        sampler = EpochBatches(problem, None if replica is None else replica.rank)
+        self.loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, w), batch_sampler=sampler,
+                                                  num_workers=0)
         self.step_losses: list[Any] = []
         self.params: list[np.ndarray] = []
         self.rates: list[float] = []
@@ -145,5 +148,7 @@ class Setup:
         info = torch_backend._environment(torch, "cpu", self.linears[0].weight) | info
         if self.scheduler is not None:
             info["scheduler"] = torch_backend._describe(self.scheduler)
+        if self.replica is not None:  # this rank's loss of every step (_torch_ddp combines the ranks')
+            info["shard_losses"] = losses
         return Trajectory(np.array(self.params), problem.epoch_losses(losses), predictions, info,
                           rates=np.asarray(self.rates) if self.scheduler is not None else None)

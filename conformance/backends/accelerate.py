@@ -22,7 +22,9 @@ NAME = "accelerate"
 LOOKED_FOR = ("cpu",)  # one process on the CPU; GPUs and `accelerate launch` are not built yet
 ACCUMULATES = True  # Accelerator(gradient_accumulation_steps=N)
 SELECTED_BY_DEFAULT = _frameworks.installed("accelerate")  # an extra: in a run when installed
-WHY_NOT_DATA_PARALLEL = "several processes through `accelerate launch` are not built yet (issue 34)"
+WHY_NOT_DATA_PARALLEL = ("Accelerate's prepared DataLoader decides each process's samples itself (whole batches per "
+                         "process, or split_batches with a short last batch padded from the epoch's start: "
+                         "even_batches), so the case's shards cannot be fed through it; not built")
 MIXED_PRECISION = {None: "no", "mixed_bfloat16": "bf16"}
 
 

@@ -8,22 +8,26 @@ What Lightning adds to the plain loop (docs/accumulation.md): each batch's loss 
 `accumulate_grad_batches` before its backward pass, an optimizer step every N batches and at
 the epoch's last batch, the scheduler stepped once per optimizer step, the clip once per step
 (torch.nn.utils.clip_grad_norm_ or clip_grad_value_).
+
+Float16 through the precision plugin with the case's GradScaler; replicas through
+`strategy="ddp"` in the torch backend's rank processes (_torch_ddp), each rank fed its shards.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any
 
-from conformance.backends import Unavailable, _frameworks, _trainers
+from conformance.backends import Unavailable, _frameworks, _torch_ddp, _trainers
 from conformance.problem import Problem, Trajectory
 
 NAME = "lightning"
 LOOKED_FOR = ("cpu",)  # one process on the CPU; CUDA and DDP are not built yet
 ACCUMULATES = True  # Trainer(accumulate_grad_batches=N)
 SELECTED_BY_DEFAULT = _frameworks.installed("pytorch_lightning")  # an extra: in a run when installed
-WHY_NOT_DATA_PARALLEL = "Trainer(strategy='ddp') over gloo on the CPU is not built yet (issue 34)"
+DATA_PARALLEL = True  # Trainer(strategy="ddp") in the torch backend's rank processes (_torch_ddp)
 PRECISION = {None: {"float32": "32-true", "float64": "64-true"}, "mixed_bfloat16": "bf16-mixed",
              "mixed_float16": "16-mixed"}
 CLIP_ALGORITHM = {"global_norm": "norm", "value": "value"}
@@ -41,11 +45,36 @@ def train(problem: Problem, device: str) -> Trajectory:
     _trainers.refuse_unbuilt(problem, "Lightning")
     if device != "cpu":
         raise Unavailable("the lightning backend trains on the CPU only (not built yet for accelerators)")
+    if problem.replicas > 1:
+        return _torch_ddp.train(NAME, problem, device)
+    return train_replica(problem, device, None)
+
+
+def train_replica(problem: Problem, device: str, replica: Any) -> Trajectory:
+    """The Trainer in this process; `replica` (a _torch_ddp.Replica): as one rank of a process
+    group already joined, the way torchrun starts a Lightning script (LOCAL_RANK set: Lightning
+    launches nothing, finds torch.distributed initialised and wraps the module in DDP itself)."""
+    if replica is None:
+        return _fit(problem, device, None)
+    variables = {"LOCAL_RANK": str(replica.rank), "NODE_RANK": "0", "WORLD_SIZE": str(replica.replicas)}
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        return _fit(problem, device, replica)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _fit(problem: Problem, device: str, replica: Any) -> Trajectory:
     import pytorch_lightning as pl
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    setup = _trainers.Setup(problem, device)
+    setup = _trainers.Setup(problem, device, replica)
     precision = PRECISION[problem.precision]
     if isinstance(precision, dict):
         precision = precision[problem.dtype]
@@ -88,7 +117,8 @@ def train(problem: Problem, device: str) -> Trajectory:
                     "lr_scheduler": {"scheduler": setup.scheduler, "interval": interval, "frequency": 1}}
 
     clip = problem.clip
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=problem.epochs,
+    parallel = {} if replica is None else {"devices": replica.replicas, "strategy": "ddp"}
+    trainer = pl.Trainer(accelerator="cpu", **({"devices": 1} | parallel), max_epochs=problem.epochs,
                          accumulate_grad_batches=problem.accumulate,
                          **({"precision": precision} if scaling is None else {"plugins": plugins}),
                          gradient_clip_val=None if clip is None else clip["threshold"],
@@ -103,6 +133,8 @@ def train(problem: Problem, device: str) -> Trajectory:
     calls = (f"Trainer(max_epochs={problem.epochs}, accumulate_grad_batches={problem.accumulate}, "
              f"precision={precision!r}, gradient_clip_val={None if clip is None else clip['threshold']}, "
              f"gradient_clip_algorithm={None if clip is None else CLIP_ALGORITHM[clip['kind']]!r}).fit")
+    if replica is not None:
+        calls = calls.replace("Trainer(", f"Trainer(strategy='ddp', devices={replica.replicas}, ")
     trajectory = setup.trajectory({"pytorch_lightning": pl.__version__, "trainer": calls})
     if scaling is not None:
         scaling.record(trajectory, setup, "Trainer(plugins=[MixedPrecision('16-mixed', 'cpu', scaler=torch.amp."
