@@ -36,7 +36,8 @@ import numpy as np
 
 from conformance import backends, environment, reference
 from conformance.case import discover, load
-from conformance.checks import CaseRun, Compared, applicable, make_run
+from conformance.checks import CaseRun, Compared, make_run
+from conformance.expectations import applicable
 
 MARGIN = 3.0  # the stated margin: a bound is three times the largest deviation measured
 

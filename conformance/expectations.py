@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
 from conformance.case import CaseError, format_errors
+from conformance.environment import versions_hold
 from conformance.problem import Problem
 from conformance.schema import Expect, Strict
 from conformance.yamlio import YamlError, read_yaml
@@ -97,8 +98,6 @@ class Expectations:
 
     def applicable(self, problem: Problem, check: str, backend: str | None, device: str | None,
                    versions: dict[str, str | None]) -> KnownDeviation | None:
-        from conformance.checks import applicable
-
         matching = [entry for entry in self.entries if holds(entry.when, problem)]
         return applicable(matching, check, backend, device, versions)  # type: ignore[arg-type]
 
@@ -199,3 +198,16 @@ def _all_hold(conditions: dict[str, Condition], values: dict[str, Any]) -> bool:
         elif value != condition:
             return False
     return True
+
+
+def applicable(expect: list[Expect], check: str, backend: str | None, device: str | None,
+               versions: dict[str, str | None]) -> Expect | None:
+    """The first `expect` entry that covers this check, backend, device and installed versions."""
+    for entry in expect:
+        if entry.check != check or (entry.backend_names and backend not in entry.backend_names):
+            continue
+        if entry.device and entry.device != device:
+            continue
+        if versions_hold(entry.versions, versions):
+            return entry
+    return None

@@ -18,8 +18,8 @@ import pytest
 
 from conformance import backends, environment, fuzz
 from conformance.case import CaseError, LoadedCase, discover, load, seeds
-from conformance.checks import CaseRun, Outcome, TrainingCrashed, applicable, make_run
-from conformance.expectations import Expectations
+from conformance.checks import CaseRun, Outcome, TrainingCrashed, make_run
+from conformance.expectations import Expectations, applicable
 
 RESULT_CHECKS = ("parity", "trajectory", "lstsq")
 CASE_CHECKS = ("pairwise", "certified", "load")

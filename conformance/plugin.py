@@ -27,10 +27,9 @@ import pytest
 
 from conformance import backends, expectations, fuzz, timing
 from conformance.items import Plan, case_of, plan, result_of
-from conformance.report.collector import DEVICES
+from conformance.report.collector import DEVICES, NOT_RERUN, OPTIONS
 from conformance.schema import DEVICE_PATTERN
 
-OPTIONS = pytest.StashKey[dict]()
 PLAN = pytest.StashKey[Plan]()
 ACTIVE = pytest.StashKey[bool]()
 PACKAGE = Path(__file__).resolve().parent
@@ -235,9 +234,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture
 def case_runs(request: pytest.FixtureRequest) -> dict:
     return request.config.stash[PLAN].runs
-
-
-NOT_RERUN: dict[str, str] = {}  # nodeid -> the item whose worker died training the same result
 
 
 def _result_of_node(nodeid: str) -> tuple[str, str, str] | None:

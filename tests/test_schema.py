@@ -93,7 +93,7 @@ def test_bad_cases_say_what_was_expected(write_case, text, expected):
 
 
 def test_expect_names_one_backend_or_a_list_and_applies_to_each(write_case):
-    from conformance.checks import applicable
+    from conformance.expectations import applicable
 
     path = write_case("case", MINIMAL + "backends: [keras_xla, gradient_tape_xla, torch_compile]\n"
                       "expect: [{check: parity, reason: r, backend: [keras, keras_xla]},\n"

@@ -33,7 +33,7 @@ import numpy as np
 
 from conformance import backends, workers
 from conformance.backends import Unavailable, _frameworks
-from conformance.backends import jax as _jax
+from conformance.backends import _jax_training as _jax
 from conformance.problem import Problem, Trajectory
 
 AXIS = "replica"
@@ -54,7 +54,7 @@ def train(problem: Problem, device: str) -> Trajectory:
         return backends.train_in_worker(worker_kind(problem.replicas), "conformance.backends._jax_sharded:train_here",
                                         problem.to_data())
     first = int(device.split(":")[1])
-    gpus = _jax._devices()
+    gpus = _jax.jax_devices()
     chosen = [gpus[f"cuda:{index}"] for index in range(first, first + problem.replicas) if f"cuda:{index}" in gpus]
     if len(chosen) < problem.replicas:
         raise Unavailable(f"{problem.replicas} replicas from {device} need {problem.replicas} GPUs; "

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import _frameworks, _keras_common, _tensorflow, _tf_distributed, gradient_tape
+from conformance.backends import _frameworks, _keras_common, _tensorflow, _tf_distributed
+from conformance.backends import _tape_parts as parts
 from conformance.problem import Problem, Trajectory
 
 API = ("tf.distribute.MirroredStrategy(devices); tf.Variables and the Keras optimizer in strategy.scope(); "
@@ -43,12 +44,12 @@ def train(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
     rate_schedule = _keras_common.schedule(keras, problem)
     with _tensorflow.floatx(problem.dtype):
         with strategy.scope():
-            layers = gradient_tape._variables(tf, problem)
+            layers = parts.variables(tf, problem)
             variables = _flat(layers)
-            optimizer, scaling = gradient_tape._optimizer(
+            optimizer, scaling = parts.loop_optimizer(
                 keras, problem, None if problem.schedule_every_epoch else rate_schedule)
             optimizer.build(variables)
-        compute_dtype = gradient_tape._compute_dtype(keras, problem)
+        compute_dtype = parts.compute_dtype_of(keras, problem)
         seen = None if compute_dtype is None else {}
         step = _replica_step(problem, layers, optimizer, compute_dtype, seen, jit_compile)
         run_training = _training_function(problem, strategy, step, variables, optimizer, rate_schedule)
@@ -62,7 +63,7 @@ def train(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
     if jit_compile:
         info["xla"] = _xla_evidence(step.compiled)
     if compute_dtype is not None:
-        info["precision"] = gradient_tape._precision_info(problem, seen, scaling)
+        info["precision"] = parts.precision_info(problem, seen, scaling)
     scaled = problem.loss_scale is not None
     return Trajectory(recorded["params"].numpy().astype(np.float64),
                       recorded["totals"].numpy().astype(np.float64) / problem.n, predictions, info,
@@ -78,7 +79,7 @@ def _flat(layers: list[tuple[Any, Any, Any]]) -> list[Any]:
 def _predictions(tf: Any, problem: Problem, layers: list[tuple[Any, Any, Any]], compute_dtype: Any) -> Any:
     if problem.predict_x is None:
         return None
-    outputs = gradient_tape._forward(tf, tf.constant(problem.predict_x), layers, compute_dtype)
+    outputs = parts.forward(tf, tf.constant(problem.predict_x), layers, compute_dtype)
     if problem.loss == "bce":
         outputs = tf.math.sigmoid(outputs)
     return outputs.numpy()[:, 0].astype(np.float64)
@@ -97,8 +98,8 @@ def _replica_step(problem: Problem, layers: list[tuple[Any, Any, Any]], optimize
     def loss_and_gradients(inputs: tuple[Any, ...], global_batch_size: int) -> tuple[Any, list[Any]]:
         x_shard, y_shard, *weights = inputs
         with tf.GradientTape() as tape:
-            output = gradient_tape._forward(tf, x_shard, layers, compute_dtype, seen)
-            losses = tf.reshape(gradient_tape.per_sample_loss(tf, problem, output, y_shard, delta), [-1])
+            output = parts.forward(tf, x_shard, layers, compute_dtype, seen)
+            losses = tf.reshape(parts.per_sample_loss(tf, problem, output, y_shard, delta), [-1])
             weight = tf.reshape(weights[0], [-1]) if weights else None
             if problem.reduction == "mean":
                 loss = tf.nn.compute_average_loss(losses, sample_weight=weight, global_batch_size=global_batch_size)
@@ -120,7 +121,7 @@ def _replica_step(problem: Problem, layers: list[tuple[Any, Any, Any]], optimize
                              for g, v in zip(gradients, variables)]
             optimizer.apply(gradients, variables)
             return loss
-        gradients = gradient_tape._clipped(tf, gradients, problem.clip)
+        gradients = parts.clipped(tf, gradients, problem.clip)
         if decay:
             gradients = [g + decay * v / replicas for g, v in zip(gradients, variables)]
         optimizer.apply_gradients(zip(gradients, variables))

@@ -7,7 +7,7 @@ deviation can be held to its `bound`.
 """
 
 from conformance.checks.outcome import Compared, Outcome
-from conformance.checks.run import CaseRun, applicable, make_run
+from conformance.checks.run import CaseRun, make_run
 from conformance.results import Trained, TrainingCrashed
 
-__all__ = ["CaseRun", "Compared", "Outcome", "Trained", "TrainingCrashed", "applicable", "make_run"]
+__all__ = ["CaseRun", "Compared", "Outcome", "Trained", "TrainingCrashed", "make_run"]

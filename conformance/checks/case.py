@@ -3,27 +3,25 @@ least-squares reference against published certified values)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from conformance import compare, formulas, reference
-from conformance.checks.outcome import Compared, OfRun, Outcome, derived, tol_text
+from conformance.checks.outcome import Compared, OfRun, Outcome, RunContext, derived, tol_text
+from conformance.checks.result import ResultChecks
 from conformance.problem import Trajectory
 from conformance.records import curve, floats
 from conformance.results import Trained
 from conformance.schema import Tol
 
-if TYPE_CHECKING:
-    from conformance.checks.run import CaseRun
-
 
 class CaseChecks(OfRun):
     """pairwise and certified of one case run."""
 
-    def __init__(self, run: CaseRun) -> None:
+    def __init__(self, run: RunContext, results: ResultChecks) -> None:
         super().__init__(run)
-        self.results = run.result_checks
+        self.results = results
 
     def pairwise(self, deviant: dict[tuple[str, str], Any]) -> Outcome:
         """Every two results agree within the parity tolerance, in both directions.

@@ -13,7 +13,10 @@ from conformance import compare
 from conformance.schema import Tol
 
 if TYPE_CHECKING:
-    from conformance.checks.run import CaseRun
+    from conformance.case import LoadedCase
+    from conformance.problem import Prepared
+    from conformance.references import CaseReferences
+    from conformance.results import TrainedResults
 
 
 @dataclass
@@ -96,11 +99,26 @@ def explanation(label: str, switches: list[dict[str, Any]], own: str, apart: str
     return (f"explained by {label}'s own formulas: {within} of the {own}, while {apart}; switches: {named}")
 
 
-class OfRun:
-    """What every group of checks reads from its case run: the case, its prepared problem, its
-    references and its trained results, and where a message says it happened."""
+@dataclass
+class RunContext:
+    """What every group of checks of one case run reads: the case, its prepared problem, every
+    (backend, device) of the case in this run, its references and its trained results."""
 
-    def __init__(self, run: CaseRun) -> None:
+    case: LoadedCase
+    prepared: Prepared
+    pairs: list[tuple[str, str]]
+    refs: CaseReferences
+    trained: TrainedResults
+
+    @property
+    def where(self) -> str:
+        return f"case {self.case.name}, epoch {self.prepared.problem.epochs}"
+
+
+class OfRun:
+    """A group of checks of one case run (RunContext), its fields at hand."""
+
+    def __init__(self, run: RunContext) -> None:
         self.run = run
         self.case, self.prepared, self.refs, self.trained = run.case, run.prepared, run.refs, run.trained
 

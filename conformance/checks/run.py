@@ -12,14 +12,12 @@ from typing import Any
 
 from conformance.case import LoadedCase
 from conformance.checks.case import CaseChecks
-from conformance.checks.outcome import Outcome
+from conformance.checks.outcome import Outcome, RunContext
 from conformance.checks.result import ResultChecks
 from conformance.checks.trajectory import TrajectoryCheck
-from conformance.environment import versions_hold
 from conformance.problem import Prepared, prepare
 from conformance.references import CaseReferences
 from conformance.results import Trained, TrainedResults
-from conformance.schema import Expect
 
 
 class CaseRun:
@@ -33,9 +31,10 @@ class CaseRun:
         self.refs = CaseReferences(case, prepared, parity_auto)
         self.trained = TrainedResults(case.name, prepared.problem, prepared.to_original, repeat)
         self.known = known  # the run's expectations files (conformance.expectations), if any
-        self.result_checks = ResultChecks(self)
-        self.trajectory_check = TrajectoryCheck(self)
-        self.case_checks = CaseChecks(self)
+        self.context = RunContext(case, prepared, pairs, self.refs, self.trained)
+        self.result_checks = ResultChecks(self.context)
+        self.trajectory_check = TrajectoryCheck(self.context, self.result_checks)
+        self.case_checks = CaseChecks(self.context, self.result_checks)
 
     @property
     def results(self) -> dict[tuple[str, str], Trained]:
@@ -43,7 +42,7 @@ class CaseRun:
 
     @property
     def where(self) -> str:
-        return f"case {self.case.name}, epoch {self.prepared.problem.epochs}"
+        return self.context.where
 
     def check_parity(self, backend: str, device: str) -> Outcome:
         return self.result_checks.parity(backend, device)
@@ -64,16 +63,3 @@ class CaseRun:
 def make_run(case: LoadedCase, pairs: list[tuple[str, str]], repeat: bool = False,
              parity_auto: bool = False, known: Any = None) -> CaseRun:
     return CaseRun(case, prepare(case), pairs, repeat, parity_auto, known)
-
-
-def applicable(expect: list[Expect], check: str, backend: str | None, device: str | None,
-               versions: dict[str, str | None]) -> Expect | None:
-    """The first `expect` entry that covers this check, backend, device and installed versions."""
-    for entry in expect:
-        if entry.check != check or (entry.backend_names and backend not in entry.backend_names):
-            continue
-        if entry.device and entry.device != device:
-            continue
-        if versions_hold(entry.versions, versions):
-            return entry
-    return None

@@ -5,26 +5,24 @@ fails here."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from conformance import compare, reference
-from conformance.checks.outcome import Compared, OfRun, Outcome, explanation, own_replay_name
+from conformance.checks.outcome import Compared, OfRun, Outcome, RunContext, explanation, own_replay_name
+from conformance.checks.result import ResultChecks
 from conformance.problem import Trajectory
 from conformance.records import downsample
 from conformance.schema import Tol
-
-if TYPE_CHECKING:
-    from conformance.checks.run import CaseRun
 
 
 class TrajectoryCheck(OfRun):
     """The trajectory item of each result of one case run."""
 
-    def __init__(self, run: CaseRun) -> None:
+    def __init__(self, run: RunContext, results: ResultChecks) -> None:
         super().__init__(run)
-        self.results = run.result_checks
+        self.results = results
 
     def check(self, backend: str, device: str) -> Outcome:
         """Every epoch's parameters and training loss against the replay of the backend's own

@@ -23,6 +23,8 @@ from conformance import environment, timing
 ITEM_MARK = "test_parity.py::test_case["
 JOURNAL = ".journal.jsonl"
 DEVICES = pytest.StashKey[dict]()  # per backend: device kinds looked for and found (set where items are planned)
+OPTIONS = pytest.StashKey[dict]()  # the run's options as the report shows them (set by the plugin)
+NOT_RERUN: dict[str, str] = {}  # nodeid -> the item whose worker died training the same result (the scheduler's)
 
 
 class ReportCollector:
@@ -112,9 +114,7 @@ class ReportCollector:
             reporter.write_sep("-", f"conformance report: {path}")
 
     def _not_rerun(self) -> None:
-        """Items left out after a worker died training their result (plugin.NOT_RERUN): crashed."""
-        from conformance.plugin import NOT_RERUN
-
+        """Items left out after a worker died training their result (NOT_RERUN): crashed."""
         for nodeid, running in NOT_RERUN.items():
             if nodeid not in self.entries:
                 message = (f"not run: the worker died in {running} while training the same result, "
@@ -123,8 +123,6 @@ class ReportCollector:
                                         "failure": message, "message": message, "duration": 0.0}
 
     def _options(self) -> dict[str, Any]:
-        from conformance.plugin import OPTIONS
-
         return self.config.stash.get(OPTIONS, {})
 
     def _meta(self, exitstatus: int, missing: list[str]) -> dict[str, Any]:
