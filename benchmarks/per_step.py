@@ -27,7 +27,8 @@ def measure_backend(backend: str) -> dict:
     """In this process: import cost, per-size harness and floor times, references, peak memory."""
     from conformance import backends
     from conformance.backends import _frameworks
-    from conformance.reference import least_squares, replay
+    from conformance.fits import least_squares
+    from conformance.reference import replay
 
     started = time.perf_counter()
     {"torch": _frameworks.torch, "jax": _frameworks.jax}.get(backend, _frameworks.tensorflow)()

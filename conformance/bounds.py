@@ -7,7 +7,7 @@ how far their results are from the check's reference side: final parameters and 
 for `parity`, every epoch's parameters and loss for `trajectory` (a `parity` entry covers its
 trajectory item too, so both are measured for it), the fit for `lstsq`. The suggested bound is
 the band that holds `margin` times the measured difference everywhere, built as the `auto`
-bands are (`reference.band_from_spread`). A `parity` entry's deviation is usually far larger
+bands are (`rounding_bands.band_from_spread`). A `parity` entry's deviation is usually far larger
 along the way than at the end (Keras's float32 momentum in float64 training: 1.2e-8 at the
 end, 2.0e-5 mid-training), so it gets a bound of its own and, where the trajectory item
 fails, a `check: trajectory` entry of its own with its bound.
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import backends, environment, reference
+from conformance import backends, environment, rounding_bands
 from conformance.case import discover, load
 from conformance.checks import CaseRun, Compared, make_run
 from conformance.expectations import applicable
@@ -63,7 +63,7 @@ def suggest(compared: list[Compared], margin: float = MARGIN) -> tuple[float, fl
     """(rtol, atol) holding `margin` times every measured difference."""
     got = np.concatenate([c.got for c in compared])
     expected = np.concatenate([c.expected for c in compared])
-    band = reference.band_from_spread(expected, np.abs(got - expected), 0.0, factor=margin)
+    band = rounding_bands.band_from_spread(expected, np.abs(got - expected), 0.0, factor=margin)
     if band is None:
         return 0.0, 0.0
     return _round_up(band[0]), _round_up(band[1])

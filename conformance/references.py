@@ -3,7 +3,8 @@
 The float64 replay, the bands derived from rounding (`auto`: parity at the end, trajectory at
 every epoch, both read off one set of perturbed replays), the minimiser of the case's objective
 (the `lstsq` reference) and its name, the certified values, and the data picture of the report.
-The numerics live in `reference.py`; this class decides which of them a case needs.
+The numerics live in `reference.py` (the replay), `rounding_bands.py` and `fits.py`; this
+class decides which of them a case needs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import compare, environment, formulas, reference, timing
+from conformance import compare, environment, fits, formulas, reference, rounding_bands, timing
 from conformance.case import LoadedCase
 from conformance.formulas import FLOAT32_ARITHMETIC, NONE, Switches
 from conformance.problem import Prepared, Trajectory
@@ -31,7 +32,7 @@ class CaseReferences:
         self.prepared = prepared
         self.parity_auto = parity_auto  # --parity auto: derive every case's parity band
         self._replays: dict[Switches, Trajectory] = {}
-        self._spreads: dict[Switches, reference.RoundingSpread] = {}
+        self._spreads: dict[Switches, rounding_bands.RoundingSpread] = {}
         self._parity_bands: dict[Switches, tuple[Tol, dict[str, Any]]] = {}
 
     @property
@@ -49,15 +50,15 @@ class CaseReferences:
         return self._replays[switches]
 
     @property
-    def rounding(self) -> reference.RoundingSpread:
+    def rounding(self) -> rounding_bands.RoundingSpread:
         return self.rounding_of(NONE)
 
-    def rounding_of(self, switches: Switches) -> reference.RoundingSpread:
+    def rounding_of(self, switches: Switches) -> rounding_bands.RoundingSpread:
         """How far rounding alone moves this training, at every epoch (perturbed replays)."""
         if switches not in self._spreads:
             with timing.phase("references"):
-                self._spreads[switches] = reference.rounding_spread(self.prepared.problem, self.replay_of(switches),
-                                                                    self.prepared.to_original, switches)
+                self._spreads[switches] = rounding_bands.rounding_spread(
+                    self.prepared.problem, self.replay_of(switches), self.prepared.to_original, switches)
         return self._spreads[switches]
 
     def switches_of(self, backend: str) -> Switches:
@@ -88,14 +89,14 @@ class CaseReferences:
         if own != "auto" and not self.parity_auto:
             if not switches & FLOAT32_ARITHMETIC:
                 return own, own.model_dump()
-            derived = reference.rounding_band(self.prepared.problem, self.replay_of(switches),
+            derived = rounding_bands.rounding_band(self.prepared.problem, self.replay_of(switches),
                                               self.prepared.to_original, self.rounding_of(switches))
             if derived["rtol"] is None:
                 return own, own.model_dump()
             widened = Tol(rtol=own.rtol + derived["rtol"], atol=own.atol + derived["atol"])
             return widened, widened.model_dump() | {"hand_set": own.model_dump(), "plus_float32_arithmetic": derived}
         if switches not in self._parity_bands:
-            derived = reference.rounding_band(self.prepared.problem, self.replay_of(switches),
+            derived = rounding_bands.rounding_band(self.prepared.problem, self.replay_of(switches),
                                               self.prepared.to_original, self.rounding_of(switches))
             tol = DEFAULT_PARITY if derived["rtol"] is None else Tol(rtol=derived["rtol"], atol=derived["atol"])
             self._parity_bands[switches] = (tol, tol.model_dump() | {
@@ -112,10 +113,10 @@ class CaseReferences:
         return tolerance.along_path
 
     @property
-    def trajectory_bands(self) -> reference.EpochBands:
+    def trajectory_bands(self) -> rounding_bands.EpochBands:
         return self.trajectory_bands_of(NONE)
 
-    def trajectory_bands_of(self, switches: Switches) -> reference.EpochBands:
+    def trajectory_bands_of(self, switches: Switches) -> rounding_bands.EpochBands:
         """The trajectory band at every epoch: derived (`auto`, the default) or the case's own."""
         own = self.trajectory_tolerance
         replay = self.replay_of(switches)
@@ -123,22 +124,24 @@ class CaseReferences:
         if isinstance(own, Tol):
             rtol, atol = np.full(epochs, own.rtol), np.full(epochs, own.atol)
             if not switches & FLOAT32_ARITHMETIC:
-                return reference.EpochBands(rtol, atol, rtol, atol, epochs, "the case's own tolerance at every epoch")
-            derived = reference.trajectory_bands(replay, self.rounding_of(switches))  # the switches' float32 arithmetic
-            return reference.EpochBands(rtol + derived.rtol, atol + derived.atol, rtol + derived.loss_rtol,
-                                        atol + derived.loss_atol, epochs,
-                                        "the case's own tolerance plus the derived band of the formulas' float32 "
-                                        "arithmetic at every epoch")
-        return reference.trajectory_bands(replay, self.rounding_of(switches))
+                return rounding_bands.EpochBands(rtol, atol, rtol, atol, epochs,
+                                                 "the case's own tolerance at every epoch")
+            # the switches' float32 arithmetic
+            derived = rounding_bands.trajectory_bands(replay, self.rounding_of(switches))
+            return rounding_bands.EpochBands(rtol + derived.rtol, atol + derived.atol, rtol + derived.loss_rtol,
+                                             atol + derived.loss_atol, epochs,
+                                             "the case's own tolerance plus the derived band of the formulas' "
+                                             "float32 arithmetic at every epoch")
+        return rounding_bands.trajectory_bands(replay, self.rounding_of(switches))
 
     @property
     def too_sensitive(self) -> str | None:
-        """Why parity cannot be judged, when a derived band is wider than reference.AUTO_LIMIT:
+        """Why parity cannot be judged, when a derived band is wider than rounding_bands.AUTO_LIMIT:
         rounding alone then moves the training that far (a chaotic run), and no band separates
         a framework difference from it."""
         _, described = self.parity_band
         derived = described.get("auto") or {}
-        limit = derived.get("limit", reference.AUTO_LIMIT)
+        limit = derived.get("limit", rounding_bands.AUTO_LIMIT)
         if derived.get("rtol") is not None and derived["rtol"] > limit:
             return (f"rounding alone moves this training by {derived['spread_relative']:.1e} relative "
                     f"(derived parity rtol {derived['rtol']:.1e} > {limit:g}): too sensitive to "
@@ -167,23 +170,23 @@ class CaseReferences:
         with timing.phase("references"):
             try:
                 if self.has_weight_decay:  # on the trained features, with the decay's penalty
-                    weights, penalty = reference.decay_objective(problem)
+                    weights, penalty = fits.decay_objective(problem)
                     x, y = problem.x.astype(np.float64), problem.y.astype(np.float64)
                     if problem.loss == "huber":
-                        fit = reference.huber_fit(x, y, problem.has_bias, problem.delta, weights, penalty)
+                        fit = fits.huber_fit(x, y, problem.has_bias, problem.delta, weights, penalty)
                     elif problem.loss == "bce":
-                        fit = reference.logistic_fit(x, y, problem.has_bias, weights, penalty)
+                        fit = fits.logistic_fit(x, y, problem.has_bias, weights, penalty)
                     else:
-                        fit = reference.ridge(problem)
+                        fit = fits.ridge(problem)
                     return prepared.to_original(fit), None
                 x, y, weights = prepared.x_design, prepared.y, prepared.sample_weight
                 if problem.loss == "huber":
-                    return reference.huber_fit(x, y, problem.has_bias, problem.delta, weights), None
+                    return fits.huber_fit(x, y, problem.has_bias, problem.delta, weights), None
                 if problem.loss == "bce":
-                    return reference.logistic_fit(x, y, problem.has_bias, weights), None
+                    return fits.logistic_fit(x, y, problem.has_bias, weights), None
                 if weights is not None:
-                    return reference.weighted_least_squares(x, y, problem.has_bias, weights), None
-            except reference.NoFiniteFit as reason:
+                    return fits.weighted_least_squares(x, y, problem.has_bias, weights), None
+            except fits.NoFiniteFit as reason:
                 return None, str(reason)
         return self.ordinary_least_squares, None
 
@@ -195,7 +198,7 @@ class CaseReferences:
     def ordinary_least_squares(self) -> np.ndarray:
         """Least squares of the case's data: what certified values are checked against."""
         with timing.phase("references"):
-            return reference.least_squares(self.prepared.x_design, self.prepared.y, self.prepared.problem.has_bias)
+            return fits.least_squares(self.prepared.x_design, self.prepared.y, self.prepared.problem.has_bias)
 
     @property
     def has_weight_decay(self) -> bool:
@@ -212,7 +215,7 @@ class CaseReferences:
             return "scipy Huber" + decay
         if problem.loss == "bce":
             return "scipy logistic maximum likelihood" + decay
-        method = reference.least_squares_method(len(self.prepared.y), problem.features + problem.has_bias)
+        method = fits.least_squares_method(len(self.prepared.y), problem.features + problem.has_bias)
         if self.has_weight_decay:
             return method.replace("least squares", "ridge (weight decay)")
         return method.replace("least squares", "weighted least squares") if self.prepared.sample_weight is not None \

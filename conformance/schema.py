@@ -432,11 +432,11 @@ DEFAULT_LSTSQ = Tol(rtol=1.0e-3, atol=1.0e-3)
 
 
 class Tolerance(Strict):
-    # "auto" (v1.1): derived from how far rounding alone moves this case (reference.rounding_band)
+    # "auto" (v1.1): derived from how far rounding alone moves this case (rounding_bands.rounding_band)
     parity: Union[Literal["auto"], Tol] = DEFAULT_PARITY
     lstsq: Optional[Tol] = DEFAULT_LSTSQ
     # v1.2: every epoch's parameters and loss against the replay's; auto: a band per epoch
-    # (reference.trajectory_bands); null: not checked. v1.3: when absent, the parity tolerance
+    # (rounding_bands.trajectory_bands); null: not checked. v1.3: when absent, the parity tolerance
     # where the file sets parity by hand (a v1 file keeps its meaning), else auto: `along_path`.
     trajectory: Union[Literal["auto"], Tol, None] = "auto"
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from conformance import reference
+from conformance import reference, rounding_bands
 from conformance.problem import Optimizer, Problem
 from tests.conftest import ROOT
 
@@ -30,8 +30,8 @@ def test_the_band_is_reproducible_and_scales_with_the_dtype():
     for dtype in ("float32", "float64"):
         case = problem(dtype)
         unperturbed = reference.replay(case)
-        bands[dtype] = reference.rounding_band(case, unperturbed, lambda params: params)
-        again = reference.rounding_band(case, unperturbed, lambda params: params)
+        bands[dtype] = rounding_bands.rounding_band(case, unperturbed, lambda params: params)
+        again = rounding_bands.rounding_band(case, unperturbed, lambda params: params)
         assert again == bands[dtype]  # seeded: the same band on every machine
         assert bands[dtype]["rtol"] >= 4 * reference.UNIT_ROUNDOFF[dtype]
     assert 1e-8 < bands["float64"]["rtol"] * 2**29 / bands["float32"]["rtol"] < 1e3  # about the ratio of units
@@ -73,6 +73,6 @@ def test_auto_catches_a_wrong_learning_rate_late_momentum_and_a_skipped_step(pyt
                         "wrong-skip": "failed"}, result.stdout.str()[-3000:]
     parity = [item for item in data["items"] if item["check"] == "parity"]
     bands = {item["case"]: item["tolerance"] for item in parity}
-    assert all(band["auto"]["runs"] == reference.AUTO_RUNS for band in bands.values())
+    assert all(band["auto"]["runs"] == rounding_bands.AUTO_RUNS for band in bands.values())
     lr = next(item for item in parity if item["case"] == "wrong-lr")
     assert lr["max_rel_diff"] > 2 * bands["wrong-lr"]["rtol"]  # caught with room to spare (4.7x in float32)

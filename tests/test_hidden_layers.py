@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from conformance import network, reference
+from conformance import model_loss, network, reference
 from conformance.problem import prepare
 from tests.test_schema import error_of, load_text
 
@@ -34,9 +34,9 @@ def test_gradient_matches_central_differences(activation, settings, loss):
     x, y = rng.normal(size=(7, 2)), (rng.random(7) > 0.5).astype(float) if loss == "bce" else rng.normal(size=7)
 
     def objective(theta: np.ndarray) -> float:
-        return reference.loss_and_gradient(theta, x, y, True, "mean", loss, 0.5, model=model)[0]
+        return model_loss.loss_and_gradient(theta, x, y, True, "mean", loss, 0.5, model=model)[0]
 
-    gradient = reference.loss_and_gradient(params, x, y, True, "mean", loss, 0.5, model=model)[1]
+    gradient = model_loss.loss_and_gradient(params, x, y, True, "mean", loss, 0.5, model=model)[1]
     step = 1e-6
     numeric = np.array([(objective(params + step * e) - objective(params - step * e)) / (2 * step)
                         for e in np.eye(params.size)])

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conformance import network, optimizers, reference
+from conformance import network, optimizers, reference, rounding_bands
 from conformance.case import CaseFile, load
 from conformance.checks.trajectory import scaling_apart
 from conformance.problem import Trajectory, prepare
@@ -104,7 +104,7 @@ def test_scale_and_skips_are_compared_exactly():
 def _share_of_band(prepared, trained: Trajectory) -> float:
     problem = prepared.problem
     replay = reference.replay(problem)
-    band = reference.rounding_band(problem, replay, prepared.to_original)
+    band = rounding_bands.rounding_band(problem, replay, prepared.to_original)
     assert band["rtol"] <= band["limit"], "the case must stay comparable"
     return float(np.max(np.abs(trained.final - replay.final) / (band["atol"] + band["rtol"] * np.abs(replay.final))))
 
@@ -137,8 +137,8 @@ def test_a_float16_loss_overflows_where_the_float32_one_does_not():
 def test_every_shipped_precision_case_is_comparable(path):
     prepared = prepare(load(CaseFile(path, CASES)))
     replay = reference.replay(prepared.problem)
-    spread = reference.rounding_spread(prepared.problem, replay, prepared.to_original)
-    bands = reference.trajectory_bands(replay, spread)
+    spread = rounding_bands.rounding_spread(prepared.problem, replay, prepared.to_original)
+    bands = rounding_bands.trajectory_bands(replay, spread)
     assert bands.comparable == len(replay.params), f"{path.stem}: only {bands.comparable} epochs comparable"
 
 

@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conformance.case import CaseFile, load
+from conformance.fits import least_squares
+from conformance.model_loss import loss_and_gradient
 from conformance.problem import Optimizer, Problem, prepare
-from conformance.reference import least_squares, loss_and_gradient, replay
+from conformance.reference import replay
 from conformance.yamlio import dump_yaml, parse_yaml, read_yaml
 from tests.conftest import examples
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from conformance import reference
+from conformance import fits, model_loss, reference
 from conformance.datasets import Standardizer
+from conformance.fits import least_squares, lre
 from conformance.problem import Optimizer, Problem
-from conformance.reference import least_squares, lre, replay
+from conformance.reference import replay
 from tests.conftest import ROOT
 
 
@@ -139,14 +140,14 @@ def test_adagrad_follows_torch_from_its_initial_accumulator():
 
 def test_tall_problems_solved_via_the_gram_matrix_agree_with_the_svd_path():
     rng = np.random.default_rng(5)
-    x = rng.normal(loc=3.0, scale=[1, 10, 0.1], size=(reference.TALL_ROWS, 3))
+    x = rng.normal(loc=3.0, scale=[1, 10, 0.1], size=(fits.TALL_ROWS, 3))
     y = x @ [1.5, -2.0, 30.0] + 7.0 + rng.normal(size=len(x))
-    tall = reference.least_squares(x, y, True)
+    tall = fits.least_squares(x, y, True)
     design = np.hstack([x, np.ones((len(x), 1))])
     svd = scipy.linalg.lstsq(design, y)[0]
     np.testing.assert_allclose(tall, svd, rtol=1e-12)
     collinear = np.hstack([x[:, :1], x[:, :1] * (1 + 1e-12)])  # ill-conditioned: falls back to the SVD path
-    assert reference._tall_least_squares(collinear, y, True) is None
+    assert fits._tall_least_squares(collinear, y, True) is None
 
 
 def test_exact_least_squares_matches_scipy_where_scipy_is_accurate_and_beats_it_on_wampler5():
@@ -155,19 +156,19 @@ def test_exact_least_squares_matches_scipy_where_scipy_is_accurate_and_beats_it_
     y = x @ [1.5, -2.0, 0.25] + 0.5 + rng.normal(0, 0.1, size=40)
     design = np.hstack([x, np.ones((40, 1))])
     scipy_solution = scipy.linalg.lstsq(design, y)[0]
-    np.testing.assert_allclose(reference.exact_least_squares(x, y, True), scipy_solution, rtol=1e-13)
+    np.testing.assert_allclose(fits.exact_least_squares(x, y, True), scipy_solution, rtol=1e-13)
     with open(ROOT / "cases" / "nist" / "data" / "wampler5.csv") as handle:
         rows = list(csv.DictReader(handle))
     raw = np.array([float(row["x"]) for row in rows])
     target = np.array([float(row["y"]) for row in rows])
     powers = np.hstack([raw[:, None] ** power for power in range(1, 6)])
-    assert lre(reference.exact_least_squares(powers, target, True), np.ones(6)).min() >= 14.5
+    assert lre(fits.exact_least_squares(powers, target, True), np.ones(6)).min() >= 14.5
 
 
 def test_exact_least_squares_declines_rank_deficient_data_and_scipy_gives_a_minimiser():
     x = np.array([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])
     y = np.array([1.0, 2.0, 3.0])
-    assert reference.exact_least_squares(x, y, False) is None
+    assert fits.exact_least_squares(x, y, False) is None
     np.testing.assert_allclose(x @ least_squares(x, y, False), y, rtol=1e-12)
 
 
@@ -183,7 +184,7 @@ def test_training_with_weight_decay_converges_to_the_ridge_reference(reduction, 
     epochs = 4000 if batch_size == 8 else 20000
     problem = Problem("ridge", x, y, np.zeros(2), np.zeros(()), epochs, batch_size, None, reduction, sgd, "float64")
     trained = replay(problem).final
-    expected = reference.ridge(problem)
+    expected = fits.ridge(problem)
     design = np.hstack([x, np.ones((len(x), 1))])
     if batch_size == 8:  # closed form: (X^T X / scale + lambda/2 I) theta = X^T y / scale
         scale = len(x) if reduction == "mean" else 1.0
@@ -213,7 +214,7 @@ def test_huber_fit_is_the_minimiser_of_the_huber_objective(weighted):
     y = x @ [2.0, -1.0] + 0.5 + 0.3 * rng.normal(size=30)
     y[:4] += [8.0, -9.0, 12.0, 7.0]
     weights, penalty = (rng.uniform(0.5, 2, size=30), 0.2) if weighted else (np.ones(30), 0.0)
-    fit = reference.huber_fit(x, y, True, 0.7, weights if weighted else None, penalty)
+    fit = fits.huber_fit(x, y, True, 0.7, weights if weighted else None, penalty)
     design = np.hstack([x, np.ones((30, 1))])
     best = huber_objective(fit, design, y, 0.7, weights, penalty)
     for direction in np.vstack([np.eye(3), -np.eye(3), rng.normal(size=(10, 3))]):
@@ -236,10 +237,10 @@ def test_huber_loss_and_gradient_match_the_formula_and_finite_differences():
     residual = x[:, 0] * 1.0 + 0.1 - y
     expected = np.where(np.abs(residual) <= 1.5, 0.5 * residual**2, 1.5 * (np.abs(residual) - 0.75))
     for reduction, scale in (("mean", 0.25), ("sum", 1.0)):
-        loss, grad = reference.loss_and_gradient(params, x, y, True, reduction, "huber", 1.5)
+        loss, grad = model_loss.loss_and_gradient(params, x, y, True, reduction, "huber", 1.5)
         assert loss == pytest.approx(expected.sum() * scale, rel=1e-15)
-        numeric = [(reference.loss_and_gradient(params + h, x, y, True, reduction, "huber", 1.5)[0]
-                    - reference.loss_and_gradient(params - h, x, y, True, reduction, "huber", 1.5)[0]) / 2e-6
+        numeric = [(model_loss.loss_and_gradient(params + h, x, y, True, reduction, "huber", 1.5)[0]
+                    - model_loss.loss_and_gradient(params - h, x, y, True, reduction, "huber", 1.5)[0]) / 2e-6
                    for h in 1e-6 * np.eye(2)]
         np.testing.assert_allclose(grad, numeric, rtol=1e-7)
 
@@ -253,7 +254,7 @@ def test_logistic_fit_zeroes_the_gradient_and_matches_a_generic_optimiser():
     x = rng.normal(size=(40, 2))
     y = (rng.uniform(size=40) < 1 / (1 + np.exp(-(x @ [1.0, -2.0] + 0.5)))).astype(float)
     weights = rng.uniform(0.1, 2.0, size=40)
-    fit = reference.logistic_fit(x, y, True, weights)
+    fit = fits.logistic_fit(x, y, True, weights)
     design = np.hstack([x, np.ones((40, 1))])
 
     def objective(theta):
@@ -272,17 +273,17 @@ def test_separable_classes_have_no_finite_logistic_fit():
     a zero-weighted outlier changes the verdict as it should."""
     x = np.array([[-2.0], [-1.0], [-0.5], [0.5], [1.0], [2.0]])
     y = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
-    with pytest.raises(reference.NoFiniteFit, match="linearly separable: no finite maximum-likelihood fit"):
-        reference.logistic_fit(x, y, True)
+    with pytest.raises(fits.NoFiniteFit, match="linearly separable: no finite maximum-likelihood fit"):
+        fits.logistic_fit(x, y, True)
     overlapping = y.copy()
     overlapping[2], overlapping[3] = 1.0, 0.0  # x = -0.5 labelled 1 and x = 0.5 labelled 0: they overlap
-    assert np.isfinite(reference.logistic_fit(x, overlapping, True)).all()
+    assert np.isfinite(fits.logistic_fit(x, overlapping, True)).all()
     design = np.hstack([x, np.ones((6, 1))])
     soft = y.copy()
     soft[0] = 0.3
-    assert not reference.separable(design, soft, np.ones(6))
-    assert reference.separable(design, overlapping, np.array([1, 1, 0, 0, 1, 1.0]))  # the overlap weighs 0
-    assert np.isfinite(reference.logistic_fit(x, y, True, penalty=0.01)).all()  # weight decay: finite
+    assert not fits.separable(design, soft, np.ones(6))
+    assert fits.separable(design, overlapping, np.array([1, 1, 0, 0, 1, 1.0]))  # the overlap weighs 0
+    assert np.isfinite(fits.logistic_fit(x, y, True, penalty=0.01)).all()  # weight decay: finite
 
 
 def test_weighted_least_squares_equals_least_squares_with_repeated_rows():
@@ -291,7 +292,7 @@ def test_weighted_least_squares_equals_least_squares_with_repeated_rows():
     y = np.array([1.0, 2.9, 5.2, 6.8, 9.5])
     weights = np.array([1.0, 3.0, 0.0, 2.0, 1.0])
     repeated = np.repeat(np.arange(5), weights.astype(int))
-    np.testing.assert_allclose(reference.weighted_least_squares(x, y, True, weights),
+    np.testing.assert_allclose(fits.weighted_least_squares(x, y, True, weights),
                                least_squares(x[repeated], y[repeated], True), rtol=1e-14)
 
 
@@ -304,10 +305,10 @@ def test_bce_and_sample_weights_in_the_replay_match_the_formula_and_finite_diffe
     p = 1 / (1 + np.exp(-z))
     expected = -(y * np.log(p) + (1 - y) * np.log(1 - p))
     for reduction, scale in (("mean", 0.25), ("sum", 1.0)):
-        loss, grad = reference.loss_and_gradient(params, x, y, True, reduction, "bce", weights=weights)
+        loss, grad = model_loss.loss_and_gradient(params, x, y, True, reduction, "bce", weights=weights)
         assert loss == pytest.approx(weights @ expected * scale, rel=1e-14)
-        numeric = [(reference.loss_and_gradient(params + h, x, y, True, reduction, "bce", weights=weights)[0]
-                    - reference.loss_and_gradient(params - h, x, y, True, reduction, "bce", weights=weights)[0])
+        numeric = [(model_loss.loss_and_gradient(params + h, x, y, True, reduction, "bce", weights=weights)[0]
+                    - model_loss.loss_and_gradient(params - h, x, y, True, reduction, "bce", weights=weights)[0])
                    / 2e-6 for h in 1e-6 * np.eye(2)]
         np.testing.assert_allclose(grad, numeric, rtol=1e-7)
 
@@ -340,16 +341,16 @@ def test_weighted_losses_in_float32_round_each_product_and_each_gradient_weight_
     weights = np.array([0.901, 0.742, 1.3])
     params = np.array([0.8, -0.2])
     per_sample = (x[:, 0] * 0.8 - 0.2 - y) ** 2
-    loss, grad = reference.loss_and_gradient(params, x, y, True, "mean", weights=weights, weights_in_float32_over=3)
+    loss, grad = model_loss.loss_and_gradient(params, x, y, True, "mean", weights=weights, weights_in_float32_over=3)
     products = (per_sample.astype(np.float32) * weights.astype(np.float32)).astype(np.float64)
     assert loss == pytest.approx(products.sum() / 3, rel=1e-15)
     factors = (np.float32(1 / 3) * weights.astype(np.float32)).astype(np.float64)
     slope = factors * 2 * (x[:, 0] * 0.8 - 0.2 - y)
     np.testing.assert_allclose(grad, [slope @ x[:, 0], slope.sum()], rtol=1e-14, atol=1e-16)
-    exact = reference.loss_and_gradient(params, x, y, True, "mean", weights=weights)
+    exact = model_loss.loss_and_gradient(params, x, y, True, "mean", weights=weights)
     assert exact[0] != loss and 0 < abs(exact[0] / loss - 1) < 1e-7  # a float32 rounding away, no more
-    summed = reference.loss_and_gradient(params, x, y, True, "sum", weights=weights, weights_in_float32_over=3)
-    assert summed[0] == reference.loss_and_gradient(params, x, y, True, "sum", weights=weights)[0]  # mean only
+    summed = model_loss.loss_and_gradient(params, x, y, True, "sum", weights=weights, weights_in_float32_over=3)
+    assert summed[0] == model_loss.loss_and_gradient(params, x, y, True, "sum", weights=weights)[0]  # mean only
 
 
 def test_the_bce_gradient_is_rounded_as_p_then_p_minus_y():
@@ -358,9 +359,9 @@ def test_the_bce_gradient_is_rounded_as_p_then_p_minus_y():
     import scipy.special
 
     x, y, params = np.array([[1.0]]), np.array([1.0]), np.array([18.0, 0.0])
-    _, exact = reference.loss_and_gradient(params, x, y, True, "mean", loss="bce")
+    _, exact = model_loss.loss_and_gradient(params, x, y, True, "mean", loss="bce")
     unit = reference.UNIT_ROUNDOFF["float32"]
-    _, perturbed = reference.loss_and_gradient(params, x, y, True, "mean", loss="bce",
+    _, perturbed = model_loss.loss_and_gradient(params, x, y, True, "mean", loss="bce",
                                                probability_factors=np.array([1.0 + unit]))
     float32_gradient = float(np.float32(scipy.special.expit(np.float32(18.0))) - np.float32(1.0))
     assert abs(float32_gradient - exact[1]) > 100 * unit * abs(exact[1])  # the relative model misses it
@@ -373,7 +374,7 @@ def test_a_replica_shard_weighs_its_losses_by_the_global_batch_in_float32():
     is float32(float32(1 / 3) w_i), not float32(float32(1 / 2) w_i) 2 / 3 (fuzz-70211-80)."""
     x, y = np.array([[0.5], [-1.0]]), np.array([1.0, 0.0])
     weights, params = np.array([0.901, 0.742]), np.array([0.8, -0.2])
-    _, grad = reference.loss_and_gradient(params, x, y, True, "mean", weights=weights, weights_in_float32_over=3)
+    _, grad = model_loss.loss_and_gradient(params, x, y, True, "mean", weights=weights, weights_in_float32_over=3)
     factors = (np.float32(1 / 3) * weights.astype(np.float32)).astype(np.float64)
     slope = factors * 2 * (x[:, 0] * 0.8 - 0.2 - y)
     np.testing.assert_allclose(grad * 2 / 3, [slope @ x[:, 0], slope.sum()], rtol=1e-15)
@@ -386,10 +387,10 @@ def test_the_loss_rounding_of_a_saturated_bce_sample_is_of_its_terms_not_its_val
     size |z| (torch: 0 in float64), so the replay's model of the loss's rounding is u (2 |z| + 1)."""
     x, y, params = np.array([[1.0], [2.0]]), np.array([0.0, 1.0]), np.array([-24.0, 0.0])
     magnitudes: list = []
-    loss, _ = reference.loss_and_gradient(params, x, y, True, "sum", "bce", weights=np.array([1.0, 0.5]),
+    loss, _ = model_loss.loss_and_gradient(params, x, y, True, "sum", "bce", weights=np.array([1.0, 0.5]),
                                           magnitudes=magnitudes)
     assert loss == pytest.approx(np.logaddexp(0, -24.0) + 0.5 * (np.logaddexp(0, -48.0) + 48.0))
     assert magnitudes[1] == pytest.approx((2 * 24 + 1) + 0.5 * (2 * 48 + 1))
     magnitudes = []
-    reference.loss_and_gradient(params, x, y, True, "mean", weights=np.array([1.0, 0.5]), magnitudes=magnitudes)
+    model_loss.loss_and_gradient(params, x, y, True, "mean", weights=np.array([1.0, 0.5]), magnitudes=magnitudes)
     assert magnitudes[1] == pytest.approx((1.0 * 24**2 + 0.5 * 49**2) / 2)  # mse: the loss itself

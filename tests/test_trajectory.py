@@ -177,12 +177,12 @@ def test_a_derived_band_is_of_the_largest_magnitude_along_the_path():
 def test_an_overflow_past_the_comparable_epochs_is_within_rounding_and_a_growth_is_not():
     """Past the epochs rounding leaves comparable, a skipped step is made from other parameters
     (fuzz-27193-59); a scale grown at another time with the same steps skipped is counting."""
-    from conformance import reference
+    from conformance import rounding_bands
     from conformance.checks.trajectory import _decision_within_rounding
 
     replay = Trajectory(np.zeros((30, 2)), np.zeros(30), None, loss_scale=np.full(30, 8.0),
                         skipped=np.zeros(30, dtype=np.int64))
-    spread = reference.RoundingSpread(np.zeros((30, 2)), np.zeros(30), np.zeros(0), 2.0**-24)
+    spread = rounding_bands.RoundingSpread(np.zeros((30, 2)), np.zeros(30), np.zeros(0), 2.0**-24)
 
     def apart(epoch, skipped, scale):
         return {"epoch": epoch, "got": {"scale": scale, "skipped": skipped},

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import compare, formulas, reference
+from conformance import compare, fits, formulas
 from conformance.checks.outcome import Compared, OfRun, Outcome, RunContext, derived, tol_text
 from conformance.checks.result import ResultChecks
 from conformance.problem import Trajectory
@@ -70,8 +70,8 @@ class CaseChecks(OfRun):
     def certified(self) -> Outcome:
         refs, certified = self.refs, self.case.spec.certified
         ordinary = refs.ordinary_least_squares
-        digits = reference.lre(ordinary, refs.certified_params)
-        method = reference.least_squares_method(len(self.prepared.y), ordinary.size)
+        digits = fits.lre(ordinary, refs.certified_params)
+        method = fits.least_squares_method(len(self.prepared.y), ordinary.size)
         record = {"kind": "certified", "certified": floats(refs.certified_params),
                   "lstsq": floats(ordinary), "reference": method, "lre": floats(digits),
                   "min_digits": certified.min_digits}

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import compare, reference
+from conformance import compare, fits
 from conformance.checks.outcome import Compared, OfRun, Outcome, derived, explanation, own_replay_name, tol_text
 from conformance.problem import Trajectory
 from conformance.records import curve, downsample, floats, plain
@@ -79,7 +79,7 @@ class ResultChecks(OfRun):
             return Outcome(False, diverged, record)
         record["max_rel_diff"] = compare.max_relative_difference(result.trajectory.final, refs.least_squares)
         if self.case.spec.certified is not None:
-            record["lre_certified"] = float(reference.lre(result.trajectory.final, refs.certified_params).min())
+            record["lre_certified"] = float(fits.lre(result.trajectory.final, refs.certified_params).min())
         names = self.prepared.parameter_names
         compared = Compared(result.trajectory.final, refs.least_squares, names.__getitem__, result.label,
                             refs.least_squares_name, self.where)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance import compare, reference
+from conformance import compare, rounding_bands
 from conformance.checks.outcome import Compared, OfRun, Outcome, RunContext, explanation, own_replay_name
 from conformance.checks.result import ResultChecks
 from conformance.problem import Trajectory
@@ -109,7 +109,7 @@ class TrajectoryCheck(OfRun):
         bands = self.refs.trajectory_bands
         if isinstance(own, Tol):
             return own.model_dump()
-        return {"auto": {"method": bands.method, "runs": reference.AUTO_RUNS, "factor": reference.AUTO_FACTOR,
+        return {"auto": {"method": bands.method, "runs": rounding_bands.AUTO_RUNS, "factor": rounding_bands.AUTO_FACTOR,
                          "final": {"rtol": float(bands.rtol[-1]), "atol": float(bands.atol[-1])},
                          "widest_rtol": float(np.max(bands.rtol[:bands.comparable], initial=0.0))}}
 
@@ -132,7 +132,7 @@ def rates_apart(got: Trajectory, replay: Trajectory) -> dict[str, Any] | None:
     return {"epoch": epoch + 1, "got": float(got.rates[epoch]), "expected": float(replay.rates[epoch])}
 
 
-def _decision_within_rounding(scaling: dict[str, Any], replay: Trajectory, spread: reference.RoundingSpread,
+def _decision_within_rounding(scaling: dict[str, Any], replay: Trajectory, spread: rounding_bands.RoundingSpread,
                               comparable: int) -> bool:
     """Whether the first loss-scale decision that differs from the replay's (`scaling_apart`) is
     one rounding in the compute dtype can flip: a perturbed replay decided otherwise by then, a
@@ -175,7 +175,7 @@ class _Path:
     """One result's trajectory against the replay's, epoch by epoch, in the per-epoch bands:
     the parameters of every epoch, then the loss of every epoch, as one flat comparison."""
 
-    def __init__(self, got: Trajectory, replay: Trajectory, bands: reference.EpochBands, epochs: int,
+    def __init__(self, got: Trajectory, replay: Trajectory, bands: rounding_bands.EpochBands, epochs: int,
                  names: list[str]) -> None:
         self.names, self.epochs = names + ["loss"], epochs
         width = len(names)
