@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import Unavailable, _frameworks
+from conformance.backends import Unavailable, _frameworks, _torch_precision
 from conformance.backends import torch as torch_backend
 from conformance.problem import Problem, Trajectory
 
@@ -47,12 +47,12 @@ def refuse_unbuilt(problem: Problem, trainer: str) -> None:
 
 class ScaleRecords:
     """A trainer's float16 training as the torch backend records its own: the case's GradScaler
-    (torch.MixedPrecision: every setting passed; disabled without a loss scale), the scale at
+    (_torch_precision.MixedPrecision: every setting passed; disabled without a loss scale), the scale at
     each epoch's end and the steps skipped (the scale fell across a batch)."""
 
     def __init__(self, problem: Problem) -> None:
         self.torch = _frameworks.torch()
-        self.mixed = torch_backend.MixedPrecision(self.torch, problem, "cpu")
+        self.mixed = _torch_precision.MixedPrecision(self.torch, problem, "cpu")
         self.scaler = self.mixed.scaler or self.torch.amp.GradScaler("cpu", enabled=False)
         self.before: float | None = None
 
