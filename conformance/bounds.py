@@ -83,7 +83,7 @@ def general_sizes(results: list[Path], known: Any) -> list[dict[str, Any]]:
     rules a run applies (its case's own entries first, then the first file entry that holds, a
     parity entry covering the trajectory item it has no trajectory entry for), so that the sizes
     follow the file as it is now, not as it was when the runs ran."""
-    from conformance.problem import prepare
+    from conformance.prepare import prepare
 
     sizes = [{"items": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0} for _ in known.entries]
     problems: dict[str, Any] = {}

@@ -17,7 +17,8 @@ import numpy as np
 from conformance import compare, environment, fits, formulas, reference, rounding_bands, timing
 from conformance.case import LoadedCase
 from conformance.formulas import FLOAT32_ARITHMETIC, NONE, Switches
-from conformance.problem import Prepared, Trajectory
+from conformance.prepare import Prepared
+from conformance.problem import Trajectory
 from conformance.records import floats
 from conformance.schema import DEFAULT_PARITY, Tol
 

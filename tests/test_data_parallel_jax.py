@@ -15,7 +15,8 @@ import pytest
 from conformance import reference
 from conformance.backends import Unavailable, _jax_sharded, keras_torch
 from conformance.case import CaseFile, load
-from conformance.problem import Problem, prepare
+from conformance.prepare import prepare
+from conformance.problem import Problem
 
 CASE = """\
 dataset: {inline: {x: [-1, 0, 1, 2, 3, 4, 5, 6], y: [-3, -1, 1, 3, 5, 7, 9, 11]}}

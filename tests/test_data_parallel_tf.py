@@ -14,7 +14,7 @@ import pytest
 from conformance import backends, reference, workers
 from conformance.backends import _tf_distributed
 from conformance.case import CaseFile, load
-from conformance.problem import prepare
+from conformance.prepare import prepare
 
 pytest.importorskip("tensorflow")
 

@@ -20,7 +20,7 @@ from conformance import reference, workers
 from conformance.backends import _torch_ddp
 from conformance.backends import torch as torch_backend
 from conformance.case import CaseFile, load
-from conformance.problem import prepare
+from conformance.prepare import prepare
 from tests.conftest import ROOT
 
 if not pytest.importorskip("torch").distributed.is_available():

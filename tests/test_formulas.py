@@ -14,7 +14,8 @@ from conformance.backends import MODULES
 from conformance.case import CaseFile, load
 from conformance.expectations import When, holds
 from conformance.optimizers import float32, make_update
-from conformance.problem import Optimizer, prepare
+from conformance.prepare import prepare
+from conformance.problem import Optimizer
 from tests.conftest import ROOT
 
 FINDINGS = ROOT / "docs" / "findings.md"

@@ -14,7 +14,7 @@ import yaml
 
 from conformance import fuzz, fuzz_draws, shrink
 from conformance.case import discover, load
-from conformance.problem import prepare
+from conformance.prepare import prepare
 from tests.conftest import ROOT
 
 

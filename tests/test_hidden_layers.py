@@ -11,7 +11,7 @@ import pytest
 import scipy.special
 
 from conformance import model_loss, network, reference
-from conformance.problem import prepare
+from conformance.prepare import prepare
 from tests.test_schema import error_of, load_text
 
 ACTIVATIONS = [("linear", None), ("relu", None), ("tanh", None), ("sigmoid", None), ("softplus", None),

@@ -12,7 +12,8 @@ import pytest
 from conformance import network, optimizers, reference, rounding_bands
 from conformance.case import CaseFile, load
 from conformance.checks.trajectory import scaling_apart
-from conformance.problem import Trajectory, prepare
+from conformance.prepare import prepare
+from conformance.problem import Trajectory
 from tests.conftest import ROOT
 from tests.test_schema import load_text
 
@@ -164,7 +165,7 @@ def test_keras2_skips_are_read_from_the_scaler_state():
     """Keras 2 advances `iterations` on a skipped step, so a skip is read from the scaler: its
     counter back at 0 without growth. Growth (counter 0, scale doubled) and a good step (counter
     up) are not skips; a skip at the floor of 1 (scale stays 1, counter 0) is."""
-    from conformance.backends._keras_common import Keras2Skips
+    from conformance.backends._keras_precision import Keras2Skips
 
     scaler = _Keras2Scaler(1024.0)
     skips = Keras2Skips(scaler)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from conformance.case import CaseFile, load
 from conformance.fits import least_squares
 from conformance.model_loss import loss_and_gradient
-from conformance.problem import Optimizer, Problem, prepare
+from conformance.prepare import prepare
+from conformance.problem import Optimizer, Problem
 from conformance.reference import replay
 from conformance.yamlio import dump_yaml, parse_yaml, read_yaml
 from tests.conftest import examples

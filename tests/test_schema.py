@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conformance.case import CaseError, CaseFile, load
-from conformance.problem import prepare
+from conformance.prepare import prepare
 from conformance.schema import Case, choice
 from tests.conftest import ROOT
 

@@ -1,5 +1,5 @@
 """The house rules of conformance/ that a reader relies on (docs/architecture.md): no import
-circles, counting imports inside functions and under TYPE_CHECKING alike."""
+circles (imports inside functions and under TYPE_CHECKING count alike), no module past 400 lines."""
 
 from __future__ import annotations
 
@@ -76,3 +76,12 @@ def test_conformance_has_no_import_circle():
     graph = import_graph()
     assert "conformance.checks.run" in graph["conformance.checks"]  # the graph sees package imports
     assert circles(graph) == []
+
+
+MAX_LINES = 400  # a module past this is two jobs (docs/architecture.md)
+
+
+def test_no_module_of_conformance_passes_400_lines():
+    long = {module_name(path): count for path in PACKAGE.rglob("*.py")
+            if (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conformance.case import CaseFile, load
-from conformance.problem import prepare
+from conformance.prepare import prepare
 from tests.conftest import ROOT
 
 torch = pytest.importorskip("torch")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from conformance import backends, workers
-from conformance.backends import Unavailable, _frameworks, _keras_common
+from conformance.backends import Unavailable, _frameworks, _keras_common, _keras_precision
 from conformance.problem import Problem, Trajectory
 
 FRAMEWORK_MODULE = {"jax": "jax", "torch": "torch"}  # KERAS_BACKEND -> the module it needs
@@ -146,7 +146,7 @@ def train_here(problem_data: dict[str, Any], device: str) -> dict[str, Any]:
         info |= {"loss_note": "Keras's loss includes the L2 term that carries weight decay",
                  "loss_includes_l2_penalty": True}  # the trajectory check adds the replay's penalty
     if dtypes is not None:
-        info["precision"] = _keras_common.precision_info(keras, problem, model, dtypes)
+        info["precision"] = _keras_precision.precision_info(keras, problem, model, dtypes)
     if distribution is not None:
         info["replicas"] = replica_info(problem, distribution, model)
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info,
@@ -241,7 +241,7 @@ def _precision_dtypes(keras: Any, backend: str, model: Any, problem: Problem) ->
         gradients = [v.value.grad for v in variables]
         for variable in variables:
             variable.value.grad = None
-    name = _keras_common.dtype_name
+    name = _keras_precision.dtype_name
     return {"output_dtype": name(output.dtype), "loss_dtype": name(loss.dtype),
             "gradient_dtype": ", ".join(sorted({name(gradient.dtype) for gradient in gradients})),
             "variable_dtype": ", ".join(sorted({name(v.value.dtype) for v in variables}))}
@@ -353,6 +353,6 @@ def _recorder_class(keras: Any) -> type:
             self.record(np.concatenate([np.ravel(keras.ops.convert_to_numpy(w.value)) for w in weights]), logs)
             self.record_rate(keras)
             if self.problem.loss_scale is not None:
-                self.record_scaling(*_keras_common.scaling_state(keras, self.model.optimizer))
+                self.record_scaling(*_keras_precision.scaling_state(keras, self.model.optimizer))
 
     return EpochRecorder

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conformance.backends import _keras_common, _tensorflow
+from conformance.backends import _keras_common, _keras_precision, _tensorflow
 from conformance.problem import Problem
 
 
@@ -40,7 +40,7 @@ def loop_optimizer(keras: Any, problem: Problem, learning_rate: Any) -> tuple[An
         return _keras_common.optimizer(keras, problem.optimizer, learning_rate), None
     if _tensorflow.keras_major() < 3:
         inner = _keras_common.optimizer(keras, problem.optimizer, learning_rate)
-        optimizer = _keras_common.keras2_loss_scale_optimizer(keras, inner, problem.loss_scale)
+        optimizer = _keras_precision.keras2_loss_scale_optimizer(keras, inner, problem.loss_scale)
         return optimizer, {"optimizer": f"mixed_precision.LossScaleOptimizer({type(inner).__name__})",
                            "dynamic": bool(optimizer.dynamic), "initial_scale": float(optimizer.initial_scale),
                            "dynamic_growth_steps": optimizer.dynamic_growth_steps} | \

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import Unavailable, _frameworks, _keras_common, _tensorflow, _tf_distributed
+from conformance.backends import Unavailable, _frameworks, _keras_common, _keras_precision, _tensorflow, _tf_distributed
 from conformance.backends import _tape_parts as parts
 from conformance.problem import Problem, Trajectory
 
@@ -177,8 +177,8 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
             gradients = [g + decay * v for g, v in zip(gradients, variables)]
         optimizer.apply_gradients(zip(gradients, variables))
         if keras2_skips is not None:
-            skipped = _keras_common.keras2_step_skipped(tf.convert_to_tensor(optimizer.dynamic_counter), scale_before,
-                                                        optimizer.loss_scale)
+            skipped = _keras_precision.keras2_step_skipped(tf.convert_to_tensor(optimizer.dynamic_counter),
+                                                           scale_before, optimizer.loss_scale)
             keras2_skips.assign_add(tf.cast(skipped, tf.int64))
         return loss * tf.constant(size, dtype=x.dtype)
 

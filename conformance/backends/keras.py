@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.backends import Unavailable, _frameworks, _keras_common, _tensorflow, _tf_distributed
+from conformance.backends import Unavailable, _frameworks, _keras_common, _keras_precision, _tensorflow, _tf_distributed
 from conformance.problem import Problem, Trajectory
 
 NAME = "keras"
@@ -80,7 +80,7 @@ def train_fit(problem: Problem, device: str, jit_compile: bool, plain: bool = Fa
     if scheduler is not None:
         info["schedule"] = "keras.callbacks.LearningRateScheduler (every epoch)"
     if dtypes is not None:
-        info["precision"] = _keras_common.precision_info(_tensorflow.keras(), problem, model, dtypes)
+        info["precision"] = _keras_precision.precision_info(_tensorflow.keras(), problem, model, dtypes)
     return Trajectory(recorder.history_params, recorder.history_loss, predictions, info,
                       rates=recorder.history_rates, loss_scale=recorder.history_loss_scale,
                       skipped=recorder.history_skipped)
@@ -158,7 +158,7 @@ def _precision_dtypes(model: Any, problem: Problem) -> dict[str, str]:
         output = model(problem.x[rows], training=True)
         loss = _keras_common.loss(_tensorflow.keras(), problem)(problem.y[rows].reshape(-1, 1), output)
     gradients = tape.gradient(loss, model.trainable_variables)
-    name = _keras_common.dtype_name
+    name = _keras_precision.dtype_name
     return {"output_dtype": name(output.dtype), "loss_dtype": name(loss.dtype),
             "gradient_dtype": ", ".join(sorted({name(gradient.dtype) for gradient in gradients})),
             "variable_dtype": ", ".join(sorted({name(v.dtype) for v in model.trainable_variables}))}
@@ -210,7 +210,7 @@ def _recorder_class() -> type:
         def on_train_begin(self, logs: dict | None = None) -> None:
             super().on_train_begin(logs)
             if _keras2_dynamic_scaling(self.problem):
-                self.skips = _keras_common.Keras2Skips(self.model.optimizer)
+                self.skips = _keras_precision.Keras2Skips(self.model.optimizer)
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             if self.skips is not None:
@@ -229,7 +229,7 @@ def _recorder_class() -> type:
                             logs)
                 self.record_rate(keras)
                 if self.problem.loss_scale is not None:
-                    self.record_scaling(*_keras_common.scaling_state(keras, self.model.optimizer))
+                    self.record_scaling(*_keras_precision.scaling_state(keras, self.model.optimizer))
 
         def _read_parameters_and_reset_metrics(self) -> tuple[np.ndarray, list[Any]]:
             """The layer's parameters, flat, with the metrics zeroed as `reset_metrics` does,

@@ -14,7 +14,7 @@ from conformance.schema import Tol
 
 if TYPE_CHECKING:
     from conformance.case import LoadedCase
-    from conformance.problem import Prepared
+    from conformance.prepare import Prepared
     from conformance.references import CaseReferences
     from conformance.results import TrainedResults
 

@@ -15,7 +15,7 @@ from conformance.checks.case import CaseChecks
 from conformance.checks.outcome import Outcome, RunContext
 from conformance.checks.result import ResultChecks
 from conformance.checks.trajectory import TrajectoryCheck
-from conformance.problem import Prepared, prepare
+from conformance.prepare import Prepared, prepare
 from conformance.references import CaseReferences
 from conformance.results import Trained, TrainedResults
 
