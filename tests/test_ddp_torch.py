@@ -175,3 +175,17 @@ def test_a_rank_killed_mid_case_gives_one_crashed_item_and_the_run_goes_on(pytes
     for name in ("before", "next"):
         assert items[f"{name}-torch-cpu-parity"]["replicas"]["parameters_equal_across_replicas"]
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_accumulation_under_ddp_trains_the_one_process_result(groups, write_case):
+    """Even shards, two batches a step (the group's first backward under no_sync): the
+    one-process loop's numbers, as an all-reduce of the summed gradients equals the sum of
+    all-reduced ones; and not those of a step every batch."""
+    text = CASE.replace("replicas: 2,", "replicas: 2, accumulate: 2,")
+    problem = problem_of(write_case, "accumulate", text)
+    trained = torch_backend.train(problem, "cpu")
+    single = torch_backend.train(dataclasses.replace(problem, replicas=1), "cpu")
+    assert trained.info["replicas"]["parameters_equal_across_replicas"]
+    np.testing.assert_allclose(trained.params, single.params, rtol=1e-6, atol=1e-7)
+    one_step = dataclasses.replace(problem, accumulate=1)
+    assert not np.allclose(torch_backend.train(one_step, "cpu").params, trained.params, rtol=1e-4)
