@@ -341,7 +341,9 @@ def schedule(optax: Any, problem: Problem) -> Any:
     values[i]})` (optax takes scales, not values); `cosine_decay_schedule(lr, decay_steps,
     alpha)`, or with a warm-up `warmup_cosine_decay_schedule(0, lr, warmup_steps,
     decay_steps=warmup_steps + decay_steps, end_value=alpha * lr)` (optax's decay_steps
-    includes the warm-up). Per epoch: the same schedule of the count // steps per epoch.
+    includes the warm-up). Per epoch: the same schedule of the epoch the update falls in, from
+    the optimizer's update count (count // steps per epoch; under optax.MultiSteps, whose groups
+    run on across epochs, the epoch of the group's last batch).
     """
     if problem.schedule is None:
         return None
@@ -363,7 +365,9 @@ def schedule(optax: Any, problem: Problem) -> Any:
         of_t = optax.cosine_decay_schedule(rate, decay_steps=settings["decay_steps"], alpha=settings["alpha"])
     if not problem.schedule_every_epoch:
         return of_t
-    return lambda count: of_t(count // problem.optimizer_steps_per_epoch)
+    if problem.accumulate > 1:  # optax.MultiSteps: update k ends batch (k + 1) N - 1, in whichever epoch that is
+        return lambda count: of_t(((count + 1) * problem.accumulate - 1) // problem.steps_per_epoch)
+    return lambda count: of_t(count // problem.steps_per_epoch)
 
 
 def with_clipping(optax: Any, clip: dict[str, Any] | None, params: dict[str, Any], optimizer: Any) -> Any:
