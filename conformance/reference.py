@@ -149,7 +149,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                                  problem.optimizer_steps_per_epoch,
                                  reciprocal="staircase_by_float32_reciprocal" in switches)
     if "schedule_in_float32" in switches:
-        rates = schedule_rounding(rates, problem.learning_rate, rounding)
+        rates = schedule_rounding(rates, problem.schedule, problem.learning_rate, rounding)
     counts_skips = switches & {"skipped_steps_counted", "schedule_counts_skipped_steps"}
     flat_rates = rates.reshape(-1)
     scaler = LossScaler(problem.loss_scale)
@@ -199,9 +199,10 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     batch_rates = None
     if "schedule_counts_batches" in switches and problem.accumulate > 1 and not problem.schedule_every_epoch:
         batch_rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs,
-                                           problem.steps_per_epoch).reshape(-1)
+                                           problem.steps_per_epoch)
         if "schedule_in_float32" in switches:
-            batch_rates = schedule_rounding(batch_rates, problem.learning_rate, rounding)
+            batch_rates = schedule_rounding(batch_rates, problem.schedule, problem.learning_rate, rounding)
+        batch_rates = batch_rates.reshape(-1)
     totals, penalty_totals = np.zeros(problem.epochs), np.zeros(problem.epochs)
     epoch, step, batches_seen = 0, 0, 0  # the epoch trained now, its optimizer steps, batches so far
 
@@ -331,17 +332,50 @@ def replica_shares(problem: Problem, batch: Any, switches: Switches) -> tuple[li
 FLOAT32_POWER_UNITS = 2  # a float32 power or square root of a framework: within 2 units of the exact one
 
 
-def schedule_rounding(rates: np.ndarray, learning_rate: float, rounding: np.random.Generator | None) -> np.ndarray:
-    """A schedule computed in float32 (formulas.py, schedule_in_float32): each rate rounded to
-    float32; in a perturbed replay also moved as the float32 arithmetic before that rounding can
-    move it. lr * r^p (or a cosine) in float32 is off the exact rate by at most about
-    (FLOAT32_POWER_UNITS + 1 + |ln(rate / lr)|) u: the power, the product, and p's own rounding
-    (relative u) carried through r^p as u |p ln r| = u |ln(rate / lr)|. That error is the same at
-    every run of the step, so half of it is drawn once per run (a bias) and half afresh."""
+def schedule_rounding(rates: np.ndarray, schedule: dict[str, Any], learning_rate: float,
+                      rounding: np.random.Generator | None) -> np.ndarray:
+    """A schedule computed in float32 (formulas.py, schedule_in_float32): each of the (epochs,
+    steps) rates rounded to float32; in a perturbed replay also moved as far as the float32
+    arithmetic before that rounding can move it (float32_schedule_error). That error is the same
+    at every run of the step, so half of it is drawn once per run (a bias) and half afresh."""
     rounded = rates.astype(np.float32).astype(np.float64)
     if rounding is None:
         return rounded
-    with np.errstate(divide="ignore"):
-        units = FLOAT32_POWER_UNITS + 1 + np.abs(np.log(np.where(rates > 0, rates / learning_rate, 1.0)))
+    error = float32_schedule_error(rates, schedule, learning_rate) * UNIT_ROUNDOFF["float32"]
     bias = rounding.uniform(-1.0, 1.0)
-    return rounded * (1 + units * UNIT_ROUNDOFF["float32"] * (bias + rounding.uniform(-1.0, 1.0, rates.shape)) / 2)
+    return rounded + error * (bias + rounding.uniform(-1.0, 1.0, rates.shape)) / 2
+
+
+def float32_schedule_error(rates: np.ndarray, schedule: dict[str, Any], learning_rate: float) -> np.ndarray:
+    """How far, in units u of float32, a framework's float32 computation of each rate can be
+    from the exact one (an absolute bound, as the rates are).
+
+    lr * r^p (exponential, piecewise): (FLOAT32_POWER_UNITS + 1 + |ln(rate / lr)|) u relative:
+    the power, the product, and p's own rounding carried through r^p as u |p ln r|.
+    The cosine, lr ((1 - a) f + a) with f = (1 + cos x) / 2 and x = pi s / D (Keras's
+    CosineDecay, optax's cosine_decay_schedule): x = float32(pi) * (s / D) is within 3 u x
+    (pi's rounding, the quotient, the product), so cos x within 3 u x |sin x| + 2 u |cos x|
+    (the function within 2 ulp), 1 + cos x within another u (1 + cos x); then (1 - a) f within
+    2 u (1 - a) f, the sum with a within u (a + decayed), and the product with lr within 2 u
+    of the rate. The bound is absolute: where f cancels to 0 at the end of the decay, the
+    float32 rate is off by up to about u lr, however small the exact rate (fuzz-84113-243: RMSprop
+    normalises the step, so those steps move a parameter near 0 by u lr each; measured for
+    Keras 3.15's CosineDecay: at most 1.9 u lr during the decay, 0.2 u lr at its end). Past the
+    decay (s clipped to D) the rate is a lr exactly: cos(float32(pi)) rounds to -1. A warm-up,
+    lr t / W: 3 u relative."""
+    with np.errstate(divide="ignore"):
+        power = FLOAT32_POWER_UNITS + 1 + np.abs(np.log(np.where(rates > 0, rates / learning_rate, 1.0)))
+    if schedule["kind"] != "cosine":
+        return rates * power
+    epochs, steps = rates.shape
+    t = np.arange(epochs)[:, None] + np.zeros(steps) if schedule["every"] == "epoch" \
+        else np.arange(epochs * steps, dtype=np.float64).reshape(epochs, steps)
+    settings = schedule["settings"]
+    warmup, decay_steps, alpha = settings["warmup_steps"], settings["decay_steps"], settings["alpha"]
+    x = np.pi * np.clip(t - warmup, 0, decay_steps) / decay_steps
+    f = (1 + np.cos(x)) / 2
+    decayed = (1 - alpha) * f + alpha
+    units = (1 - alpha) * (3 * x * np.abs(np.sin(x)) + 2 * np.abs(np.cos(x)) + 2 * f) / 2 \
+        + 2 * (1 - alpha) * f + alpha + decayed
+    units = np.where(t - warmup >= decay_steps, alpha + decayed, units)  # past the decay: cos(float32(pi)) = -1
+    return np.where(t < warmup, 3 * rates, learning_rate * units + 2 * rates)
