@@ -27,6 +27,8 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
     clip_per_replica            each replica's gradient clipped before the all-reduce sums them
     replica_scale_in_float32    each replica's loss scaled by float32(1 / R), the reported loss by R float32(1 / R)
     reported_loss_averaged      the step's reported loss is the mean of the replicas' own losses
+    replica_share_after_backward  a replica's weight applied after its backward pass (DDP's averaging),
+                                not inside it: its compute-dtype cotangents carry the whole loss scale
     step_size_in_float32        Adam's lr / (1 - beta_1^t) rounded to float32 every step
     staircase_by_float32_reciprocal  a staircase's exponent floor(float32(t) * float32(1 / decay_steps))
     weighted_losses_in_float32  each sample's weighted loss float32(loss_i) float32(w_i) in float32,
@@ -77,7 +79,7 @@ NAMES = frozenset({
     "replica_scale_in_float32", "gelu_divides_by_float32_root_2", "weighted_losses_in_float32",
     "staircase_by_float32_reciprocal", "gelu_terms_in_compute_dtype", "gelu_tanh_terms_in_compute_dtype",
     "accumulate_divides_by_n", "accumulate_across_epochs", "schedule_counts_batches",
-    "accumulated_mean_in_float32",
+    "accumulated_mean_in_float32", "replica_share_after_backward",
 })
 
 Switches = frozenset[str]

@@ -18,13 +18,13 @@ from conformance import network
 def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias: bool, reduction: str,
                       loss: str = "mse", delta: float = 1.0,
                       weights: np.ndarray | None = None,
-                      output_factors: np.ndarray | None = None,
+                      output_offsets: np.ndarray | None = None,
                       model: list[network.Layer] | None = None,
-                      hidden_factors: list[np.ndarray] | None = None,
+                      hidden_offsets: list[np.ndarray] | None = None,
                       rd: Callable[[np.ndarray], np.ndarray] | None = None,
                       loss_scale: float = 1.0, magnitudes: list[np.ndarray] | None = None,
                       weights_in_float32_over: int | None = None,
-                      probability_factors: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+                      probability_offsets: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """One batch's loss and its gradient with respect to [weights..., bias], or with hidden
     layers (`model`) to every parameter in network.py's layout (z is then the network's output).
 
@@ -55,7 +55,7 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     rounding alone: its error is u times 2 |z| + 1, not u times the loss (fuzz-70211-0: torch
     0 in float64 where the exact loss is 3.3e-21).
 
-    `probability_factors` (`bce`, the replay's model of rounding): the frameworks' gradient of the
+    `probability_offsets` (`bce`, the replay's model of rounding): the frameworks' gradient of the
     output is p - y with p = sigmoid(z) rounded first (torch's BCELoss and BCEWithLogitsLoss
     backward, `sigmoid(z) - y`; TensorFlow's logits loss, whose gradient adds 1[z > 0] - y and
     -sigmoid(-z) in the dtype, and the probability path's clipped p), so its error is u p,
@@ -65,22 +65,22 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
     """
     layered = model is not None and (len(model) > 1 or rd is not None)
     if layered:
-        output, tape = network.forward(params, x, model, hidden_factors, rd)
+        output, tape = network.forward(params, x, model, hidden_offsets, rd)
     else:
         output = predict(params, x, has_bias)
-    if output_factors is not None:  # the replay's model of rounding (`replay(rounding=...)`)
+    if output_offsets is not None:  # the replay's model of rounding (`replay(rounding=...)`)
         if layered:
-            output = output * output_factors
+            output = output * (1.0 + output_offsets)
         else:  # x w + b rounds by u times the sum of its terms' magnitudes, not of its value
             terms = np.abs(x) @ np.abs(params[:x.shape[1]]) + (abs(params[-1]) if has_bias else 0.0)
-            output = output + (output_factors - 1.0) * terms
+            output = output + output_offsets * terms
     residual = output - y
     if loss == "bce":
         per_sample = np.logaddexp(0.0, output) - y * output
         terms = 2.0 * np.abs(output) + 1.0  # softplus(z) <= |z| + log 2, |y z| <= |z|: what the sum cancels
         slope = scipy.special.expit(output) - y
-        if probability_factors is not None:
-            slope = slope + (probability_factors - 1.0) * scipy.special.expit(output)
+        if probability_offsets is not None:
+            slope = slope + probability_offsets * scipy.special.expit(output)
     elif loss == "huber":
         inside = np.abs(residual) <= delta
         per_sample = np.where(inside, 0.5 * residual**2, delta * (np.abs(residual) - delta / 2))
@@ -102,8 +102,8 @@ def loss_and_gradient(params: np.ndarray, x: np.ndarray, y: np.ndarray, has_bias
                                            tape if layered else None, model))
         magnitudes.append(scale * float(np.sum(terms if weights is None else np.abs(weights) * terms)))
     if layered:
-        if output_factors is not None:
-            slope = slope * output_factors
+        if output_offsets is not None:
+            slope = slope * (1.0 + output_offsets)
         if rd is None:
             return float(per_sample.sum()) * scale, scale * network.backward(params, model, tape, slope)
         gradient = network.backward(params, model, tape, loss_scale * scale * slope, rd)

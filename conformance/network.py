@@ -192,13 +192,14 @@ def activate(name: str, settings: dict[str, Any] | None, z: np.ndarray) -> tuple
 
 
 def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
-            factors: list[np.ndarray] | None = None,
+            offsets: list[np.ndarray] | None = None,
             rd: Rounder | None = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """The model's output (m,) and, per layer, (its input, the activation's derivative).
 
-    `factors`: per hidden layer, (m, units) relative perturbations of its activations (the
-    replay's model of rounding), and under mixed precision of its pre-activations by the same
-    factor times |a W| + |b|, the terms of the bias add in the compute dtype (a sum that cancels
+    `offsets`: per hidden layer, (m, units) relative perturbations delta of its activations (the
+    replay's model of rounding: a value times 1 + delta, kept as delta because 1 + delta rounds
+    to 1 in float64), and under mixed precision of its pre-activations by the same delta times
+    |a W| + |b|, the terms of the bias add in the compute dtype (a sum that cancels
     near a ReLU's kink is rounded relative to its terms, and can cross it: fuzz-61877-107);
     None for the exact pass. `rd`: mixed precision's rounding to
     the compute dtype (a float64 array to the nearest compute-dtype value, as float64): each
@@ -211,20 +212,20 @@ def forward(params: np.ndarray, x: np.ndarray, model: list[Layer],
     parts = split(params, model)
     for index, (layer, (kernel, bias)) in enumerate(zip(model[:-1], parts[:-1])):
         product, z = _dense(rd, a, kernel, bias)
-        if factors is not None and rd is not _exact and bias is not None:
+        if offsets is not None and rd is not _exact and bias is not None:
             # the bias add in the compute dtype (two roundings, or one where the framework fuses
             # it into the float32 matmul) is a sum rounded relative to its terms: it can cross a kink
-            z = z + (factors[index] - 1.0) * (np.abs(product) + np.abs(rd(bias)))
+            z = z + offsets[index] * (np.abs(product) + np.abs(rd(bias)))
         value, slope = activate(layer.activation, layer.settings, z)
         value = rd(value)
         if rd is not _exact:
             slope = _slope_from_output(layer.activation, value, slope)
-        if factors is not None and layer.activation == "gelu" and (
+        if offsets is not None and layer.activation == "gelu" and (
                 rd is _exact or (layer.settings or {}).get("terms_in_compute_dtype")):
             value_terms, slope_terms = _gelu_terms(layer.settings, z)
-            value, slope = value + (factors[index] - 1.0) * value_terms, slope + (factors[index] - 1.0) * slope_terms
-        elif factors is not None:
-            value, slope = value * factors[index], slope * factors[index]
+            value, slope = value + offsets[index] * value_terms, slope + offsets[index] * slope_terms
+        elif offsets is not None:
+            value, slope = value * (1.0 + offsets[index]), slope * (1.0 + offsets[index])
         tape.append((a, slope))
         a = value
     kernel, bias = parts[-1]

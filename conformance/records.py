@@ -36,5 +36,21 @@ def floats(values: Any) -> list[float | None]:
     return [float(value) if np.isfinite(value) else None for value in np.asarray(values, dtype=np.float64).ravel()]
 
 
+def finite(value: float) -> float | None:
+    """A float, or None where it is not finite (a replay that diverged: JSON has no NaN)."""
+    return float(value) if np.isfinite(value) else None
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float inside it replaced by None."""
+    if isinstance(value, float):
+        return finite(value)
+    if isinstance(value, dict):
+        return {key: json_safe(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(inner) for inner in value]
+    return value
+
+
 def plain(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)

@@ -103,22 +103,27 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     compute_unit = UNIT_ROUNDOFF[problem.compute_dtype] if rounding is not None else 0.0
     rd = rounder(problem.compute_dtype)
 
-    def jitter(values: np.ndarray, size: float) -> np.ndarray:
-        return values * (1.0 + size * rounding.uniform(-1.0, 1.0, np.shape(values)))
+    def offsets(shape: Any, size: float) -> np.ndarray:
+        """Relative perturbations delta, uniform in [-size, size]: kept as delta, as 1 + delta
+        rounds to 1 in float64 (three in four draws of u; fuzz-84113-52)."""
+        return size * rounding.uniform(-1.0, 1.0, shape)
 
-    output_bias = np.ones(problem.n) if rounding is None else jitter(np.ones(problem.n), compute_unit)
+    def jitter(values: np.ndarray, size: float) -> np.ndarray:
+        return values * (1.0 + offsets(np.shape(values), size))
+
+    output_bias = None if rounding is None else offsets(problem.n, compute_unit)
     # a stream of its own: the loss's rounding leaves every other perturbation (and band) as it was
     loss_rounding = None if rounding is None else rounding.spawn(1)[0]
     # bce's gradient p - y: p rounded first, so the difference carries u p, not u |p - y|
-    probability_bias = None if rounding is None or problem.loss != "bce" else jitter(np.ones(problem.n), compute_unit)
+    probability_bias = None if rounding is None or problem.loss != "bce" else offsets(problem.n, compute_unit)
     model = network.with_switches(problem.layers, switches)
     hidden_bias = None if rounding is None or len(model) == 1 else \
-        [jitter(np.ones((problem.n, layer.units)), compute_unit) for layer in model[:-1]]
+        [offsets((problem.n, layer.units), compute_unit) for layer in model[:-1]]
     params = problem.initial_params()
     # a gradient summed in the compute dtype (a reduction of float16 partial sums): its error is
     # bounded by the compute dtype's u, not float32's, times the sum of its terms' magnitudes
     sum_unit = compute_unit if "gradient_sum_in_compute_dtype" in switches else unit
-    gradient_bias = np.ones(params.size) if rounding is None else jitter(np.ones(params.size), sum_unit)
+    gradient_bias = None if rounding is None else offsets(params.size, sum_unit)
     def stored(values: np.ndarray) -> np.ndarray:
         """The parameters as the framework stores them after a step. float32 variables: rounded
         to float32 itself, not by a random unit: a step that repeats (a saturated clip by value,
@@ -159,20 +164,26 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     history = np.empty((problem.epochs, params.size))
     losses = np.empty(problem.epochs)
     penalties = np.zeros(problem.epochs)
-    def evaluate(params: np.ndarray, rows: Any, batch_size: int) -> tuple[float, np.ndarray, np.ndarray | None]:
-        """The loss of `rows`, its gradient, and (with `rounding`) its terms' magnitudes."""
+    def evaluate(params: np.ndarray, rows: Any, batch_size: int,
+                 share: float = 1.0) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """The loss of `rows`, its gradient, and (with `rounding`) its terms' magnitudes.
+        `share`: the replica's weight where the framework applies it inside the backward pass
+        (its compute-dtype cotangents, and so their overflow, carry it); the gradient returned
+        is without it."""
         magnitudes = None if rounding is None and not order_decides else []
         loss, grad = loss_and_gradient(params, x[rows], y[rows], problem.has_bias, problem.reduction,
                                        problem.loss, problem.delta, None if w is None else w[rows],
-                                       None if rounding is None else jitter(output_bias[rows], compute_unit),
+                                       None if rounding is None else
+                                       output_bias[rows] + offsets(len(output_bias[rows]), compute_unit),
                                        model,
                                        None if hidden_bias is None else
-                                       [jitter(f[rows], compute_unit) for f in hidden_bias],
-                                       rd=rd, loss_scale=scaler.scale, magnitudes=magnitudes,
+                                       [f[rows] + offsets(f[rows].shape, compute_unit) for f in hidden_bias],
+                                       rd=rd, loss_scale=scaler.scale * share, magnitudes=magnitudes,
                                        weights_in_float32_over=batch_size
                                        if "weighted_losses_in_float32" in switches else None,
-                                       probability_factors=None if probability_bias is None else
-                                       jitter(probability_bias[rows], compute_unit))
+                                       probability_offsets=None if probability_bias is None else
+                                       probability_bias[rows] + offsets(len(probability_bias[rows]),
+                                                                        compute_unit))
         if magnitudes is None:
             return loss, grad, None
         loss_terms = magnitudes.pop()
@@ -224,7 +235,9 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                 end_epochs(batch_epoch)
                 batches_seen += 1
                 shards, shares = replica_shares(problem, batch, switches)
-                parts = [evaluate(params, rows, len(y[batch])) for rows in shards]
+                inside = len(shards) > 1 and "replica_share_after_backward" not in switches
+                parts = [evaluate(params, rows, len(y[batch]), share if inside else 1.0)
+                         for rows, share in zip(shards, shares)]
                 loss = sum(share * part[0] for share, part in zip(shares, parts)) \
                     if "reported_loss_averaged" in switches else \
                     sum(part[0] * (len(y[rows]) / len(y[batch]) if problem.reduction == "mean" else 1.0)
@@ -242,7 +255,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                 for share, rows, (_, grad, magnitude) in zip(shares, shards, parts):
                     grad = share * grad
                     if rounding is not None:  # a sum of m terms: within u sqrt(m) of the sum of their magnitudes
-                        grad = grad + (gradient_bias - 1.0) * np.sqrt(len(y[rows])) * share * magnitude
+                        grad = grad + gradient_bias * np.sqrt(len(y[rows])) * share * magnitude
                         if rd is not None:  # its float32 sum, in another order or in the compute dtype (XLA),
                             grad = jitter(grad, compute_unit)  # can round a unit away
                     if decay_before_clip:  # each replica's loss carries its share of the L2 term
@@ -318,8 +331,12 @@ def replica_shares(problem: Problem, batch: Any, switches: Switches) -> tuple[li
     """The parts a step's gradient is summed from, and each one's weight in the sum: the whole
     batch, or with a replica switch each replica's shard (Problem.shards). `replica_losses_averaged`
     (DDP, lax.pmean, Keras's fit): the mean of the replicas' own losses, 1 / R each; else (the
-    GradientTape loop's compute_average_loss) the shard's share of the batch's mean, n_r / n."""
-    if problem.replicas == 1 or not switches & {"replica_losses_averaged", "clip_per_replica"}:
+    GradientTape loop's compute_average_loss) the shard's share of the batch's mean, n_r / n.
+    A gradient summed in the compute dtype (`gradient_sum_in_compute_dtype`) is summed per
+    replica too: each replica's float16 backward pass can overflow on its own (fuzz-84113-83: the
+    whole batch's sum of 91 samples overflows where each replica's 30 do not)."""
+    per_replica = {"replica_losses_averaged", "clip_per_replica", "gradient_sum_in_compute_dtype"}
+    if problem.replicas == 1 or not switches & per_replica:
         return [batch], [1.0]
     shards = problem.shards(batch)
     if "replica_losses_averaged" in switches:

@@ -19,7 +19,7 @@ from conformance.case import LoadedCase
 from conformance.formulas import FLOAT32_ARITHMETIC, NONE, Switches
 from conformance.prepare import Prepared
 from conformance.problem import Trajectory
-from conformance.records import floats
+from conformance.records import finite, floats
 from conformance.schema import DEFAULT_PARITY, Tol
 
 PICTURE_POINTS = 400  # data points drawn in the report's picture of a one-feature case
@@ -75,7 +75,7 @@ class CaseReferences:
         for switch in formulas.applying(self.prepared.problem, backend, environment.versions()):
             alone = self.replay_of(frozenset({switch.name})).final
             sizes.append({"name": switch.name, "reason": switch.reason.strip(), "source": switch.source,
-                          "shows": switch.shows, "size": compare.max_relative_difference(alone, base)})
+                          "shows": switch.shows, "size": finite(compare.max_relative_difference(alone, base))})
         return sizes
 
     @property

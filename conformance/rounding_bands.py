@@ -186,8 +186,11 @@ def trajectory_bands(unperturbed: Trajectory, spread: RoundingSpread, window: in
     widest = [np.maximum.accumulate(_window_max(values, window)) if epochs else values
               for values in (rtol, atol, loss_rtol, loss_atol)]
     # beyond the limit: a relative band past it, or an absolute one past it times the parameters'
-    # scale so far (a parameter at 0 that rounding alone moves as far as the others are large)
-    scale = np.maximum.accumulate(np.nan_to_num(np.max(np.abs(unperturbed.params), axis=1, initial=0.0))) \
+    # scale over the same epochs as the band (a parameter at 0 that rounding alone moves as far
+    # as the others are large; the window's later epochs too, or parameters still at their zero
+    # init, every step so far skipped, would have no scale for the band those epochs lend them)
+    scale = np.maximum.accumulate(_window_max(np.nan_to_num(np.max(np.abs(unperturbed.params), axis=1,
+                                                                   initial=0.0)), window)) \
         if epochs else np.zeros(0)
     beyond = np.flatnonzero(~(widest[0] <= spread.limit) | ~(widest[1] <= spread.limit * scale))
     comparable = int(beyond[0]) if beyond.size else epochs

@@ -254,5 +254,5 @@ def test_under_mixed_precision_a_bias_add_that_cancels_can_cross_a_relu_kink():
     x = np.array([[1.001]])  # float16 1.0009765625: the pre-activation is 9.8e-4 after the add
     u = reference.UNIT_ROUNDOFF["float16"]
     _, exact_tape = network.forward(params, x, model, None, rd)
-    _, moved_tape = network.forward(params, x, model, [np.full((1, 1), 1.0 - u)], rd)
+    _, moved_tape = network.forward(params, x, model, [np.full((1, 1), -u)], rd)
     assert exact_tape[0][1][0, 0] == 1.0 and moved_tape[0][1][0, 0] == 0.0

@@ -362,7 +362,7 @@ def test_the_bce_gradient_is_rounded_as_p_then_p_minus_y():
     _, exact = model_loss.loss_and_gradient(params, x, y, True, "mean", loss="bce")
     unit = reference.UNIT_ROUNDOFF["float32"]
     _, perturbed = model_loss.loss_and_gradient(params, x, y, True, "mean", loss="bce",
-                                               probability_factors=np.array([1.0 + unit]))
+                                               probability_offsets=np.array([unit]))
     float32_gradient = float(np.float32(scipy.special.expit(np.float32(18.0))) - np.float32(1.0))
     assert abs(float32_gradient - exact[1]) > 100 * unit * abs(exact[1])  # the relative model misses it
     assert abs(float32_gradient - exact[1]) <= unit * scipy.special.expit(18.0)

@@ -94,7 +94,7 @@ def own_replay_name(backend: str, switches: frozenset[str]) -> str:
 
 def explanation(label: str, switches: list[dict[str, Any]], own: str, apart: str, within: str) -> str:
     """The message of an item its framework's formulas explain: both distances, each switch's size."""
-    named = "; ".join(f"{switch['name']} ({switch['size']:.1e} alone on this case: {switch['reason']} "
+    named = "; ".join(f"{switch['name']} ({_size(switch['size'])} alone on this case: {switch['reason']} "
                       f"[{switch['source']}])" for switch in switches)
     return (f"explained by {label}'s own formulas: {within} of the {own}, while {apart}; switches: {named}")
 
@@ -132,3 +132,8 @@ def derived(described: dict[str, Any]) -> bool:
     in part: only a derived band is of the path's magnitudes; a hand-set one is the case
     format's |a - b| <= atol + rtol |b|."""
     return any(key in described for key in ("auto", "plus_float32_arithmetic"))
+
+
+def _size(size: float | None) -> str:
+    """A switch's size as the message shows it (None: its replay alone diverged)."""
+    return "non-finite" if size is None else f"{size:.1e}"

@@ -11,7 +11,7 @@ import numpy as np
 from conformance import compare, fits
 from conformance.checks.outcome import Compared, OfRun, Outcome, derived, explanation, own_replay_name, tol_text
 from conformance.problem import Trajectory
-from conformance.records import curve, downsample, floats, plain
+from conformance.records import curve, downsample, finite, floats, plain
 from conformance.results import Trained
 
 
@@ -44,8 +44,8 @@ class ResultChecks(OfRun):
         }
         if switches:
             record["switches"] = self.refs.switch_sizes(backend)
-            record["max_rel_diff_case_format"] = compare.max_relative_difference(trajectory.final,
-                                                                                 self.refs.replay.final)
+            record["max_rel_diff_case_format"] = finite(compare.max_relative_difference(trajectory.final,
+                                                                                        self.refs.replay.final))
         compared = self._final_compared(result, replay, own)
         mismatch = self.worst_mismatch(trajectory, replay, tol, along=replay if derived(described) else None)
         if mismatch is not None:

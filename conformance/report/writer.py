@@ -20,6 +20,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
+from conformance.records import json_safe
 from conformance.report.plots import curves_svg, fit_svg, loss_scale_svg, rates_svg, trajectory_svg
 
 STATUSES = ("passed", "failed", "xfailed", "skipped", "error", "crashed")
@@ -39,9 +40,12 @@ def write_run(folder: Path, entries: list[dict[str, Any]], meta: dict[str, Any])
     """Write results.json, index.html and cases/<case>.html for one run; returns index.html."""
     entries = sorted(entries, key=lambda entry: entry.get("id", ""))
     cases = case_files(entries)
-    atomic_write(folder / "results.json", json.dumps(
-        {"format": RESULTS_FORMAT, "meta": meta, "cases": cases, "items": entries},
-        indent=1, allow_nan=False, default=str))
+    results = {"format": RESULTS_FORMAT, "meta": meta, "cases": cases, "items": entries}
+    try:
+        text = json.dumps(results, indent=1, allow_nan=False, default=str)
+    except ValueError:  # a non-finite float some record let through: written as null, never lost
+        text = json.dumps(json_safe(results), indent=1, allow_nan=False, default=str)
+    atomic_write(folder / "results.json", text)
     overview = summarize(entries)
     for view in overview["cases"]:
         view |= cases.get(view["name"], {})
