@@ -147,3 +147,13 @@ def test_gate_exits_1_on_a_regression_and_0_otherwise(two_runs, capsys):
     assert main(["gate", str(two_runs / "current"), str(two_runs / "current")]) == 0
     assert main(["gate", str(two_runs / "current"), str(two_runs / "tf215")]) == 0  # failed -> passed: better
     assert main(["gate", str(two_runs / "nope"), str(two_runs / "tf215")]) == 2
+
+
+def test_a_non_finite_float_in_a_record_is_written_as_null_not_lost(tmp_path):
+    """A switch whose replay alone diverged has no finite size: the run's results still land."""
+    record = parity_record("a", "a.yaml", "xfailed") | {"switches": [{"name": "s", "size": float("nan")}],
+                                                        "max_rel_diff_case_format": float("inf")}
+    write(tmp_path, [record])
+    item = json.loads((tmp_path / "results.json").read_text())["items"][0]
+    assert item["switches"][0]["size"] is None and item["max_rel_diff_case_format"] is None
+    assert item["params"] == [1.0, 2.0]
