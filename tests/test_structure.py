@@ -85,3 +85,32 @@ def test_no_module_of_conformance_passes_400_lines():
     long = {module_name(path): count for path in PACKAGE.rglob("*.py")
             if (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}
+
+
+# The rows of docs/architecture.md's module map, from the bottom up: a module imports only from
+# its own row or a row above it (the package itself, `from conformance import x`, aside).
+ROWS = [
+    ("case format", ["schema", "schema_export", "yamlio", "case", "timing"]),
+    ("problem", ["datasets", "network", "problem", "prepare", "compare", "records"]),
+    ("backends", ["backends", "results", "workers"]),
+    ("formulas", ["environment", "formulas", "expectations"]),
+    ("references", ["optimizers", "schedules", "model_loss", "reference", "rounding_bands", "fits", "references"]),
+    ("checks", ["checks"]),
+    ("generated cases", ["fuzz_draws", "fuzz", "shrink"]),
+    ("pytest and report", ["items", "plugin", "test_parity", "report", "doctor", "bounds", "__main__"]),
+]
+
+
+def row_of(module: str) -> int:
+    name = module.removeprefix("conformance.")
+    for index, (_, members) in enumerate(ROWS):
+        if any(name == member or name.startswith(member + ".") for member in members):
+            return index
+    raise AssertionError(f"{module} is in no row of docs/architecture.md's module map")
+
+
+def test_no_import_runs_up_a_row_of_the_module_map():
+    graph = import_graph()
+    upward = [f"{module} -> {target}" for module, targets in graph.items() if module != "conformance"
+              for target in targets if target != "conformance" and row_of(target) > row_of(module)]
+    assert upward == []
