@@ -11,7 +11,7 @@ import pytest
 
 from conformance import network, optimizers, reference, rounding_bands
 from conformance.case import CaseFile, load
-from conformance.checks.trajectory import scaling_apart
+from conformance.checks.decisions import scaling_apart
 from conformance.prepare import prepare
 from conformance.problem import Trajectory
 from tests.conftest import ROOT

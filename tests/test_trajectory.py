@@ -178,7 +178,7 @@ def test_an_overflow_past_the_comparable_epochs_is_within_rounding_and_a_growth_
     """Past the epochs rounding leaves comparable, a skipped step is made from other parameters
     (fuzz-27193-59); a scale grown at another time with the same steps skipped is counting."""
     from conformance import rounding_bands
-    from conformance.checks.trajectory import _decision_within_rounding
+    from conformance.checks.decisions import decision_within_rounding
 
     replay = Trajectory(np.zeros((30, 2)), np.zeros(30), None, loss_scale=np.full(30, 8.0),
                         skipped=np.zeros(30, dtype=np.int64))
@@ -188,6 +188,6 @@ def test_an_overflow_past_the_comparable_epochs_is_within_rounding_and_a_growth_
         return {"epoch": epoch, "got": {"scale": scale, "skipped": skipped},
                 "expected": {"scale": 8.0, "skipped": 0}}
 
-    assert _decision_within_rounding(apart(25, 1, 4.0), replay, spread, comparable=17)
-    assert not _decision_within_rounding(apart(12, 1, 4.0), replay, spread, comparable=17)
-    assert not _decision_within_rounding(apart(25, 0, 16.0), replay, spread, comparable=17)
+    assert decision_within_rounding(apart(25, 1, 4.0), replay, spread, comparable=17)
+    assert not decision_within_rounding(apart(12, 1, 4.0), replay, spread, comparable=17)
+    assert not decision_within_rounding(apart(25, 0, 16.0), replay, spread, comparable=17)
