@@ -6,6 +6,7 @@ report it); packages not imported are looked up in the installed distributions.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -57,7 +58,11 @@ def host() -> dict[str, Any]:
     }
 
 
+@functools.cache
 def _distribution_version(names: tuple[str, ...]) -> str | None:
+    """The first of `names` installed, its version; read once per process (importlib.metadata
+    parses the METADATA files on every call: 1.4 ms, 5,797 calls in a run of 175 items, 19% of
+    its time, since every check asks for the versions its expectations and switches hold for)."""
     for name in names:
         try:
             return importlib.metadata.version(name)
