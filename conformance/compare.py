@@ -37,12 +37,17 @@ def allowed(reference: np.ndarray, tol: Tol, magnitude: np.ndarray | None = None
     return tol.atol + tol.rtol * scale
 
 
-def path_magnitude(params: np.ndarray) -> np.ndarray:
-    """Per epoch and parameter, the largest |value| so far: what a derived band's relative part
-    is of. A parameter is a running sum of its updates, and the rounding it carries was made
-    while it was large; a parameter that shrinks toward 0 keeps that absolute error
-    (fuzz-90417-42: a kernel entry from 0.106 to 9.8e-5 carried 2.2e-7 from its way down)."""
-    return np.maximum.accumulate(np.abs(np.asarray(params, dtype=np.float64)), axis=0)
+def path_magnitude(params: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
+    """Per epoch and parameter, the largest |value| so far, from the initial value `start` on:
+    what a derived band's relative part is of. A parameter is a running sum of its updates,
+    p' = p + s, whose rounding is of its terms, |p| and |s| <= |p| + |p'|, not of its result;
+    a parameter that shrinks toward 0 keeps that absolute error (fuzz-90417-42: a kernel entry
+    from 0.106 to 9.8e-5 carried 2.2e-7 from its way down), its first step included
+    (fuzz-73517-127: RMSprop's first step of 0.0508 from 0.0527 to 0.0019, 1e-17 off in float64)."""
+    magnitude = np.abs(np.asarray(params, dtype=np.float64))
+    if start is not None:
+        magnitude = np.maximum(magnitude, np.abs(np.asarray(start, dtype=np.float64)))
+    return np.maximum.accumulate(magnitude, axis=0)
 
 
 def worst_mismatch(got: np.ndarray, reference: np.ndarray, tol: Tol, labels: list[str],

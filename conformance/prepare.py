@@ -36,6 +36,11 @@ class Prepared:
             return params
         return self.standardizer.to_original(params)
 
+    @property
+    def initial_original(self) -> np.ndarray:
+        """The initial parameters on the case's own features: where every path starts."""
+        return self.to_original(self.problem.initial_params().astype(np.float64))
+
 
 def prepare(case: LoadedCase) -> Prepared:
     """Build the problem of a validated case; CaseError for rules that need the data."""

@@ -16,6 +16,7 @@ import os
 import numpy as np
 import pytest
 
+from conformance import reference, rounding_bands
 from conformance.case import CaseFile, load
 from conformance.checks import Trained, make_run
 from conformance.problem import Trajectory
@@ -191,3 +192,38 @@ def test_an_overflow_past_the_comparable_epochs_is_within_rounding_and_a_growth_
     assert decision_within_rounding(apart(25, 1, 4.0), replay, spread, comparable=17)
     assert not decision_within_rounding(apart(12, 1, 4.0), replay, spread, comparable=17)
     assert not decision_within_rounding(apart(25, 0, 16.0), replay, spread, comparable=17)
+
+
+CANCELLING_FIRST_STEP = """\
+dataset: {inline: {x: [1, 1, 1, 1, 1, 1, 1, 1], y: [0, 0, 0, 0, 0, 0, 0, 0]}}
+model: {bias: false, init: {constant: {weights: [0.052733]}}}
+training: {epochs: 3, optimizer: {rmsprop: {learning_rate: 0.0184, rho: 0.869}}, dtype: float64}
+tolerance: {lstsq: null}
+"""
+
+
+def test_a_first_step_that_cancels_is_judged_by_the_weight_it_started_from(write_case, monkeypatch):
+    """RMSprop's first step is lr g / sqrt((1 - rho) g^2), 0.0508 here, taken from 0.0527: the
+    weight lands at 0.0019 with the increment's rounding (u x 0.0508) in it, 27 x its own unit.
+    The same step one unit of its last place longer (what another order of the same formula
+    gives: fuzz-73517-127, optax on a gradient summed over 86 rows) is inside the band; a step
+    1e-12 longer is not."""
+    path = write_case("cancel", CANCELLING_FIRST_STEP)
+    run = make_run(load(CaseFile(path, path.parent)), [("jax", "cpu")])
+    replay = run.refs.replay
+    # where the perturbed replays show no spread at epoch 1 (each u-sized perturbation rounded
+    # away in float64, as there), the band is its floor of 4 u, of the path's magnitude
+    unit = reference.UNIT_ROUNDOFF["float64"]
+    no_spread = rounding_bands.RoundingSpread(np.zeros_like(replay.params), np.zeros_like(replay.loss),
+                                              np.zeros(0), unit, unit)
+    monkeypatch.setattr(run.refs, "rounding_of", lambda switches: no_spread)
+    w0 = 0.052733
+    step = w0 - replay.params[0, 0]
+    one_unit_longer = w0 - np.nextafter(step, np.inf)
+    assert one_unit_longer != replay.params[0, 0]
+    for epoch_one, passes in [(one_unit_longer, True), (w0 - step * (1 + 1e-12), False)]:
+        params = replay.params.copy()
+        params[0, 0] = epoch_one
+        run.results[("jax", "cpu")] = Trained("jax", "cpu", Trajectory(params, replay.loss.copy()), 0.0)
+        outcome = run.check_trajectory("jax", "cpu")
+        assert outcome.passed is passes, outcome.message

@@ -156,7 +156,8 @@ class ResultChecks(OfRun):
         """Final parameters first, then `predict` outputs, against the reference side; with
         `along` (a derived band), each parameter's relative band is of the largest magnitude it
         had along that replay's path (compare.path_magnitude)."""
-        magnitude = None if along is None else compare.path_magnitude(along.params)[-1]
+        magnitude = None if along is None else \
+            compare.path_magnitude(along.params, self.prepared.initial_original)[-1]
         mismatch = compare.worst_mismatch(got.final, reference_side.final, tol, self.prepared.parameter_names,
                                           magnitude)
         if mismatch is None and got.predictions is not None:

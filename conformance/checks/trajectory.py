@@ -13,6 +13,7 @@ from conformance import compare, rounding_bands
 from conformance.checks.decisions import decision_within_rounding, scaling_apart
 from conformance.checks.outcome import Compared, OfRun, Outcome, RunContext, explanation, own_replay_name
 from conformance.checks.result import ResultChecks
+from conformance.prepare import Prepared
 from conformance.problem import Trajectory
 from conformance.records import downsample
 from conformance.schema import Tol
@@ -55,7 +56,7 @@ class TrajectoryCheck(OfRun):
         if scaling is not None:
             record["loss_scale_first_differs"] = scaling
             earlier = scaling["epoch"] - 1  # the epochs whose parameters the differing decision was made from
-            before = _Path(result.trajectory, replay, bands, earlier, self.prepared.parameter_names) \
+            before = _Path(result.trajectory, replay, bands, earlier, self.prepared) \
                 if earlier else None
             return Outcome(False, f"{result.label}: {scaling['message']} ({own}, compared exactly: the "
                                   f"scale and skipped steps are decisions, not rounding) [case {self.case.name}]",
@@ -68,7 +69,7 @@ class TrajectoryCheck(OfRun):
                    if flipped is None else "a loss-scale decision that rounding can flip went otherwise at epoch 1")
             return Outcome(False, f"{why}: too sensitive to compare paths [case {self.case.name}]",
                            record, skipped=True)
-        path = _Path(result.trajectory, replay, bands, epochs, self.prepared.parameter_names)
+        path = _Path(result.trajectory, replay, bands, epochs, self.prepared)
         if result.trajectory.info.get("loss_includes_l2_penalty"):
             record["loss_compared"] = "the case's loss plus weight decay's L2 penalty, as the framework reports it"
         record |= path.record()
@@ -101,7 +102,7 @@ class TrajectoryCheck(OfRun):
         epochs = bands.comparable
         if epochs == 0 or scaling_apart(got, replay) is not None:
             return None if epochs == 0 else "its loss scaling differs from the case format's replay"
-        path = _Path(got, replay, bands, epochs, self.prepared.parameter_names)
+        path = _Path(got, replay, bands, epochs, self.prepared)
         first = path.first_outside()
         return None if first is None else path.describe(first, "it", self.case.name, "case format's float64 replay")
 
@@ -138,7 +139,8 @@ class _Path:
     the parameters of every epoch, then the loss of every epoch, as one flat comparison."""
 
     def __init__(self, got: Trajectory, replay: Trajectory, bands: rounding_bands.EpochBands, epochs: int,
-                 names: list[str]) -> None:
+                 prepared: Prepared) -> None:
+        names = prepared.parameter_names
         self.names, self.epochs = names + ["loss"], epochs
         width = len(names)
         self.params = (got.params[:epochs], replay.params[:epochs])
@@ -148,8 +150,8 @@ class _Path:
         self.loss = (got.loss[:epochs], expected_loss[:epochs])
         # a value's relative band is of the largest magnitude it has had so far: an error of
         # rtol |p| is carried on as an absolute one, so a value that shrinks (a path through
-        # zero) keeps the error it had (compare.path_magnitude)
-        magnitude = compare.path_magnitude(self.params[1])
+        # zero) keeps the error it had, from its initial value on (compare.path_magnitude)
+        magnitude = compare.path_magnitude(self.params[1], prepared.initial_original)
         self.allowed = np.column_stack([
             bands.atol[:epochs, None] + bands.rtol[:epochs, None] * magnitude,
             bands.loss_atol[:epochs] + bands.loss_rtol[:epochs] * np.abs(self.loss[1])])
