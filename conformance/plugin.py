@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from conformance import backends, expectations, fuzz, timing
+from conformance import backends, environment, expectations, fuzz, timing
 from conformance.items import Plan, case_of, plan, result_of
 from conformance.report.collector import DEVICES, NOT_RERUN, OPTIONS
 from conformance.schema import DEVICE_PATTERN
@@ -108,6 +108,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[ACTIVE] = runs_conformance(config)
     if not active(config):
         return
+    workers = getattr(config.option, "numprocesses", None)
+    if not hasattr(config, "workerinput") and isinstance(workers, int):
+        environment.share_cores(workers)
     outside = []
     for point in importlib.metadata.entry_points(group=backends.ENTRY_POINT_GROUP):  # installed packages' own
         try:
