@@ -5,9 +5,11 @@ Sections "The default suite", "Generated cases" and "The run of the shipped case
 the run's results.json, where every test process records what it spent on imports, training,
 planning, references and the harness: with -n 0 and -n auto, the share of the wall time that
 is the frameworks' (imports + training) rather than the suite's, and how long the report takes
-to write; the cost of a generated case (--fuzz); and the wall time of the shipped cases with
-each optional backend added to the v1 backends (torch_compile first with an empty inductor
-cache, as on a new machine), which is how the default selection was chosen.
+to write; -n auto again with every worker's OpenMP threads on every core, against the workers'
+shared cores (environment.share_cores); the cost of a generated case (--fuzz); and the wall
+time of the shipped cases with each optional backend added to the v1 backends (torch_compile
+first with an empty inductor cache, as on a new machine), which is how the default selection
+was chosen.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def print_section() -> None:
               f"references {total['references']:4.1f}, harness {total['harness']:4.1f}, outside the processes' "
               f"pytest session (start, exit, report) {row['outside_s']:4.1f}; report writing alone "
               f"{row['report_s']:4.2f} s; imports + training {row['share']:.0%}")
+    cores = str(os.cpu_count() or 1)
+    every_core = suite_wall("auto", label="bench-threads", env={"OMP_NUM_THREADS": cores})
+    print(f"  -n auto with each worker's OpenMP threads on every core (OMP_NUM_THREADS={cores}, the default "
+          f"before the workers shared the cores): wall {every_core['wall_s']:5.1f} s, "
+          f"{every_core['wall_s'] / row['wall_s']:4.2f}x the shared run's; training "
+          f"{every_core['total']['training']:5.1f} s against {row['total']['training']:5.1f} s")
 
     print("\nGenerated cases (--fuzz 20 --fuzz-seed 0, no shipped cases, default backends, -n auto)")
     with tempfile.TemporaryDirectory() as empty:
