@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from conformance import compare, rounding_bands
-from conformance.checks.decisions import decision_within_rounding, scaling_apart
+from conformance.checks.decisions import scaling_apart
 from conformance.checks.outcome import Compared, OfRun, Outcome, RunContext, explanation, own_replay_name
 from conformance.checks.result import ResultChecks
 from conformance.prepare import Prepared
@@ -41,18 +41,17 @@ class TrajectoryCheck(OfRun):
         epochs = bands.comparable
         record |= {"tolerance": self.tolerance(), "epochs": len(replay.params), "comparable": epochs,
                    "formulas": sorted(switches)}
-        scaling = scaling_apart(result.trajectory, replay)
-        if scaling is not None and decision_within_rounding(scaling, replay, self.refs.rounding_of(switches),
-                                                              bands.comparable):
+        within_rounding = self.results.decided_otherwise(result)
+        scaling = None if within_rounding else scaling_apart(result.trajectory, replay)
+        flipped = None
+        if within_rounding:
             # a decision rounding can flip went otherwise: from that epoch on the path follows other
             # decisions, and only the epochs before it are compared (fuzz-27193-266: Keras skipped
             # a step at epoch 16 that the replay took at 17, then 1.3e-2 apart)
-            record["loss_scale_first_differs"] = scaling | {"within_rounding": True}
-            flipped, scaling = scaling["epoch"], None
+            record["loss_scale_first_differs"] = within_rounding | {"within_rounding": True}
+            flipped = within_rounding["epoch"]
             epochs = min(epochs, flipped - 1)
             record["comparable"] = epochs
-        else:
-            flipped = None
         if scaling is not None:
             record["loss_scale_first_differs"] = scaling
             earlier = scaling["epoch"] - 1  # the epochs whose parameters the differing decision was made from
