@@ -36,6 +36,15 @@ def examples(count: int) -> int:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests' workers share the cores as the suite's do (environment.share_cores)."""
+    workers = getattr(config.option, "numprocesses", None)
+    if not hasattr(config, "workerinput") and isinstance(workers, int):
+        from conformance import environment
+
+        environment.share_cores(workers)
+
+
 @pytest.fixture
 def write_case(tmp_path: Path):
     """write_case("name", yaml_text) -> path of a case file in a fresh cases folder."""
