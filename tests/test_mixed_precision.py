@@ -178,3 +178,27 @@ def test_keras2_skips_are_read_from_the_scaler_state():
     floor.after(1.0, 0)
     at_floor.after_step()
     assert at_floor.skipped == 1
+
+
+SATURATING_PROBABILITIES = """
+dataset: {inline: {x: [-3, -2, -1, 1, 2, 3], y: [0, 0, 1, 0, 1, 0]}}
+model: {init: {constant: {weights: [4.0], bias: 0.0}}}
+training: {epochs: 3, batch_size: 6, loss: {bce: {from_logits: false}}, optimizer: {sgd: {learning_rate: 0.1}},
+           precision: mixed_float16}
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "lightning"])
+def test_torch_bce_on_float16_probabilities_says_why_it_cannot_train(write_case, backend):
+    """A logit of 12 is a probability of 1 in float16: BCELoss's backward gives NaN for the label 0
+    there (its 1e-12 is 0 in float16), the weights go NaN, and the next forward's BCELoss refuses
+    them. The item skips with torch's documented reason instead of failing (fuzz-40961-148)."""
+    pytest.importorskip("torch")
+    if backend == "lightning":
+        pytest.importorskip("pytorch_lightning")
+    from conformance import backends
+    from conformance.backends import Unavailable
+
+    problem = prepare(load_text(write_case, SATURATING_PROBABILITIES)).problem
+    with pytest.raises(Unavailable, match="unsafe to autocast"):
+        backends.load(backend).train(problem, "cpu")

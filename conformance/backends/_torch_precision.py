@@ -4,9 +4,10 @@ and the case's loss scale as PyTorch users write them, and what each run records
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -124,6 +125,28 @@ class MixedPrecision:
                 "loss_scale": self.passed, "lowering": "x @ W + b rounded once (addmm), then the activation",
                 "api": f"torch.autocast({self.device_type!r}, dtype=torch.{name}) around model and loss module; "
                        f"{scaling}"}
+
+
+@contextlib.contextmanager
+def float16_probabilities_refused(problem: Problem) -> Iterator[None]:
+    """Unavailable, with torch's own reason, when training stops on NaN probabilities from
+    BCELoss under float16 autocast: its backward divides by max(p (1 - p), 1e-12), and 1e-12
+    is 0 in float16, so a probability rounded to 1 gives a NaN gradient for a label 0 (0 for a
+    label 1); no loss scale skips the step, the parameters go NaN and the next forward's BCELoss
+    refuses its input (fuzz-40961-148). PyTorch documents BCELoss as unsafe to autocast
+    (docs/stable/amp.html, "Prefer binary_cross_entropy_with_logits over binary_cross_entropy")
+    and refuses it in autocast regions on CUDA; on the CPU it computes it in float16."""
+    try:
+        yield
+    except RuntimeError as error:
+        probabilities = problem.loss == "bce" and not problem.from_logits
+        if probabilities and problem.compute_dtype == "float16" and "should be between 0 and 1" in str(error):
+            raise Unavailable(
+                "torch's BCELoss on float16 probabilities under autocast: a probability that rounds to 1 gives a "
+                "NaN gradient (its backward's 1e-12 is 0 in float16), the parameters go NaN and BCELoss then "
+                "refuses its input; PyTorch documents BCELoss as unsafe to autocast (it refuses it on CUDA) and "
+                "recommends BCEWithLogitsLoss (loss bce with from_logits: true)") from error
+        raise
 
 
 def _dtype_name(tensor: Any) -> str:

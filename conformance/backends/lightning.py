@@ -20,7 +20,7 @@ import os
 import warnings
 from typing import Any
 
-from conformance.backends import Unavailable, _frameworks, _torch_ddp, _trainers
+from conformance.backends import Unavailable, _frameworks, _torch_ddp, _torch_precision, _trainers
 from conformance.problem import Problem, Trajectory
 
 NAME = "lightning"
@@ -55,7 +55,8 @@ def train_replica(problem: Problem, device: str, replica: Any) -> Trajectory:
     group already joined, the way torchrun starts a Lightning script (LOCAL_RANK set: Lightning
     launches nothing, finds torch.distributed initialised and wraps the module in DDP itself)."""
     if replica is None:
-        return _fit(problem, device, None)
+        with _torch_precision.float16_probabilities_refused(problem):
+            return _fit(problem, device, None)
     variables = {"LOCAL_RANK": str(replica.rank), "NODE_RANK": "0", "WORLD_SIZE": str(replica.replicas)}
     saved = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)

@@ -43,7 +43,8 @@ def device_name(device: str) -> str:
 def train(problem: Problem, device: str) -> Trajectory:
     if problem.replicas > 1:
         return _torch_ddp.train(NAME, problem, device)
-    return train_steps(problem, device, compile_step=None)
+    with _torch_precision.float16_probabilities_refused(problem):
+        return train_steps(problem, device, compile_step=None)
 
 
 def train_replica(problem: Problem, device: str, replica: Any) -> Trajectory:

@@ -25,7 +25,7 @@ import os
 import shutil
 from typing import Any
 
-from conformance.backends import Unavailable, _compiled, _frameworks, _torch_ddp
+from conformance.backends import Unavailable, _compiled, _frameworks, _torch_ddp, _torch_precision
 from conformance.backends import torch as torch_backend
 from conformance.problem import Problem, Trajectory
 
@@ -53,7 +53,8 @@ def available() -> str | None:
 def train(problem: Problem, device: str) -> Trajectory:
     if problem.replicas > 1:
         return _torch_ddp.train(NAME, problem, device)
-    return train_compiled(problem, device)
+    with _torch_precision.float16_probabilities_refused(problem):
+        return train_compiled(problem, device)
 
 
 def train_replica(problem: Problem, device: str, replica: Any) -> Trajectory:
