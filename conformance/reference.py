@@ -167,9 +167,9 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     def evaluate(params: np.ndarray, rows: Any, batch_size: int,
                  share: float = 1.0) -> tuple[float, np.ndarray, np.ndarray | None]:
         """The loss of `rows`, its gradient, and (with `rounding`) its terms' magnitudes.
-        `share`: the replica's weight where the framework applies it inside the backward pass
-        (its compute-dtype cotangents, and so their overflow, carry it); the gradient returned
-        is without it."""
+        `share`: the replica's weight and the batch's weight in its group, where the framework
+        applies them inside the backward pass (its compute-dtype cotangents, and so their
+        overflow, carry them); the gradient returned is without them."""
         magnitudes = None if rounding is None and not order_decides else []
         loss, grad = loss_and_gradient(params, x[rows], y[rows], problem.has_bias, problem.reduction,
                                        problem.loss, problem.delta, None if w is None else w[rows],
@@ -236,7 +236,9 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                 batches_seen += 1
                 shards, shares = replica_shares(problem, batch, switches)
                 inside = len(shards) > 1 and "replica_share_after_backward" not in switches
-                parts = [evaluate(params, rows, len(y[batch]), share if inside else 1.0)
+                # the group's weight is in the backward ((loss / N).backward()), its cotangents carry it, unless
+                carried = 1.0 if across_epochs else factor  # the optimizer accumulates (Keras 3, MultiSteps)
+                parts = [evaluate(params, rows, len(y[batch]), (share if inside else 1.0) * carried)
                          for rows, share in zip(shards, shares)]
                 loss = sum(share * part[0] for share, part in zip(shares, parts)) \
                     if "reported_loss_averaged" in switches else \
@@ -248,7 +250,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                 # the L2 term a framework reports with the loss: every batch's, a skipped step's too
                 penalty_totals[epoch] += decay / 2 * float(params @ params) * len(y[batch])
                 if order_decides:  # a partial sum is bounded by the sum of its terms' magnitudes, and no better
-                    overflow_possible[epoch] |= scaler.scale * max(share * float(np.max(part[2]))
+                    overflow_possible[epoch] |= scaler.scale * carried * max(share * float(np.max(part[2]))
                                                                    for share, part in zip(shares, parts)) >= largest
                 finite = finite and all(bool(np.isfinite(part[1]).all()) for part in parts)
                 batch_grads = []

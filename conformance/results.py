@@ -82,11 +82,11 @@ class TrainedResults:
                 if self.problem.replicas > 1 and not getattr(module, "DATA_PARALLEL", False):
                     raise backends.Unavailable(f"{backend} does not train data-parallel (training.replicas: "
                                                f"{self.problem.replicas}): " + getattr(
-                                                   module, "WHY_NOT_DATA_PARALLEL", "not built yet"))
+                                                   module, "WHY_NOT_DATA_PARALLEL", "no DATA_PARALLEL = True"))
                 if self.problem.accumulate > 1 and not getattr(module, "ACCUMULATES", False):
                     raise backends.Unavailable(f"{backend} does not accumulate gradients (training.accumulate: "
                                                f"{self.problem.accumulate}): " + getattr(
-                                                   module, "WHY_NOT_ACCUMULATING", "not built yet (issue 34)"))
+                                                   module, "WHY_NOT_ACCUMULATING", "no ACCUMULATES = True"))
                 trajectory = module.train(self.problem, device)
         except backends.Unavailable as reason:
             return Trained(backend, device, None, time.perf_counter() - started, unavailable=str(reason))

@@ -111,3 +111,20 @@ def test_keras_schedule_counts_batches_at_each_update():
     accumulated = dataclasses.replace(problem(x, y, epochs=2, batch_size=2), accumulate=3, schedule=schedule)
     rates = replay(accumulated, switches=frozenset({"schedule_counts_batches"})).rates
     np.testing.assert_allclose(rates, 0.1 * 0.5 ** np.array([5, 11]))  # the last update of each epoch
+
+
+def test_a_float16_backward_carries_the_groups_weight_unless_the_optimizer_accumulates():
+    """(loss / N).backward() under a loss scale S: the cotangents carry S / N, so a batch whose
+    S-scaled float16 gradient overflows does not overflow in a group of 4; optimizer-level
+    accumulation (Keras 3, optax.MultiSteps) backpropagates S and divides afterwards."""
+    x = np.ones((16, 1))
+    y = np.full(16, 100.0)  # at zero, S = 512: each sample's cotangent 2 * 100 / 4 * S, the kernel's sum of 4
+    scaled = dataclasses.replace(problem(x, y, batch_size=4), dtype="float32", precision="mixed_float16",
+                                 loss_scale={"kind": "dynamic", "initial": 512.0, "growth_interval": 1000})
+    assert replay(scaled).skipped[0] == 1  # 102,400 > 65,504: the first step skipped, then S = 256 passes
+    accumulated = dataclasses.replace(scaled, accumulate=4)
+    idiom = replay(accumulated, switches=frozenset({"accumulate_divides_by_n"}))
+    assert idiom.skipped[0] == 0 and idiom.loss_scale[0] == 512.0
+    assert replay(accumulated).skipped[0] == 0  # the union's loss: each batch weighs 1/4 inside too
+    optimizer_level = replay(accumulated, switches=frozenset({"accumulate_divides_by_n", "accumulate_across_epochs"}))
+    assert optimizer_level.skipped[0] == 1

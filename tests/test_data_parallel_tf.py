@@ -90,3 +90,16 @@ def test_keras_weights_a_short_last_batch_per_replica(tmp_path):
     difference = np.max(np.abs(keras.params - replay.params))
     assert 1e-5 < difference < 1e-1
     assert keras.info["replicas"]["parameters_equal_across_replicas"]
+
+
+def test_the_tape_loop_accumulates_per_replica_and_steps_once_a_group(problem):
+    """Three replicas, two batches a step (20 samples in batches of 8: groups of 8 + 8 and the
+    short 4 alone): each replica sums its shards' gradients of loss / N in its own (SyncOnRead)
+    accumulators; the group's step all-reduces them once. Float64: the replay of the loop's own
+    formula (accumulate_divides_by_n) to 1e-12, and not the case format's step."""
+    accumulated = dataclasses.replace(problem, accumulate=2)
+    tape = backends.load("gradient_tape").train(accumulated, "cpu")
+    own = reference.replay(accumulated, switches=frozenset({"accumulate_divides_by_n"}))
+    assert np.max(np.abs(tape.params - own.params)) < 1e-12
+    assert np.max(np.abs(tape.params - reference.replay(accumulated).params)) > 1e-6  # the short batch over N
+    assert tape.info["replicas"]["parameters_equal_across_replicas"]

@@ -92,8 +92,13 @@ def scaled_optimizer(keras: ModuleType, problem: Problem, learning_rate: Any = N
     if accumulate > 1 and not _keras_precision.is_keras3(keras):
         raise Unavailable("Keras 2 (TensorFlow <= 2.15) has no gradient accumulation: its optimizers take no "
                           "gradient_accumulation_steps and fit has no accumulation option")
-    if accumulate > 1 and problem.replicas > 1:
-        raise Unavailable("gradient accumulation on several replicas is not built yet for Keras (issue 34)")
+    if accumulate > 1 and problem.replicas > 1 and keras.backend.backend() == "tensorflow":
+        raise Unavailable("Keras 3 on TensorFlow cannot accumulate gradients under MirroredStrategy: "
+                          "gradient_accumulation_steps puts the update, whose all-reduce is a merge_call, inside "
+                          "ops.cond (keras/src/optimizers/base_optimizer.py _backend_apply_gradients; "
+                          "keras/src/backend/tensorflow/optimizer.py _backend_update_step), and TensorFlow raises "
+                          "'merge_call called while defining a new graph or a tf.function' (measured with Keras "
+                          "3.15.1, TF 2.21; keras-team/keras#17429, tensorflow/tensorflow#59487)")
     if accumulate > 1 and scale is not None and scale["kind"] == "dynamic":
         raise Unavailable("Keras 3's LossScaleOptimizer refuses gradient_accumulation_steps; set on the inner "
                           "optimizer, each micro-batch's overflow check skips and shifts the groups: not modelled")
@@ -272,6 +277,9 @@ class EpochRecords:
         if self.problem.loss_scale is None:
             return None
         applied = np.diff(np.asarray([0, *self.iterations], dtype=np.int64))
+        if self.problem.accumulate > 1:  # Keras 3's iterations count updates, _iterations // N, across epochs
+            batches = np.arange(1, len(self.iterations) + 1, dtype=np.int64) * self.problem.steps_per_epoch
+            return np.diff(np.asarray([0, *(batches // self.problem.accumulate)])) - applied
         return self.problem.steps_per_epoch - applied
 
     def on_train_begin(self, logs: dict | None = None) -> None:

@@ -49,9 +49,15 @@ def train(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
             optimizer, scaling = parts.loop_optimizer(
                 keras, problem, None if problem.schedule_every_epoch else rate_schedule)
             optimizer.build(variables)
+            # each replica's own sum of its shards' gradients (SyncOnRead: a replica reads and
+            # writes its own copy), as the tutorials on accumulating under a strategy keep them
+            accumulators = [tf.Variable(tf.zeros_like(v), trainable=False,
+                                        synchronization=tf.VariableSynchronization.ON_READ,
+                                        aggregation=tf.VariableAggregation.SUM)
+                            for v in variables] if problem.accumulate > 1 else []
         compute_dtype = parts.compute_dtype_of(keras, problem)
         seen = None if compute_dtype is None else {}
-        step = _replica_step(problem, layers, optimizer, compute_dtype, seen, jit_compile)
+        step = _replica_step(problem, layers, optimizer, compute_dtype, seen, jit_compile, accumulators)
         run_training = _training_function(problem, strategy, step, variables, optimizer, rate_schedule)
         iterator = iter(_tf_distributed.distributed_shards(strategy, problem, problem.sample_weight is not None))
         recorded = run_training(iterator, tf.constant(problem.epochs))
@@ -86,8 +92,11 @@ def _predictions(tf: Any, problem: Problem, layers: list[tuple[Any, Any, Any]], 
 
 
 def _replica_step(problem: Problem, layers: list[tuple[Any, Any, Any]], optimizer: Any, compute_dtype: Any,
-                  seen: dict[str, str] | None, jit_compile: bool) -> Any:
-    """step(inputs, global_batch_size), run on each replica: its loss and the optimizer's update."""
+                  seen: dict[str, str] | None, jit_compile: bool, accumulators: list[Any]) -> Any:
+    """step(inputs, global_batch_size), run on each replica: its loss and the optimizer's update.
+    With accumulation, step.accumulate(inputs, global_batch_size) adds the gradient of the
+    replica's loss / N to its accumulators, and step.apply() makes the group's update from them
+    (clipped per replica, then all-reduced by the optimizer) and zeroes them."""
     tf = _frameworks.tensorflow()
     variables = _flat(layers)
     delta = tf.constant(problem.delta, dtype=problem.dtype)
@@ -105,29 +114,53 @@ def _replica_step(problem: Problem, layers: list[tuple[Any, Any, Any]], optimize
                 loss = tf.nn.compute_average_loss(losses, sample_weight=weight, global_batch_size=global_batch_size)
             else:  # each replica's sum; the all-reduce sums them
                 loss = tf.reduce_sum(losses if weight is None else losses * weight)
-            objective = optimizer.scale_loss(loss) if scaled else loss
+            objective = loss / problem.accumulate if accumulators else loss
+            objective = optimizer.scale_loss(objective) if scaled else objective
         return loss, tape.gradient(objective, variables)
 
     compute = tf.function(loss_and_gradients, jit_compile=True) if jit_compile else loss_and_gradients
 
-    def step(inputs: tuple[Any, ...], global_batch_size: int) -> Any:
+    def gradients_of(inputs: tuple[Any, ...], global_batch_size: int) -> tuple[Any, list[Any]]:
         loss, gradients = compute(inputs, global_batch_size)
         if seen is not None:
             seen.update(loss_dtype=loss.dtype.name, gradient_dtype=gradients[0].dtype.name,
                         variable_dtype=variables[0].dtype.name)
+        return loss, gradients
+
+    def step(inputs: tuple[Any, ...], global_batch_size: int) -> Any:
+        loss, gradients = gradients_of(inputs, global_batch_size)
+        update(gradients)
+        return loss
+
+    def accumulate(inputs: tuple[Any, ...], global_batch_size: int) -> Any:
+        loss, gradients = gradients_of(inputs, global_batch_size)
+        for accumulator, gradient in zip(accumulators, gradients):
+            accumulator.assign_add(gradient)
+        return loss
+
+    def apply() -> Any:
+        update([tf.identity(accumulator.read_value()) for accumulator in accumulators])
+        for accumulator in accumulators:
+            accumulator.assign(tf.zeros_like(accumulator))
+        return tf.constant(0, tf.int32)
+
+    def update(gradients: list[Any]) -> None:
+        """The replica's part of the step: Keras 3's `apply` (unscales, clips with the
+        optimizer's own clipping, updates) under a loss scale, else the loop's clip, the decay's
+        share and `apply_gradients`; both all-reduce (SUM) the replicas' gradients."""
         if scaled:  # Keras 3's scale_loss / apply: apply unscales, clips (the optimizer's own), updates
             if decay:
                 gradients = [g + optimizer.scale_loss(decay * v / replicas)
                              for g, v in zip(gradients, variables)]
             optimizer.apply(gradients, variables)
-            return loss
+            return
         gradients = parts.clipped(tf, gradients, problem.clip)
         if decay:
             gradients = [g + decay * v / replicas for g, v in zip(gradients, variables)]
         optimizer.apply_gradients(zip(gradients, variables))
-        return loss
 
     step.compiled = compute if jit_compile else None
+    step.accumulate, step.apply = accumulate, apply
     return step
 
 
@@ -151,9 +184,23 @@ def _training_function(problem: Problem, strategy: Any, step: Any, variables: li
     dtype = tf.as_dtype(problem.dtype)
     scaled = problem.loss_scale is not None
 
-    def one_step(iterator: Any, size: int) -> Any:
-        losses = strategy.run(step, args=(next(iterator), size))
+    def one_step(iterator: Any, size: int, run: Any = step) -> Any:
+        losses = strategy.run(run, args=(next(iterator), size))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None) * tf.constant(size, dtype=dtype)
+
+    def one_group(iterator: Any, sizes: list[int]) -> Any:
+        """A group's batches accumulated, then its one step. The group's batches are unrolled and
+        the step is not under a condition: TensorFlow refuses an all-reduce (merge_call) inside
+        a tf.cond, so the loop over an epoch is over whole groups."""
+        total = tf.constant(0.0, dtype=dtype)
+        for size in sizes:
+            total += one_step(iterator, size, step.accumulate)
+        strategy.run(step.apply)
+        return total
+
+    accumulate = problem.accumulate
+    full_groups, rest = divmod(full_batches, accumulate)
+    tail = [batch] * rest + ([last_batch] if last_batch else [])  # the epoch's last group: at most N batches
 
     def last_rate() -> Any:
         if rate_schedule is None:
@@ -180,13 +227,20 @@ def _training_function(problem: Problem, strategy: Any, step: Any, variables: li
                 optimizer.learning_rate.assign(tf.cast(rate_schedule(epoch), optimizer.learning_rate.dtype))
             count_before = tf.cast(optimizer.iterations, tf.int64)
             total = tf.constant(0.0, dtype=dtype)
-            for _ in tf.range(full_batches):
-                total += one_step(iterator, batch)
-            if last_batch:
-                total += one_step(iterator, last_batch)
+            if accumulate > 1:
+                for _ in tf.range(full_groups):
+                    total += one_group(iterator, [batch] * accumulate)
+                if tail:
+                    total += one_group(iterator, tail)
+            else:
+                for _ in tf.range(full_batches):
+                    total += one_step(iterator, batch)
+                if last_batch:
+                    total += one_step(iterator, last_batch)
             applied = tf.cast(optimizer.iterations, tf.int64) - count_before
             values = (tf.concat([tf.reshape(v, [-1]) for v in variables], axis=0), total, last_rate(),
-                      last_scale() if scaled else tf.constant(np.nan, tf.float64), problem.steps_per_epoch - applied)
+                      last_scale() if scaled else tf.constant(np.nan, tf.float64),
+                      problem.optimizer_steps_per_epoch - applied)
             arrays = [array.write(epoch, value) for array, value in zip(arrays, values)]
         return dict(zip(names, (array.stack() for array in arrays)))
 

@@ -49,10 +49,6 @@ def train_loop(problem: Problem, device: str, jit_compile: bool) -> Trajectory:
     nothing), so the compile time is measured apart from the training, which reuses the
     compiled program.
     """
-    if problem.accumulate > 1 and (problem.replicas > 1 or problem.loss_scale is not None):
-        raise Unavailable("gradient accumulation in the GradientTape loop is built for one replica without a "
-                          "loss scale; with " + ("replicas" if problem.replicas > 1 else "a loss scale") +
-                          " it is not built yet (issue 34)")
     if problem.replicas > 1:  # MirroredStrategy in a replicated worker (_tf_distributed)
         if problem.loss_scale is not None and _tensorflow.keras_major() < 3:
             raise Unavailable(f"the replicated GradientTape loop scales the loss with Keras 3's scale_loss / apply; "
@@ -154,8 +150,7 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
                 tf.slice(w, tf.stack([start, 0]), [size, 1]) if weighted else None)
 
     def step(order: Any, start: Any, size: int) -> Any:
-        """One optimizer step on `size` rows of `order` from `start`; the loss times the size.
-        Unshuffled cases slice the data directly (the same rows, without a gather)."""
+        """One optimizer step on `size` rows of `order` from `start`; the loss times the size."""
         x_batch, y_batch, w_batch = rows(order, start, size)
         with tf.GradientTape() as tape:
             losses = per_sample(parts.forward(tf, x_batch, layers, compute_dtype, seen), y_batch)
@@ -166,9 +161,16 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
         if seen is not None:
             seen.update(loss_dtype=loss.dtype.name, gradient_dtype=gradients[0].dtype.name,
                         variable_dtype=variables[0].dtype.name)
+        update(gradients)
+        return loss * tf.constant(size, dtype=x.dtype)
+
+    def update(gradients: list[Any]) -> None:
+        """The optimizer step from the (under a loss scale, scaled) gradients of the loss: Keras 3
+        unscales, clips and skips in `apply`; otherwise the loop unscales (Keras 2), clips, adds
+        the decay and applies."""
         if scaled and not keras2_scaled:
             scaled_step(gradients)
-            return loss * tf.constant(size, dtype=x.dtype)
+            return
         scale_before = optimizer.loss_scale if keras2_skips is not None else None
         if keras2_scaled:
             gradients = optimizer.get_unscaled_gradients(gradients)
@@ -180,29 +182,33 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
             skipped = _keras_precision.keras2_step_skipped(tf.convert_to_tensor(optimizer.dynamic_counter),
                                                            scale_before, optimizer.loss_scale)
             keras2_skips.assign_add(tf.cast(skipped, tf.int64))
-        return loss * tf.constant(size, dtype=x.dtype)
 
     accumulators = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables] \
         if problem.accumulate > 1 else []
 
     def accumulating_step(order: Any, start: Any, size: int) -> Any:
-        """One batch of a group: the gradient of its loss / N added to the accumulators."""
+        """One batch of a group: the gradient of its loss / N (scaled under a loss scale, by the
+        scale the whole group shares: it changes only at the group's step) added to the
+        accumulators."""
         x_batch, y_batch, w_batch = rows(order, start, size)
         with tf.GradientTape() as tape:
             losses = per_sample(parts.forward(tf, x_batch, layers, compute_dtype, seen), y_batch)
             loss = reduce(losses * w_batch if weighted else losses)
             share = loss / problem.accumulate
+            if scaled:
+                share = optimizer.get_scaled_loss(share) if keras2_scaled else optimizer.scale_loss(share)
         gradients = tape.gradient(share, variables)
+        if seen is not None:
+            seen.update(loss_dtype=loss.dtype.name, gradient_dtype=gradients[0].dtype.name,
+                        variable_dtype=variables[0].dtype.name)
         for accumulator, gradient in zip(accumulators, gradients):
             accumulator.assign_add(gradient)
         return loss * tf.constant(size, dtype=x.dtype)
 
     def apply_accumulated() -> None:
-        """The group's one step: clip, decay and apply the summed gradients, then zero them."""
-        gradients = parts.clipped(tf, [tf.identity(accumulator) for accumulator in accumulators], problem.clip)
-        if decay:
-            gradients = [g + decay * v for g, v in zip(gradients, variables)]
-        optimizer.apply_gradients(zip(gradients, variables))
+        """The group's one step from the summed gradients (unscaled, clipped, decayed and applied
+        as one batch's), then the accumulators zeroed."""
+        update([tf.identity(accumulator) for accumulator in accumulators])
         for accumulator in accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
 
@@ -249,7 +255,8 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
             return written
         scales, skipped = scaling
         applied = applied_steps() - count_before
-        return written + (scales.write(epoch, last_scale()), skipped.write(epoch, problem.steps_per_epoch - applied))
+        steps = problem.optimizer_steps_per_epoch
+        return written + (scales.write(epoch, last_scale()), skipped.write(epoch, steps - applied))
 
     @tf.function(jit_compile=jit_compile)
     def run_training(orders: Any, epochs: Any) -> Any:
