@@ -63,6 +63,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"add the data-parallel cases (cases/{COSTLY_CASES}/) to a run without --cases: each "
                          "replica count starts its own process group or worker per backend, about 25%% of the "
                          "default run's time on 2 cores")
+    group.addoption("--compile-cache", default=".conformance_cache", metavar="DIR",
+                    help="the frameworks' persistent caches of compiled programs (JAX's, Inductor's) under "
+                         "DIR, relative to where pytest starts, so that a rerun loads what the last run "
+                         "compiled; 'none': leave the frameworks' own settings (default: %(default)s)")
     group.addoption("--report-label", default=None, metavar="LABEL",
                     help="report folder name under the reports folder; default: $TOX_ENV_NAME or 'local'")
     group.addoption("--reports-dir", default=None, metavar="DIR",
@@ -111,6 +115,9 @@ def pytest_configure(config: pytest.Config) -> None:
     workers = getattr(config.option, "numprocesses", None)
     if not hasattr(config, "workerinput") and isinstance(workers, int):
         environment.share_cores(workers)
+    cache = config.getoption("compile_cache")
+    if cache != "none" and not hasattr(config, "workerinput"):  # workers inherit the controller's
+        environment.use_compile_caches(config.invocation_params.dir / cache)
     outside = []
     for point in importlib.metadata.entry_points(group=backends.ENTRY_POINT_GROUP):  # installed packages' own
         try:
