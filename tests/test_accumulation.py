@@ -128,3 +128,24 @@ def test_a_float16_backward_carries_the_groups_weight_unless_the_optimizer_accum
     assert replay(accumulated).skipped[0] == 0  # the union's loss: each batch weighs 1/4 inside too
     optimizer_level = replay(accumulated, switches=frozenset({"accumulate_divides_by_n", "accumulate_across_epochs"}))
     assert optimizer_level.skipped[0] == 1
+
+
+def test_optax_multisteps_keeps_a_non_finite_group_in_its_accumulator():
+    """Why jax skips accumulation under a dynamic loss scale (the backend's Unavailable): with
+    `apply_if_finite` inside `MultiSteps`, a group whose gradient overflowed is skipped, but its
+    accumulator is reset as (1 - emit) * acc, NaN for an infinite acc, so every later group is
+    skipped too. When an optax release fails this test, the skip can be lifted."""
+    jnp = pytest.importorskip("jax.numpy")
+    optax = pytest.importorskip("optax")
+    optimizer = optax.MultiSteps(optax.apply_if_finite(optax.sgd(0.1), 2**31 - 1), every_k_schedule=2,
+                                 use_grad_mean=True)
+    params = {"w": jnp.zeros(2)}
+    state = optimizer.init(params)
+    finite_after = []
+    for gradient in ([1.0, 1.0], [np.inf, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]):
+        updates, state = optimizer.update({"w": jnp.asarray(gradient)}, state, params)
+        params = optax.apply_updates(params, updates)
+        if int(state.mini_step) == 0:  # a group ended
+            finite_after.append(bool(state.inner_opt_state.last_finite))
+    assert finite_after == [False, False, False]  # the second and third groups were finite
+    assert np.all(np.asarray(params["w"]) == 0.0)

@@ -77,8 +77,12 @@ def training_optimizer(problem: Problem, params: dict[str, Any], dtype: Any) -> 
     optimizer = with_clipping(optax, problem.clip, params, optimizer)
     if problem.accumulate > 1:  # the running mean of N batches' gradients, then one inner update
         if problem.dynamic_scaling:
-            raise Unavailable("optax.apply_if_finite around optax.MultiSteps skips a non-finite micro-batch, "
-                              "which shifts the groups: not modelled")
+            raise Unavailable("optax.MultiSteps cannot skip a group under a dynamic loss scale: with "
+                              "apply_if_finite inside it, a non-finite group stays in its accumulator for good "
+                              "((1 - emit) * inf is NaN: optax/transforms/_accumulation.py, measured with optax "
+                              "0.2.8: every later group skipped; tests/test_accumulation.py), and its "
+                              "should_skip_update_fn (optax.skip_not_finite) drops the micro-batch alone, which "
+                              "shifts the groups")
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=problem.accumulate, use_grad_mean=True)
     scaling = LossScaling(jnp, problem.loss_scale)
     return scaling.wrap(optax, optimizer), scaling
