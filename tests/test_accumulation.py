@@ -149,3 +149,22 @@ def test_optax_multisteps_keeps_a_non_finite_group_in_its_accumulator():
             finite_after.append(bool(state.inner_opt_state.last_finite))
     assert finite_after == [False, False, False]  # the second and third groups were finite
     assert np.all(np.asarray(params["w"]) == 0.0)
+
+
+def test_keras_skipped_steps_count_updates_when_it_accumulates():
+    """Keras 3's `iterations` count updates (`_iterations // N`) under gradient_accumulation_steps,
+    across epochs: 5 batches an epoch, N = 3, updates end batches 3, 6, 9, 12 and 15 (1, 2 and 2
+    an epoch: 1, 3, 5 so far). A skipped step is an update that did not happen, not a batch."""
+    from conformance.backends._keras_common import EpochRecords
+
+    records = EpochRecords()
+    records.problem = dataclasses.replace(problem(*data(10), epochs=3, batch_size=2), accumulate=3,
+                                          loss_scale={"kind": "fixed", "scale": 128.0})
+    records.reset_records()
+    for applied in (1, 3, 5):
+        records.record_scaling(128.0, applied)
+    assert records.history_skipped.tolist() == [0, 0, 0]
+    records.reset_records()
+    for applied in (1, 2, 4):  # the second epoch's second update did not happen
+        records.record_scaling(128.0, applied)
+    assert records.history_skipped.tolist() == [0, 1, 0]
