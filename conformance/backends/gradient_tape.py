@@ -149,18 +149,26 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
                 tf.slice(y, tf.stack([start, 0]), [size, 1]),
                 tf.slice(w, tf.stack([start, 0]), [size, 1]) if weighted else None)
 
-    def step(order: Any, start: Any, size: int) -> Any:
-        """One optimizer step on `size` rows of `order` from `start`; the loss times the size."""
+    def gradients_of(order: Any, start: Any, size: int, divisor: int = 1) -> tuple[Any, list[Any]]:
+        """The loss of `size` rows of `order` from `start`, and the gradients of loss / divisor
+        (under a loss scale, of the scaled loss: a group's batches share the scale, which
+        changes only at the group's step)."""
         x_batch, y_batch, w_batch = rows(order, start, size)
         with tf.GradientTape() as tape:
             losses = per_sample(parts.forward(tf, x_batch, layers, compute_dtype, seen), y_batch)
             loss = reduce(losses * w_batch if weighted else losses)
+            objective = loss if divisor == 1 else loss / divisor
             if scaled:
-                scaled_loss = optimizer.get_scaled_loss(loss) if keras2_scaled else optimizer.scale_loss(loss)
-        gradients = tape.gradient(scaled_loss if scaled else loss, variables)
+                objective = optimizer.get_scaled_loss(objective) if keras2_scaled else optimizer.scale_loss(objective)
+        gradients = tape.gradient(objective, variables)
         if seen is not None:
             seen.update(loss_dtype=loss.dtype.name, gradient_dtype=gradients[0].dtype.name,
                         variable_dtype=variables[0].dtype.name)
+        return loss, gradients
+
+    def step(order: Any, start: Any, size: int) -> Any:
+        """One optimizer step on `size` rows of `order` from `start`; the loss times the size."""
+        loss, gradients = gradients_of(order, start, size)
         update(gradients)
         return loss * tf.constant(size, dtype=x.dtype)
 
@@ -187,20 +195,8 @@ def _training_function(problem: Problem, layers: list[tuple[Any, Any, Any]], opt
         if problem.accumulate > 1 else []
 
     def accumulating_step(order: Any, start: Any, size: int) -> Any:
-        """One batch of a group: the gradient of its loss / N (scaled under a loss scale, by the
-        scale the whole group shares: it changes only at the group's step) added to the
-        accumulators."""
-        x_batch, y_batch, w_batch = rows(order, start, size)
-        with tf.GradientTape() as tape:
-            losses = per_sample(parts.forward(tf, x_batch, layers, compute_dtype, seen), y_batch)
-            loss = reduce(losses * w_batch if weighted else losses)
-            share = loss / problem.accumulate
-            if scaled:
-                share = optimizer.get_scaled_loss(share) if keras2_scaled else optimizer.scale_loss(share)
-        gradients = tape.gradient(share, variables)
-        if seen is not None:
-            seen.update(loss_dtype=loss.dtype.name, gradient_dtype=gradients[0].dtype.name,
-                        variable_dtype=variables[0].dtype.name)
+        """One batch of a group: the gradient of its loss / N added to the accumulators."""
+        loss, gradients = gradients_of(order, start, size, problem.accumulate)
         for accumulator, gradient in zip(accumulators, gradients):
             accumulator.assign_add(gradient)
         return loss * tf.constant(size, dtype=x.dtype)
