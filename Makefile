@@ -1,7 +1,8 @@
 # Two commands on a fresh machine (Python >= 3.10, a C++ compiler for torch.compile):
 #
 #   make suite    # set up .venv, then run the conformance suite: pytest conformance -n auto
-#   make test     # set up .venv, then run the harness's own tests: pytest tests -n auto
+#   make test     # set up .venv, then run the harness's own tests: pytest tests -n auto -m "not slow"
+#   make test-slow  # the tests that start processes of their own (tests/conftest.py's `slow`); CI runs both
 #
 # Set-up installs PyTorch's CPU build first, so that no resolver ever picks its CUDA build (several
 # GB of NVIDIA packages on Linux), then the project with every framework. Where torch comes from is
@@ -23,13 +24,16 @@ endif
 PYTEST_ARGS ?=
 BIN = $(VENV)/bin
 
-.PHONY: suite test setup clean-venv
+.PHONY: suite test test-slow setup clean-venv
 
 suite: setup
 	$(BIN)/python -m pytest conformance -n auto $(PYTEST_ARGS)
 
 test: setup
-	$(BIN)/python -m pytest tests -n auto $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n auto -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest tests -n auto -m slow $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed
 

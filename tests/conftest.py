@@ -38,11 +38,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config: pytest.Config) -> None:
     """The tests' workers share the cores as the suite's do (environment.share_cores)."""
+    config.addinivalue_line("markers", f"slow: {SLOW}")
     workers = getattr(config.option, "numprocesses", None)
     if not hasattr(config, "workerinput") and isinstance(workers, int):
         from conformance import environment
 
         environment.share_cores(workers)
+
+
+SLOW = ("the test starts processes of its own: a whole pytest run of the suite (every test that uses "
+        "pytester), process groups, worker processes or fresh interpreters; `make test` leaves these out, "
+        "`make test-slow` runs them, CI runs both")
+# Fixtures whose tests start processes: a pytest run (pytester), torch process groups (groups), worker
+# processes (pool), JAX's and Keras-on-JAX's replicas on the host devices of a worker.
+PROCESS_FIXTURES = {"pytester", "groups", "pool", "jax_backend", "keras_jax_backend"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks `slow` every test that runs the suite in a pytest of its own or starts process groups
+    or workers through a fixture (the others carry the mark themselves)."""
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

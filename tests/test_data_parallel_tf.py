@@ -70,6 +70,7 @@ def test_one_replica_trains_in_the_test_process(problem, monkeypatch):
     assert "replicas" not in trajectory.info
 
 
+@pytest.mark.slow  # trains in MirroredStrategy's worker
 def test_the_tape_loop_matches_the_one_replica_replay_and_keras_cannot_build_uneven_first_shards(problem):
     replay = reference.replay(problem)
     tape = backends.load("gradient_tape").train(problem, "cpu")
@@ -81,6 +82,7 @@ def test_the_tape_loop_matches_the_one_replica_replay_and_keras_cannot_build_une
         backends.load("keras").train(problem, "cpu")
 
 
+@pytest.mark.slow  # trains in MirroredStrategy's worker
 def test_keras_weights_a_short_last_batch_per_replica(tmp_path):
     """19 samples in batches of 8 over 2 replicas: the last batch's shards have 2 and 1 samples;
     Keras averages the two shard means (1/R each), where the replay weighs samples equally."""
@@ -92,6 +94,7 @@ def test_keras_weights_a_short_last_batch_per_replica(tmp_path):
     assert keras.info["replicas"]["parameters_equal_across_replicas"]
 
 
+@pytest.mark.slow  # trains in MirroredStrategy's worker
 def test_the_tape_loop_accumulates_per_replica_and_steps_once_a_group(problem):
     """Three replicas, two batches a step (20 samples in batches of 8: groups of 8 + 8 and the
     short 4 alone): each replica sums its shards' gradients of loss / N in its own (SyncOnRead)

@@ -70,6 +70,7 @@ sys.stdout.write(trajectory.params.tobytes().hex() + " " + trajectory.loss.tobyt
 """
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_a_rerun_loads_jaxs_compiled_programs_and_trains_the_same_bits(tmp_path):
     """Three fresh processes train one case (Adam, shuffled, two hidden layers):
     without a cache, filling one, loading from it. The cache holds programs after the second and

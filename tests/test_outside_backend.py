@@ -49,6 +49,7 @@ def test_what_is_not_a_backend_is_refused_naming_what_is_missing(tmp_path):
 
 
 @pytest.mark.skipif(backends.load("torch").available() is not None, reason="the example trains with torch")
+@pytest.mark.slow  # a pytest run of its own
 def test_the_example_loop_is_checked_like_a_shipped_backend(tmp_path):
     """The example (a user's plain PyTorch loop) passes parity and trajectory on a user's case,
     beside torch, and is compared pairwise with it."""
