@@ -135,6 +135,15 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
             return values.astype(np.float32).astype(np.float64)
         return jitter(values, unit)
 
+    def kept(values: np.ndarray) -> np.ndarray:
+        """A value the optimizer keeps in its state, as the framework keeps it: its operations'
+        roundings (size u, afresh: frameworks order and fuse them differently) and its store, the
+        same in every framework (`stored`). Under a gradient that repeats (a saturated clip) the
+        store rounds the same way every step, a bias that centered RMSprop's v - a^2 amplifies
+        where it cancels (fuzz-91733-24: Keras on TensorFlow and under XLA 5e-6 apart, relative,
+        where fresh errors alone gave a band of 5.8e-6)."""
+        return stored(jitter(values, unit)) if problem.dtype == "float32" else jitter(values, unit)
+
     float32_unit = FLOAT32_POWER_UNITS * UNIT_ROUNDOFF["float32"]
     float32_jitter = None if rounding is None else lambda values: jitter(values, float32_unit)
     optimizer = problem.optimizer
@@ -148,8 +157,7 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
     decay_before_clip = "clip_after_l2" in switches
     if decay_before_clip:  # the decay is part of the clipped gradient, not added by the optimizer
         optimizer = replace(optimizer, settings=optimizer.settings | {"weight_decay": 0.0})
-    update = make_update(optimizer, None if rounding is None else lambda values: jitter(values, unit), switches,
-                         float32_jitter)
+    update = make_update(optimizer, None if rounding is None else kept, switches, float32_jitter)
     rates = schedules.step_rates(problem.schedule, problem.learning_rate, problem.epochs,
                                  problem.optimizer_steps_per_epoch,
                                  reciprocal="staircase_by_float32_reciprocal" in switches)

@@ -76,3 +76,56 @@ def test_auto_catches_a_wrong_learning_rate_late_momentum_and_a_skipped_step(pyt
     assert all(band["auto"]["runs"] == rounding_bands.AUTO_RUNS for band in bands.values())
     lr = next(item for item in parity if item["case"] == "wrong-lr")
     assert lr["max_rel_diff"] > 2 * bands["wrong-lr"]["rtol"]  # caught with room to spare (4.7x in float32)
+
+
+SATURATED = ROOT / "cases/optimizers/rmsprop-centered-saturated-clip.yaml"
+
+
+def _float32_centered_rmsprop(problem: Problem, fused: bool) -> np.ndarray:
+    """The case's training as a float32 framework does it, op by op (Keras 3's RMSprop: epsilon
+    inside the root, the rate in the momentum buffer), the final (weight, bias). `fused` orders
+    the denominator (v + eps) - a^2 instead of (v - a^2) + eps: another honest float32 run."""
+    f32 = np.float32
+    x, y, w = (np.asarray(a, f32) for a in (problem.x, problem.y, problem.sample_weight))
+    settings = problem.optimizer.settings
+    rate, rho, eps, mu = (f32(settings[k]) for k in ("learning_rate", "rho", "epsilon", "momentum"))
+    c = f32(problem.clip["threshold"])
+    params = np.concatenate([problem.initial_params()]).astype(f32)
+    v, a, buffer = (np.zeros_like(params) for _ in range(3))
+    design = np.hstack([x, np.ones((len(y), 1), f32)])
+    for _ in range(problem.epochs):
+        p = f32(1) / (f32(1) + np.exp(-(design @ params)))
+        grad = np.clip(design.T @ (w * (p - y)) / f32(len(y)), -c, c)
+        v = rho * v + (f32(1) - rho) * np.square(grad)
+        a = rho * a + (f32(1) - rho) * grad
+        denominator = (v + eps) - np.square(a) if fused else (v - np.square(a)) + eps
+        buffer = mu * buffer + rate * grad / np.sqrt(denominator)
+        params = params - buffer
+    return params.astype(np.float64)
+
+
+def test_the_band_holds_float32_centered_rmsprop_whose_clip_saturates():
+    """Full batch, a clip by value that holds the gradient at the threshold: v - a^2 cancels as
+    rho^t and float32's store of v and a rounds the same way every step (fuzz-91733-24). Two
+    honest float32 orderings, about 100 float32 units from the float64 replay, lie inside the
+    parity band (the band of fresh errors alone, 5.8e-6 relative, did not hold them: 5.8e-6 here,
+    Keras on TensorFlow 8.2e-6); a step with epsilon outside the root does not."""
+    from conformance.case import discover, load
+    from conformance.prepare import prepare
+
+    problem = prepare(load(discover([SATURATED])[0])).problem
+    switches = frozenset({"epsilon_inside_root"})
+    unperturbed = reference.replay(problem, switches=switches)
+    band = rounding_bands.rounding_band(problem, unperturbed, lambda params: params,
+                                        rounding_bands.rounding_spread(problem, unperturbed, lambda p: p, switches))
+    expected = unperturbed.final
+
+    def outside(params: np.ndarray) -> float:
+        return float(np.max(np.abs(params - expected) / (band["atol"] + band["rtol"] * np.abs(expected))))
+
+    plain, fused = _float32_centered_rmsprop(problem, False), _float32_centered_rmsprop(problem, True)
+    assert outside(plain) < 1 and outside(fused) < 1, (band, plain, fused, expected)
+    # the cancellation: rounding alone moves this training by far more than a few float32 units
+    assert np.max(np.abs(plain - expected) / np.abs(expected)) > 16 * reference.UNIT_ROUNDOFF["float32"]
+    outer = reference.replay(problem).final  # the case format's epsilon outside the root
+    assert outside(outer) > 1
