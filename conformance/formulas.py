@@ -46,6 +46,8 @@ conditions all hold there (`switches_for`). What each switch changes in the repl
                                 the update's last one (update k: t = k N - 1), not the updates so far
     gradient_sum_in_compute_dtype  no formula changes: the band's gradient sums are two roundings of
                                 the compute dtype off, and a decision is open where a partial sum could overflow
+    replica_sum_in_compute_dtype  the replicas' scaled gradients all-reduced in the compute dtype: a step
+                                whose sum overflows there is skipped (jax's shard_map psum of float16)
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ NAMES = frozenset({
     "replica_scale_in_float32", "gelu_divides_by_float32_root_2", "weighted_losses_in_float32",
     "staircase_by_float32_reciprocal", "gelu_terms_in_compute_dtype", "gelu_tanh_terms_in_compute_dtype",
     "accumulate_divides_by_n", "accumulate_across_epochs", "schedule_counts_batches",
-    "accumulated_mean_in_float32", "replica_share_after_backward",
+    "accumulated_mean_in_float32", "replica_share_after_backward", "replica_sum_in_compute_dtype",
 })
 
 Switches = frozenset[str]

@@ -7,7 +7,6 @@ derived from (`rounding_bands.py`). The fits of the objective are `fits.py`'s.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -17,54 +16,13 @@ import scipy.optimize
 import scipy.special
 
 from conformance import network, schedules
+from conformance.compute_dtype import LossScaler, replica_sum_finite, rounder
 from conformance.formulas import NONE, Switches
 from conformance.model_loss import loss_and_gradient, predict
 from conformance.optimizers import make_update
 from conformance.problem import Problem, Trajectory
 
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-
-
-def rounder(dtype: str) -> Callable[[np.ndarray], np.ndarray] | None:
-    """Rounding of float64 values to a compute dtype (nearest even, through float32 as the
-    frameworks' float32 accumulators are rounded), back as float64; None for float32/float64.
-    float16 overflows to infinity past 65504, as the frameworks' casts do."""
-    if dtype not in ("bfloat16", "float16"):
-        return None
-    import ml_dtypes  # ships with JAX and TensorFlow
-
-    target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
-
-    def rd(values: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore", invalid="ignore"):
-            return np.asarray(values, dtype=np.float64).astype(np.float32).astype(target).astype(np.float64)
-
-    return rd
-
-
-class LossScaler:
-    """The loss scale of a step and its dynamic rule, as Keras 3's LossScaleOptimizer and torch's
-    GradScaler run it: after `growth_interval` consecutive finite steps the scale doubles; a
-    non-finite gradient halves it and the step is skipped (no update, no optimizer count, no
-    schedule count). A fixed scale never changes and never skips."""
-
-    def __init__(self, loss_scale: dict[str, Any] | None) -> None:
-        self.kind = None if loss_scale is None else loss_scale["kind"]
-        self.scale = 1.0 if loss_scale is None else float(loss_scale.get("scale", loss_scale.get("initial")))
-        self.interval = 0 if loss_scale is None else int(loss_scale.get("growth_interval", 0))
-        self.good = 0
-
-    def skips(self, finite: bool) -> bool:
-        """Record one step's gradient; whether the step is skipped."""
-        if self.kind != "dynamic":
-            return False
-        if not finite:
-            self.scale, self.good = self.scale * 0.5, 0
-            return True
-        self.good += 1
-        if self.good == self.interval:
-            self.scale, self.good = self.scale * 2.0, 0
-        return False
 
 
 def replay(problem: Problem, rounding: np.random.Generator | None = None, switches: Switches = NONE) -> Trajectory:
@@ -200,7 +158,8 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
         return loss, grad, magnitudes.pop()
 
     order_decides = "gradient_sum_in_compute_dtype" in switches and problem.loss_scale is not None
-    largest = float(np.finfo(problem.compute_dtype).max) if order_decides else np.inf
+    replicas_summed_in_compute = "replica_sum_in_compute_dtype" in switches and rd is not None
+    largest = float(np.finfo(problem.compute_dtype).max) if order_decides or replicas_summed_in_compute else np.inf
     overflow_possible = np.zeros(problem.epochs, dtype=bool)
 
     def clip(grad: np.ndarray) -> np.ndarray:
@@ -261,6 +220,10 @@ def replay(problem: Problem, rounding: np.random.Generator | None = None, switch
                     overflow_possible[epoch] |= scaler.scale * carried * max(share * float(np.max(part[2]))
                                                                    for share, part in zip(shares, parts)) >= largest
                 finite = finite and all(bool(np.isfinite(part[1]).all()) for part in parts)
+                if replicas_summed_in_compute and len(shards) > 1:
+                    finite = finite and replica_sum_finite(rd, scaler.scale * carried, shares, parts, inside)
+                    overflow_possible[epoch] |= len(shards) > 2 and scaler.scale * carried * float(np.max(sum(
+                        abs(share * part[1]) for share, part in zip(shares, parts)))) >= largest
                 batch_grads = []
                 for share, rows, (_, grad, magnitude) in zip(shares, shards, parts):
                     grad = share * grad

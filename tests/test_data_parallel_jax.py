@@ -138,3 +138,41 @@ def test_keras_on_torch_says_why_it_has_no_data_parallelism(write_case):
     if keras_torch.available() is None:
         with pytest.raises(Unavailable, match="JAX only"):
             keras_torch.train(problem_of(write_case, "torch", CASE), "cpu")
+
+
+def test_shard_map_all_reduces_a_cast_parameters_gradient_in_float16():
+    """The formula behind the switch replica_sum_in_compute_dtype, held on the installed JAX: the
+    gradient of a replicated float32 parameter cast to float16 inside shard_map is a psum of
+    float16 values, converted to float32 after (a JAX that sums in float32 fails here)."""
+    jax = pytest.importorskip("jax")
+    from jax.sharding import Mesh, PartitionSpec
+
+    jnp = jax.numpy
+    mesh = Mesh(np.array(jax.devices()[:1]), ("r",))
+
+    def loss(w, x):
+        def replica(w, x):
+            out = (x.astype(jnp.float16) @ w.astype(jnp.float16)).astype(jnp.float32)
+            return jax.lax.pmean(jnp.mean(out), "r")
+
+        return jax.shard_map(replica, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("r")),
+                             out_specs=PartitionSpec())(w, x)
+
+    text = str(jax.make_jaxpr(jax.grad(loss))(jnp.ones(3, jnp.float32), jnp.ones((4, 3), jnp.float32)))
+    gradient_sums = [line.split("=")[0] for line in text.splitlines() if "psum" in line and "[3]" in line.split("=")[0]]
+    assert gradient_sums and all("f16[3]" in line for line in gradient_sums), text  # w's gradient, (3,)
+
+
+def test_the_replay_skips_where_the_replicas_float16_sum_overflows():
+    """fuzz-91733-21: at the scale 65536 each replica's kernel gradient fits in float16 and their
+    sum does not: with the all-reduce in float16 the fourth step is skipped, in float32 it is not."""
+    from conformance.case import discover
+    from tests.conftest import ROOT
+
+    path = ROOT / "cases/data-parallel/two-replicas-float16-replica-sum-overflow.yaml"
+    problem = prepare(load(discover([path])[0])).problem
+    jax_switches = frozenset({"gradient_sum_in_compute_dtype", "replica_losses_averaged", "reported_loss_averaged"})
+    in_float32 = reference.replay(problem, switches=jax_switches)
+    in_float16 = reference.replay(problem, switches=jax_switches | {"replica_sum_in_compute_dtype"})
+    assert list(in_float32.skipped[:4]) == [1, 1, 1, 0] and in_float32.loss_scale[3] == 65536
+    assert list(in_float16.skipped[:4]) == [1, 1, 1, 1] and in_float16.loss_scale[3] == 32768
